@@ -1,0 +1,21 @@
+"""Open napari with a slide and the plugin's docks (the demo's GUI branch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def launch_viewer(path: str | Path, *, run: bool = True):
+    """Open ``path`` in a new viewer with the napari-pathoseg docks; block in the event loop."""
+    import napari
+
+    viewer = napari.Viewer(title="napari-pathoseg")
+    viewer.open(str(path), plugin="napari-pathoseg")
+    for widget in ("Slide", "Stain", "Nuclei", "Review", "Export"):
+        try:
+            viewer.window.add_plugin_dock_widget("napari-pathoseg", widget)
+        except KeyError:
+            continue  # dock not part of this version of the plugin
+    if run:
+        napari.run()
+    return viewer

@@ -1,0 +1,210 @@
+"""The "Slide" dock: open a slide, see its metadata and thumbnail, toggle a tissue mask."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from napari.qt.threading import thread_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import Qt
+from qtpy.QtGui import QImage, QPixmap
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPlainTextEdit,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .._reader import layer_scale, slide_layer_data
+from ..errors import PathosegError
+from ..slide import SLIDE_EXTENSIONS, Slide, open_slide
+from ..tiling import tissue_mask
+
+if TYPE_CHECKING:
+    import napari
+
+__all__ = ["SlideWidget", "slide_layers", "slide_of_layer"]
+
+logger = logging.getLogger(__name__)
+
+
+def slide_layers(viewer: "napari.Viewer") -> list:
+    """Image layers of ``viewer`` that hold a pathoseg slide."""
+    return [ly for ly in viewer.layers if isinstance(ly.metadata.get("pathoseg_slide"), Slide)]
+
+
+def slide_of_layer(layer: Any) -> Slide | None:
+    """The slide behind a layer opened by napari-pathoseg, or None."""
+    s = getattr(layer, "metadata", {}).get("pathoseg_slide")
+    return s if isinstance(s, Slide) else None
+
+
+def _pixmap(rgb: np.ndarray, max_side: int = 280) -> QPixmap:
+    rgb = np.ascontiguousarray(rgb[..., :3])
+    h, w = rgb.shape[:2]
+    img = QImage(rgb.data, w, h, 3 * w, QImage.Format_RGB888).copy()
+    return QPixmap.fromImage(img).scaled(max_side, max_side, Qt.KeepAspectRatio, Qt.SmoothTransformation)
+
+
+class SlideWidget(QWidget):
+    """Open a whole-slide image, show its metadata and thumbnail, show/hide its tissue mask."""
+
+    def __init__(self, napari_viewer: "napari.Viewer") -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self._worker = None
+
+        self.path_edit = QLineEdit()
+        self.path_edit.setPlaceholderText("slide file (.svs, .ndpi, .mrxs, .tif, ...)")
+        self.browse_btn = QPushButton("Browse…")
+        self.open_btn = QPushButton("Open")
+        row = QHBoxLayout()
+        row.addWidget(self.path_edit)
+        row.addWidget(self.browse_btn)
+
+        self.layer_combo = QComboBox()
+        self.meta_text = QPlainTextEdit()
+        self.meta_text.setReadOnly(True)
+        self.meta_text.setMinimumHeight(140)
+        self.thumb = QLabel("no slide")
+        self.thumb.setAlignment(Qt.AlignCenter)
+        self.thumb.setMinimumHeight(160)
+        self.mask_check = QCheckBox("Show tissue mask")
+        self.status = QLabel("")
+
+        lay = QVBoxLayout(self)
+        lay.addLayout(row)
+        lay.addWidget(self.open_btn)
+        lay.addWidget(QLabel("Slide layer:"))
+        lay.addWidget(self.layer_combo)
+        lay.addWidget(self.thumb)
+        lay.addWidget(self.meta_text)
+        lay.addWidget(self.mask_check)
+        lay.addWidget(self.status)
+        lay.addStretch(1)
+
+        self.browse_btn.clicked.connect(self._on_browse)
+        self.open_btn.clicked.connect(self._on_open)
+        self.path_edit.returnPressed.connect(self._on_open)
+        self.layer_combo.currentIndexChanged.connect(self._on_layer_changed)
+        self.mask_check.toggled.connect(self._on_mask_toggled)
+        self.viewer.layers.events.inserted.connect(self._refresh_layers)
+        self.viewer.layers.events.removed.connect(self._refresh_layers)
+        self._refresh_layers()
+
+    # ------------------------------------------------------------------ helpers
+    def current_layer(self):
+        name = self.layer_combo.currentText()
+        return self.viewer.layers[name] if name and name in self.viewer.layers else None
+
+    def _refresh_layers(self, event: Any = None) -> None:
+        current = self.layer_combo.currentText()
+        names = [ly.name for ly in slide_layers(self.viewer)]
+        self.layer_combo.blockSignals(True)
+        self.layer_combo.clear()
+        self.layer_combo.addItems(names)
+        if current in names:
+            self.layer_combo.setCurrentText(current)
+        self.layer_combo.blockSignals(False)
+        self._on_layer_changed()
+
+    # ------------------------------------------------------------------ callbacks
+    def _on_browse(self) -> None:
+        pattern = "Slides (" + " ".join(f"*{e}" for e in SLIDE_EXTENSIONS) + ");;All files (*)"
+        path, _ = QFileDialog.getOpenFileName(self, "Open slide", "", pattern)
+        if path:
+            self.path_edit.setText(path)
+            self._on_open()
+
+    def _on_open(self) -> None:
+        path = self.path_edit.text().strip()
+        if not path:
+            show_error("Choose a slide file first.")
+            return
+        self.open_btn.setEnabled(False)
+        self.status.setText(f"opening {Path(path).name}…")
+        worker = _open_worker(path)
+        worker.returned.connect(self._on_opened)
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(lambda: self.open_btn.setEnabled(True))
+        self._worker = worker
+        worker.start()
+
+    def _on_opened(self, result: tuple[Slide, np.ndarray]) -> None:
+        slide, _thumb = result
+        data, kwargs, _ = slide_layer_data(slide)
+        layer = self.viewer.add_image(data, **kwargs)
+        self.status.setText("")
+        self._refresh_layers()
+        self.layer_combo.setCurrentText(layer.name)
+        show_info(f"Opened {layer.name}")
+
+    def _on_error(self, exc: Exception) -> None:
+        self.status.setText("")
+        if isinstance(exc, PathosegError):
+            show_error(str(exc))
+        else:
+            logger.exception("unexpected error", exc_info=exc)
+            show_error(f"{type(exc).__name__}: {exc}")
+
+    def _on_layer_changed(self, *args: Any) -> None:
+        layer = self.current_layer()
+        slide = slide_of_layer(layer) if layer is not None else None
+        if slide is None:
+            self.meta_text.setPlainText("")
+            self.thumb.setText("no slide")
+            return
+        d = slide.metadata.to_dict()
+        show = {k: d[k] for k in ("path", "format", "vendor", "levels", "mpp_x", "mpp_y", "objective_power", "bounds_x", "bounds_y", "associated_images", "tile_size")}
+        self.meta_text.setPlainText(json.dumps(show, indent=1, default=str))
+        try:
+            self.thumb.setPixmap(_pixmap(slide.thumbnail(max_size=512)))
+        except PathosegError as exc:
+            self.thumb.setText(str(exc))
+        name = f"{layer.name} tissue"
+        self.mask_check.blockSignals(True)
+        self.mask_check.setChecked(name in self.viewer.layers and self.viewer.layers[name].visible)
+        self.mask_check.blockSignals(False)
+
+    def _on_mask_toggled(self, checked: bool) -> None:
+        layer = self.current_layer()
+        slide = slide_of_layer(layer) if layer is not None else None
+        if slide is None:
+            return
+        name = f"{layer.name} tissue"
+        if name in self.viewer.layers:
+            self.viewer.layers[name].visible = checked
+            return
+        if not checked:
+            return
+        try:
+            mask, ds = tissue_mask(slide)
+        except PathosegError as exc:
+            show_error(str(exc))
+            return
+        sy, sx = layer_scale(slide)
+        self.viewer.add_labels(
+            mask.astype(np.uint8),
+            name=name,
+            scale=(sy * ds, sx * ds),
+            # a mask pixel covers ds level-0 pixels: centre it on them
+            translate=(layer.translate[0] + (ds - 1) / 2 * sy, layer.translate[1] + (ds - 1) / 2 * sx),
+            opacity=0.35,
+        )
+
+
+@thread_worker(ignore_errors=True)  # errors go to SlideWidget._on_error
+def _open_worker(path: str):
+    slide = open_slide(path)
+    thumb = slide.thumbnail(max_size=512)
+    return slide, thumb

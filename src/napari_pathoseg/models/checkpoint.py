@@ -1,0 +1,191 @@
+"""Checkpoint I/O: safetensors tensors + JSON config/metadata, never pickles.
+
+A checkpoint is one ``.safetensors`` file.  Its tensors are the state dicts
+of named modules flattened as ``"<module>.<parameter>"``; its safetensors
+header metadata holds three JSON strings: ``kind`` (architecture family,
+e.g. ``"m2"``), ``config`` and ``meta`` (training info, scores, ...).
+Writes are atomic (temp file in the same directory, then :func:`os.replace`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from napari_pathoseg.errors import CheckpointError
+
+__all__ = ["save_checkpoint", "load_checkpoint", "read_header", "split_state", "load_state_strict", "FORMAT_VERSION"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    state_dicts: dict[str, dict[str, torch.Tensor]],
+    config: dict[str, Any],
+    meta: dict[str, Any] | None = None,
+    *,
+    kind: str = "m2",
+) -> Path:
+    """Save module state dicts with a JSON config and metadata, atomically.
+
+    Parameters
+    ----------
+    path : path
+        Target ``.safetensors`` file.
+    state_dicts : dict
+        ``{module name: state_dict}``; names must not contain ``"."``.
+    config : dict
+        JSON-serialisable model config (e.g. ``M2Config.to_dict()``).
+    meta : dict or None
+        JSON-serialisable metadata.
+    kind : str
+        Architecture family checked by :func:`load_checkpoint`.
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    path = Path(path)
+    flat: dict[str, torch.Tensor] = {}
+    for module, sd in state_dicts.items():
+        if "." in module:
+            raise CheckpointError(f"Module name {module!r} must not contain '.'.")
+        for key, t in sd.items():
+            if not isinstance(t, torch.Tensor):
+                raise CheckpointError(f"{module}.{key} is {type(t).__name__}, not a tensor; store it in meta.")
+            flat[f"{module}.{key}"] = t.detach().to("cpu").contiguous()
+    header = {
+        "format": "napari-pathoseg",
+        "format_version": str(FORMAT_VERSION),
+        "kind": kind,
+        "config": json.dumps(config, sort_keys=True),
+        "meta": json.dumps(meta or {}, sort_keys=True),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(flat, tmp, metadata=header)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _refuse_pickle(path: Path) -> None:
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head[:2] in _PICKLE_MAGIC or zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} is a pickle / torch.save archive; napari-pathoseg never unpickles files "
+            "(they can run code). Convert it to safetensors with a trusted script, or use a "
+            "checkpoint written by napari-pathoseg."
+        )
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Read only the JSON header of a checkpoint: ``{"kind", "config", "meta", "keys"}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} does not exist; give a .safetensors file or a model name.")
+    _refuse_pickle(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+            keys = list(f.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint: {exc}.") from exc
+    if md.get("format") != "napari-pathoseg":
+        raise CheckpointError(
+            f"{path} is a safetensors file without napari-pathoseg metadata (kind/config); "
+            "it was not written by save_checkpoint."
+        )
+    try:
+        config = json.loads(md["config"])
+        meta = json.loads(md.get("meta", "{}"))
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path}: damaged JSON metadata ({exc}).") from exc
+    return {"kind": md.get("kind"), "config": config, "meta": meta, "keys": keys}
+
+
+def load_checkpoint(
+    path: str | os.PathLike, *, expected_kind: str = "m2"
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
+    """Load a checkpoint written by :func:`save_checkpoint`.
+
+    Parameters
+    ----------
+    path : path
+    expected_kind : str
+        Architecture family the caller builds.
+
+    Returns
+    -------
+    tensors : dict
+        ``{module name: state_dict}`` (CPU tensors).
+    config : dict
+    meta : dict
+
+    Raises
+    ------
+    CheckpointError
+        For a pickle, a foreign/damaged file, or a different ``kind``.
+    """
+    path = Path(path)
+    header = read_header(path)
+    if header["kind"] != expected_kind:
+        raise CheckpointError(
+            f"{path} holds a {header['kind']!r} model, expected {expected_kind!r}; "
+            "pick a checkpoint of the right architecture."
+        )
+    try:
+        flat = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is damaged: {exc}.") from exc
+    return split_state(flat), header["config"], header["meta"]
+
+
+def split_state(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Undo the ``"<module>.<key>"`` flattening."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for k, t in flat.items():
+        module, _, key = k.partition(".")
+        out.setdefault(module, {})[key] = t
+    return out
+
+
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], *, what: str, path) -> None:
+    """``module.load_state_dict(state)`` with a CheckpointError naming missing/unexpected keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or bad:
+        details = []
+        if missing:
+            details.append(f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}")
+        if unexpected:
+            details.append(f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+        if bad:
+            details.append(
+                f"shape mismatch {bad[0]}: file {tuple(state[bad[0]].shape)} vs model {tuple(own[bad[0]].shape)}"
+            )
+        raise CheckpointError(
+            f"{path}: {what} does not match its config ({'; '.join(details)}). "
+            "The file is damaged or was edited; use the original checkpoint."
+        )
+    module.load_state_dict(state, strict=True)

@@ -1,0 +1,111 @@
+"""``pathoseg pseudolabel``: generate a pseudo-label review project headless.
+
+Example::
+
+    pathoseg pseudolabel slide.svs --out review/ --model nuclei-lite --threshold 0.9
+
+prints one JSON object (project folder, tiles processed and kept, counts, score summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+import numpy as np
+
+from napari_pathoseg.errors import PathosegError
+from napari_pathoseg.pseudolabels import GenerationDone, GenerationProgress, generate_pseudolabels
+
+__all__ = ["add_commands", "pseudolabel_command"]
+
+logger = logging.getLogger(__name__)
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``pseudolabel`` subcommand to the ``pathoseg`` parser."""
+    p = subparsers.add_parser(
+        "pseudolabel",
+        help="run a teacher model over unlabelled tiles and write a review project",
+        description=(
+            "Run a nucleus model over the tissue tiles of a slide or the images of a folder, "
+            "score each tile by its mean per-pixel confidence max(p, 1-p), and store tiles, "
+            "masks and scores in a review project folder (open it in the Review dock)."
+        ),
+    )
+    p.add_argument("input", help="slide file or folder of image tiles")
+    p.add_argument("--out", required=True, help="review project folder to create")
+    p.add_argument("--model", default="nuclei-lite", help="model name or checkpoint path (default: nuclei-lite)")
+    p.add_argument("--threshold", type=float, default=0.0, help="keep tiles scoring at least this (0-1; default 0 keeps all)")
+    p.add_argument("--max-tiles", type=int, default=None, help="process at most this many tiles")
+    p.add_argument("--mpp", type=float, default=None, help="working resolution in µm/px (default: the model's)")
+    p.add_argument("--source-mpp", type=float, default=None, help="resolution of folder images in µm/px (default: same as --mpp)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default=None, help="torch device (default: CUDA/MPS when present, else CPU)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing project in --out")
+    p.set_defaults(func=pseudolabel_command)
+
+
+def pseudolabel_command(args: argparse.Namespace, *, model: Any = None) -> int:
+    """Run ``pathoseg pseudolabel``; prints a JSON result and returns the exit code.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed arguments (see :func:`add_commands`).
+    model : NucleusModel-like, optional
+        A model with ``predict``, ``to_instances``, ``mpp`` and ``tile_size``; loaded with
+        :func:`napari_pathoseg.models.registry.load_model` from ``args.model`` when None.
+    """
+    try:
+        if model is None:
+            from napari_pathoseg.models.registry import load_model
+
+            model = load_model(args.model, device=args.device)
+        mpp = args.mpp if args.mpp is not None else getattr(model, "mpp", None)
+        tile_size = int(getattr(model, "tile_size", 256))
+        done_event = None
+        for event in generate_pseudolabels(
+            args.input,
+            args.out,
+            predict=model.predict,
+            to_instances=model.to_instances,
+            model_name=str(args.model),
+            tile_size=tile_size,
+            mpp=mpp,
+            source_mpp=args.source_mpp,
+            threshold=args.threshold,
+            max_tiles=args.max_tiles,
+            batch_size=args.batch_size,
+            overwrite=args.overwrite,
+        ):
+            if isinstance(event, GenerationProgress):
+                logger.info("pseudo-labels: %d/%d tiles, %d kept", event.done, event.total, event.kept)
+            elif isinstance(event, GenerationDone):
+                done_event = event
+    except PathosegError as exc:
+        print(json.dumps({"command": "pseudolabel", "error": str(exc)}))
+        return 1
+    project = done_event.project
+    scores = np.array([r.score for r in project.tiles()], dtype=np.float64)
+    result = {
+        "command": "pseudolabel",
+        "project": str(project.root),
+        "source": str(project.source_path),
+        "model": project.info.model,
+        "tile_size": project.info.tile_size,
+        "mpp": project.info.mpp,
+        "processed": done_event.processed,
+        "kept": done_event.kept,
+        "threshold": project.threshold,
+        "counts": project.counts(),
+        "score_min": float(scores.min()) if scores.size else None,
+        "score_mean": float(scores.mean()) if scores.size else None,
+        "score_max": float(scores.max()) if scores.size else None,
+    }
+    print(json.dumps(result))
+    sys.stdout.flush()
+    return 0

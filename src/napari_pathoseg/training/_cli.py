@@ -1,0 +1,140 @@
+"""``pathoseg train`` and ``pathoseg evaluate nuclei`` subcommands.
+
+Wire with ``napari_pathoseg.training._cli.add_commands(subparsers)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from napari_pathoseg.errors import PathosegError
+
+__all__ = ["add_commands", "cmd_train", "cmd_evaluate_nuclei", "DEFAULT_DATA", "SHIPPED_SPLIT"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DATA = os.environ.get("PATHOSEG_DATA", "/work/shared/data")
+SHIPPED_SPLIT = Path(__file__).resolve().parents[1] / "models" / "weights" / "nuclei-lite.split.json"
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``train`` and ``evaluate`` (with ``evaluate nuclei``) to ``subparsers``."""
+    p = subparsers.add_parser("train", help="train the M2 (AttCycle) nucleus teacher")
+    p.add_argument("--preset", default="attcycle-lite", help="model preset (attcycle, attcycle-lite)")
+    p.add_argument("--out", required=True, help="output directory for checkpoints and history")
+    p.add_argument("--epochs", type=int, default=24)
+    p.add_argument("--steps-per-epoch", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    p.add_argument("--data", default=DEFAULT_DATA, help="shared data folder (monuseg_train, cpm15_nuclei)")
+    p.add_argument(
+        "--split", default=str(SHIPPED_SPLIT),
+        help="split JSON (train/val/test, X/Y); written there from --seed when missing",
+    )
+    p.add_argument("--pseudo", default=None, help="project dir with pseudo-labels (pseudolabels/*.npz)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=cmd_train)
+
+    ev = subparsers.add_parser("evaluate", help="score a model against ground truth")
+    evsub = ev.add_subparsers(dest="evaluate_what", required=True)
+    n = evsub.add_parser("nuclei", help="nucleus instance metrics as JSON")
+    n.add_argument("--images", required=True, help="folder of RGB images")
+    n.add_argument("--masks", required=True, help="folder of instance masks with the same file stems")
+    n.add_argument("--model", default="nuclei-lite", help="model name or checkpoint path")
+    n.add_argument("--mpp", type=float, default=None, help="um per pixel of the images (default: model's)")
+    n.add_argument("--method", default="auto", choices=("auto", "boundary", "distance"))
+    n.add_argument("--per-image", action="store_true", help="include per-image metrics")
+    n.set_defaults(func=cmd_evaluate_nuclei)
+
+
+def _pseudo_items(project: Path, *, mpp: float):
+    """Pseudo-labelled tiles of a project: ``pseudolabels/*.npz`` with image, mask, weight."""
+    from napari_pathoseg.training.datasets import DataError, PseudoLabelDataset
+
+    import numpy as np
+
+    folder = project / "pseudolabels"
+    files = sorted(folder.glob("*.npz"))
+    if not files:
+        raise DataError(
+            f"No pseudo-labels in {folder}: expected .npz files with 'image', 'mask' and "
+            "optional 'weight' arrays (written by the pseudo-label step)."
+        )
+
+    def triples():
+        for f in files:
+            with np.load(f, allow_pickle=False) as z:
+                yield z["image"], z["mask"], z["weight"] if "weight" in z else 1.0
+
+    return PseudoLabelDataset(triples(), mpp=mpp, name="pseudo").items
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from napari_pathoseg.models.m2 import get_preset
+    from napari_pathoseg.training.datasets import (
+        build_m2_data,
+        load_nuclei_sources,
+        load_split,
+        make_split,
+        save_split,
+    )
+    from napari_pathoseg.training.loop import DoneEvent, EpochEvent, train_m2
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = get_preset(args.preset)
+    split_path = Path(args.split)
+    if split_path.is_file():
+        split = load_split(split_path)
+    else:
+        split = make_split(load_nuclei_sources(args.data, mpp=config.mpp), seed=args.seed)
+        save_split(split, split_path)
+    extra_x = []
+    if args.pseudo:
+        extra_x = _pseudo_items(Path(args.pseudo), mpp=config.mpp)
+    data = build_m2_data(args.data, mpp=config.mpp, split=split, extra_x=extra_x)
+    command = "pathoseg train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "pathoseg train"
+    t0 = time.perf_counter()
+    result = None
+    for ev in train_m2(
+        config, data, out_dir=args.out, epochs=args.epochs, lr=args.lr, seed=args.seed,
+        resume=args.resume, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+        meta={"command": command},
+    ):
+        if isinstance(ev, EpochEvent):
+            logger.info("epoch %d val aji %.4f", ev.epoch, ev.val_metrics.get("aji", float("nan")))
+            print(json.dumps({"epoch": ev.epoch, "losses": ev.losses, "val": ev.val_metrics,
+                              "best": ev.is_best, "seconds": round(ev.seconds, 1)}), flush=True)
+        elif isinstance(ev, DoneEvent):
+            result = ev
+    print(json.dumps({
+        "best_checkpoint": str(result.best_checkpoint) if result and result.best_checkpoint else None,
+        "best_metrics": result.best_metrics if result else {},
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+    }), flush=True)
+    return 0
+
+
+def cmd_evaluate_nuclei(args: argparse.Namespace) -> int:
+    from napari_pathoseg.training.evaluate import evaluate_folder
+
+    try:
+        res = evaluate_folder(
+            args.images, args.masks, model=args.model, mpp=args.mpp, method=args.method,
+            per_image=args.per_image,
+        )
+    except PathosegError as exc:
+        print(json.dumps({"error": str(exc)}))
+        return 2
+    print(json.dumps(res, indent=1))
+    return 0

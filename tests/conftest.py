@@ -1,0 +1,58 @@
+"""Shared fixtures: the real data in ../shared/data, the bundled sample, tiny pyramidal TIFFs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared_data_dir() -> Path:
+    env = os.environ.get("PATHOSEG_SHARED_DATA")
+    if env:
+        return Path(env)
+    return REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared real H&E data folder (skips the test when it is absent)."""
+    d = _shared_data_dir()
+    if not d.is_dir():
+        pytest.skip(f"shared data not found at {d}")
+    return d
+
+
+@pytest.fixture(scope="session")
+def sample_svs() -> Path:
+    """The bundled CMU-1-Small-Region.svs (2220 x 2967, 0.499 µm/px)."""
+    from napari_pathoseg.slide import sample_slide_path
+
+    return sample_slide_path()
+
+
+@pytest.fixture
+def make_pyramid_tiff(tmp_path):
+    """Callable writing a tiled pyramidal TIFF: ``(path, image, *, levels=3, tile=256, mpp=0.5)``."""
+    from napari_pathoseg.synth import write_pyramid_tiff
+
+    def make(path, image, *, levels=3, tile=256, mpp=0.5, compression="jpeg"):
+        path = Path(path)
+        if not path.is_absolute():
+            path = tmp_path / path
+        return write_pyramid_tiff(path, np.asarray(image), levels=levels, tile=tile, mpp=mpp, compression=compression)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def he_image() -> np.ndarray:
+    """A real 1024 x 1024 H&E crop of the bundled sample (uint8 RGB)."""
+    from napari_pathoseg.slide import open_slide, sample_slide_path
+
+    with open_slide(sample_slide_path()) as s:
+        return s.read_region(level=0, row=1920, col=768, height=1024, width=1024)
