@@ -22,8 +22,8 @@ def test_sample_svs_metadata(sample_svs):
         assert m.objective_power == 20
         assert isinstance(s.pyramid[0], da.Array)
         assert s.pyramid[0].shape == (2967, 2220, 3) and s.pyramid[0].dtype == np.uint8
-        # chunked on the file's tile grid (240 px tiles, grouped x2)
-        assert s.pyramid[0].chunksize[:2] == (480, 480)
+        # chunked on the file's own tile grid (240 px JPEG tiles)
+        assert s.pyramid[0].chunksize[:2] == (240, 240)
         # lazy coarser levels added down to <= 1024 px
         assert max(s.pyramid[-1].shape[:2]) <= 1024
         d = m.to_dict()

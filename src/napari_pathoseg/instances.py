@@ -51,9 +51,19 @@ def _min_px(area_um2: float, mpp: float) -> int:
     return max(1, int(round(area_um2 / (mpp * mpp))))
 
 
+def _drop_small(arr: np.ndarray, min_size: int) -> np.ndarray:
+    """Remove objects of fewer than ``min_size`` pixels (bool mask or labels)."""
+    if min_size <= 1:
+        return arr
+    try:  # scikit-image >= 0.26: ``max_size`` removes objects <= max_size
+        return remove_small_objects(arr, max_size=min_size - 1)
+    except TypeError:
+        return remove_small_objects(arr, min_size=min_size)
+
+
 def _relabel(labels: np.ndarray, min_size: int) -> np.ndarray:
     if min_size > 1 and labels.max() > 0:
-        labels = remove_small_objects(labels, min_size=min_size)
+        labels = _drop_small(labels, min_size)
     out = np.zeros(labels.shape, np.int32)
     ids = np.unique(labels)
     ids = ids[ids > 0]
@@ -93,7 +103,7 @@ def distance_watershed(
     """
     prob = _check_map("prob", prob)
     fg = prob > threshold
-    fg = remove_small_objects(fg, min_size=_min_px(min_area_um2, mpp))
+    fg = _drop_small(fg, _min_px(min_area_um2, mpp))
     if not fg.any():
         return np.zeros(prob.shape, np.int32)
     dist = ndi.distance_transform_edt(fg)
@@ -145,13 +155,13 @@ def boundary_watershed(
     prob = _check_map("prob", prob)
     boundary = _check_map("boundary", boundary, prob.shape)
     fg = prob > threshold
-    fg = remove_small_objects(fg, min_size=_min_px(min_area_um2, mpp))
+    fg = _drop_small(fg, _min_px(min_area_um2, mpp))
     if not fg.any():
         return np.zeros(prob.shape, np.int32)
     seeds = fg & (boundary < boundary_threshold)
     seeds = ndi.binary_opening(seeds, structure=np.ones((2, 2), bool))
     markers = cc_label(seeds)
-    markers = remove_small_objects(markers, min_size=_min_px(min_marker_um2, mpp))
+    markers = _drop_small(markers, _min_px(min_marker_um2, mpp))
     lab = watershed(boundary - prob, markers, mask=fg)
     orphan = fg & (lab == 0)
     if orphan.any():

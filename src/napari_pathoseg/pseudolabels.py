@@ -29,6 +29,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -200,15 +201,15 @@ def nucleus_confidences(prob: np.ndarray, labels: np.ndarray) -> list[float]:
     Returns
     -------
     list of float
-        Entry ``i`` is the confidence of label ``i + 1`` (N entries); a label with no
-        pixels gets 0.
+        Entry ``i`` is the confidence of label ``i + 1`` (N entries, rounded to 4
+        decimals); a label with no pixels gets 0.
     """
     labels = np.asarray(labels)
     n = int(labels.max()) if labels.size else 0
     if n == 0:
         return []
     means = ndi.mean(_confidence(prob), labels=labels, index=np.arange(1, n + 1))
-    return [round(float(m), 6) if np.isfinite(m) else 0.0 for m in np.atleast_1d(means)]
+    return [round(float(m), 4) if np.isfinite(m) else 0.0 for m in np.atleast_1d(means)]
 
 
 def split_nucleus(
@@ -483,6 +484,7 @@ class ReviewProject:
         self.info = info
         self._records = records
         self._threshold = float(threshold)
+        self._json: dict[str, str] = {}  # tile id -> cached JSON of its record
 
     # ---- create / open ------------------------------------------------------------------
     @classmethod
@@ -532,13 +534,11 @@ class ReviewProject:
             level=int(level),
             downsample=float(downsample),
         )
-        if overwrite and (root / _TILES_DIR).is_dir():
-            import shutil
-
-            shutil.rmtree(root / _TILES_DIR)
         proj = cls(root, info, {}, threshold)
+        proj.save()  # the (empty) review first: it never lists tiles that are gone
         _atomic_write_json(root / _PROJECT_FILE, info.to_dict())
-        proj.save()
+        if overwrite and (root / _TILES_DIR).is_dir():
+            shutil.rmtree(root / _TILES_DIR)
         logger.info("created review project %s", root)
         return proj
 
@@ -610,14 +610,27 @@ class ReviewProject:
 
     # ---- saving --------------------------------------------------------------------------
     def save(self) -> None:
-        """Write ``review.json`` (atomically)."""
-        data = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "threshold": self._threshold,
-            "tiles": [asdict(r) for r in self._records.values()],
-        }
-        _atomic_write_json(self.root / _REVIEW_FILE, data)
+        """Write ``review.json`` (atomically).
+
+        Each record's JSON is cached until the project changes it, so saving after one
+        accept / reject stays fast with thousands of tiles.
+        """
+        head = json.dumps(
+            {"format": FORMAT_NAME, "version": FORMAT_VERSION, "threshold": self._threshold},
+            allow_nan=False,
+        )
+        parts = []
+        for tid, rec in self._records.items():
+            text = self._json.get(tid)
+            if text is None:
+                text = json.dumps(dict(vars(rec)), separators=(",", ":"), allow_nan=False)
+                self._json[tid] = text
+            parts.append(text)
+        body = head[:-1] + ', "tiles": [\n' + ",\n".join(parts) + "\n]}\n"
+        _atomic_write_bytes(self.root / _REVIEW_FILE, body.encode("utf-8"))
+
+    def _changed(self, tile_id: str) -> None:
+        self._json.pop(tile_id, None)
 
     # ---- properties ----------------------------------------------------------------------
     @property
@@ -647,7 +660,10 @@ class ReviewProject:
         return tile_id in self._records
 
     def record(self, tile_id: str) -> TileRecord:
-        """The record of ``tile_id``; raises :class:`ReviewProjectError` for unknown ids."""
+        """The record of ``tile_id``; raises :class:`ReviewProjectError` for unknown ids.
+
+        Read it; change it only through :meth:`set_state` and :meth:`save_mask`.
+        """
         try:
             return self._records[tile_id]
         except KeyError:
@@ -791,6 +807,7 @@ class ReviewProject:
         rec = self.record(tile_id)
         if rec.state != state:
             rec.state = state
+            self._changed(tile_id)
             self.save()
         return rec
 
@@ -812,6 +829,7 @@ class ReviewProject:
         rec.edited = True
         rec.n_nuclei = int(labels.max())
         rec.confidences = nucleus_confidences(self.read_prob(tile_id), labels)
+        self._changed(tile_id)
         self.save()
         return rec
 
@@ -848,6 +866,41 @@ class ReviewProject:
                     tile_id=rec.tile_id,
                     score=rec.score,
                 )
+
+
+    def training_triples(
+        self,
+        *,
+        include_pending: bool = False,
+        min_score: float | None = None,
+        weight: str = "confidence",
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, float | np.ndarray]]:
+        """Yield ``(image, mask, weight)`` triples for the training datasets.
+
+        The form :class:`napari_pathoseg.training.datasets.PseudoLabelDataset` takes.
+
+        Parameters
+        ----------
+        include_pending, min_score
+            As in :meth:`accepted_training_items`.
+        weight : {"confidence", "uniform"}
+            ``"confidence"``: the teacher's per-pixel confidence ``max(p, 1 - p)`` as an
+            (H, W) float32 map, except for tiles the reviewer edited (weight 1.0, the
+            correction is trusted); ``"uniform"``: 1.0 for every tile.
+
+        Yields
+        ------
+        image : (H, W, 3) uint8
+        mask : (H, W) uint16 instance labels
+        weight : float or (H, W) float32
+        """
+        if weight not in {"confidence", "uniform"}:
+            raise ReviewProjectError(f"weight must be 'confidence' or 'uniform', got {weight!r}.")
+        for item in self.accepted_training_items(include_pending=include_pending, min_score=min_score):
+            w: float | np.ndarray = 1.0
+            if weight == "confidence" and not self.record(item.tile_id).edited:
+                w = _confidence(self.read_prob(item.tile_id))
+            yield item.image, item.mask, w
 
 
 def _relative_source(source: Path, root: Path) -> str:

@@ -52,6 +52,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def pseudolabel_command(args: argparse.Namespace, *, model: Any = None) -> int:
     """Run ``pathoseg pseudolabel``; prints a JSON result and returns the exit code.
 
+    Bad input raises :class:`~napari_pathoseg.errors.PathosegError` (the ``pathoseg``
+    entry point reports it on stderr with exit code 2).
+
     Parameters
     ----------
     args : argparse.Namespace
@@ -60,35 +63,35 @@ def pseudolabel_command(args: argparse.Namespace, *, model: Any = None) -> int:
         A model with ``predict``, ``to_instances``, ``mpp`` and ``tile_size``; loaded with
         :func:`napari_pathoseg.models.registry.load_model` from ``args.model`` when None.
     """
-    try:
-        if model is None:
+    if model is None:
+        try:
             from napari_pathoseg.models.registry import load_model
-
-            model = load_model(args.model, device=args.device)
-        mpp = args.mpp if args.mpp is not None else getattr(model, "mpp", None)
-        tile_size = int(getattr(model, "tile_size", 256))
-        done_event = None
-        for event in generate_pseudolabels(
-            args.input,
-            args.out,
-            predict=model.predict,
-            to_instances=model.to_instances,
-            model_name=str(args.model),
-            tile_size=tile_size,
-            mpp=mpp,
-            source_mpp=args.source_mpp,
-            threshold=args.threshold,
-            max_tiles=args.max_tiles,
-            batch_size=args.batch_size,
-            overwrite=args.overwrite,
-        ):
-            if isinstance(event, GenerationProgress):
-                logger.info("pseudo-labels: %d/%d tiles, %d kept", event.done, event.total, event.kept)
-            elif isinstance(event, GenerationDone):
-                done_event = event
-    except PathosegError as exc:
-        print(json.dumps({"command": "pseudolabel", "error": str(exc)}))
-        return 1
+        except ImportError as exc:
+            raise PathosegError(
+                f"The model registry is not available ({exc}); install napari-pathoseg completely."
+            ) from exc
+        model = load_model(args.model, device=args.device)
+    mpp = args.mpp if args.mpp is not None else getattr(model, "mpp", None)
+    tile_size = int(getattr(model, "tile_size", 256))
+    done_event = None
+    for event in generate_pseudolabels(
+        args.input,
+        args.out,
+        predict=model.predict,
+        to_instances=model.to_instances,
+        model_name=str(args.model),
+        tile_size=tile_size,
+        mpp=mpp,
+        source_mpp=args.source_mpp,
+        threshold=args.threshold,
+        max_tiles=args.max_tiles,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+    ):
+        if isinstance(event, GenerationProgress):
+            logger.info("pseudo-labels: %d/%d tiles, %d kept", event.done, event.total, event.kept)
+        elif isinstance(event, GenerationDone):
+            done_event = event
     project = done_event.project
     scores = np.array([r.score for r in project.tiles()], dtype=np.float64)
     result = {

@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import Qt, QTimer
-from qtpy.QtGui import QKeySequence
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QComboBox,
@@ -37,7 +36,6 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QProgressBar,
     QPushButton,
-    QShortcut,
     QSlider,
     QSpinBox,
     QTableWidget,
@@ -73,8 +71,12 @@ _SLIDER_STEPS = 1000  # slider value v <-> threshold 0.5 + 0.5 * v / _SLIDER_STE
 
 
 def _default_model_loader(name: str) -> Any:
-    from ..models.registry import load_model
-
+    try:
+        from ..models.registry import load_model
+    except ImportError as exc:
+        raise PathosegError(
+            f"The model registry is not available ({exc}); install napari-pathoseg completely."
+        ) from exc
     return load_model(name)
 
 
@@ -95,11 +97,14 @@ def _model_names() -> list[str]:
 def _generate_worker(source: str, out: str, model_name: str, loader: Callable[[str], Any],
                      max_tiles: int | None, cancel: threading.Event):
     model = loader(model_name)
-    yield from generate_pseudolabels(
-        source, out, predict=model.predict, to_instances=model.to_instances,
-        model_name=model_name, tile_size=int(getattr(model, "tile_size", 256)),
-        mpp=getattr(model, "mpp", None), max_tiles=max_tiles, cancel=cancel,
-    )
+    try:
+        yield from generate_pseudolabels(
+            source, out, predict=model.predict, to_instances=model.to_instances,
+            model_name=model_name, tile_size=int(getattr(model, "tile_size", 256)),
+            mpp=getattr(model, "mpp", None), max_tiles=max_tiles, cancel=cancel,
+        )
+    except CancelledError as exc:  # Stop: a normal end, reported as the last event
+        yield exc
 
 
 def _restore_keys(viewer: Any, previous: dict[str, Any], bound: dict[str, bool], *args: Any) -> None:
@@ -146,6 +151,7 @@ class ReviewWidget(QWidget):
         self._mask_dirty = False
         self._selected_history: list[int] = []
         self._slide_layer = None
+        self._generating_out = ""
 
         # --- project ---
         self.project_edit = QLineEdit()
@@ -159,7 +165,7 @@ class ReviewWidget(QWidget):
         # --- generation ---
         gen_box = QGroupBox("Generate pseudo-labels")
         self.source_edit = QLineEdit()
-        self.source_edit.setPlaceholderText("slide file or folder of tiles")
+        self.source_edit.setPlaceholderText("slide file or folder of tiles (default: open slide)")
         self.browse_source_btn = QPushButton("Browse…")
         srow = QHBoxLayout()
         srow.addWidget(self.source_edit)
@@ -177,6 +183,10 @@ class ReviewWidget(QWidget):
         mrow.addWidget(QLabel("Max tiles:"))
         mrow.addWidget(self.max_tiles_spin)
         self.generate_btn = QPushButton("Generate")
+        self.generate_btn.setToolTip(
+            "run the teacher over the source (default: the open slide) and write a new review "
+            "project into the project folder above"
+        )
         self.stop_btn = QPushButton("Stop")
         self.stop_btn.setEnabled(False)
         brow = QHBoxLayout()
@@ -257,18 +267,17 @@ class ReviewWidget(QWidget):
         self.accept_btn.clicked.connect(lambda: self.set_current_state("accepted"))
         self.reject_btn.clicked.connect(lambda: self.set_current_state("rejected"))
         self.pending_btn.clicked.connect(lambda: self.set_current_state("pending", advance=False))
+        self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self.split_btn.clicked.connect(self._on_split)
         self.merge_btn.clicked.connect(self._on_merge)
 
-        # Shortcuts: on the viewer (canvas focus) and on the dock itself (table focus).
+        # Shortcuts: on the viewer (canvas focus) and on the table (see eventFilter).
+        self.table.installEventFilter(self)
         self._previous_keys: dict[str, Any] = {}
         for key, state in ((ACCEPT_KEY, "accepted"), (REJECT_KEY, "rejected")):
             self._previous_keys[key] = self.viewer.bind_key(
-                key, functools.partial(self._on_key, state), overwrite=True
+                key, self._key_callback(state), overwrite=True
             )
-            sc = QShortcut(QKeySequence(key.upper()), self)
-            sc.setContext(Qt.WidgetWithChildrenShortcut)
-            sc.activated.connect(functools.partial(self.set_current_state, state))
         self._keys_bound = {"bound": True}
         # Release the keys even if the dock is deleted without a close event.
         self.destroyed.connect(
@@ -286,6 +295,7 @@ class ReviewWidget(QWidget):
             show_error(str(exc))
             self.status.setText(str(exc))
             return None
+        self._clear_tile_layers()
         self.project = project
         self.current_tile = None
         self.project_edit.setText(str(project.root))
@@ -300,6 +310,19 @@ class ReviewWidget(QWidget):
         self.status.setText(f"{project.root.name}: {len(project)} tiles from {project.info.model}")
         self._update_enabled()
         return project
+
+    def _clear_tile_layers(self) -> None:
+        """Remove the tile / mask layers of the previous project."""
+        for name in (MASK_LAYER, IMAGE_LAYER):
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+        self._mask_layer = None
+        self._mask_dirty = False
+
+    def _on_layer_removed(self, event: Any) -> None:
+        if event.value is self._mask_layer:
+            self.flush()  # the layer object still holds the data
+            self._mask_layer = None
 
     def _on_browse_project(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Review project folder")
@@ -328,6 +351,7 @@ class ReviewWidget(QWidget):
         self.flush()
         name = model_name or self.model_combo.currentText().strip() or "nuclei-lite"
         self._cancel = threading.Event()
+        self._generating_out = str(out)
         worker = _generate_worker(str(source), str(out), name, self.model_loader,
                                   max_tiles or None, self._cancel)
         worker.yielded.connect(self._on_gen_event)
@@ -341,7 +365,14 @@ class ReviewWidget(QWidget):
         return worker
 
     def _on_generate(self) -> None:
+        from .slide import slide_layers
+
         source = self.source_edit.text().strip()
+        if not source:
+            layers = slide_layers(self.viewer)
+            if layers:  # default: the slide open in the viewer
+                source = str(layers[0].metadata["pathoseg_slide"].metadata.path)
+                self.source_edit.setText(source)
         out = self.project_edit.text().strip()
         if not source or not out:
             show_error("Choose a source (slide or folder of tiles) and a new project folder first.")
@@ -360,6 +391,12 @@ class ReviewWidget(QWidget):
                 self.progress.setRange(0, event.total)
                 self.progress.setValue(event.done)
             self.status.setText(f"{event.done}/{event.total or '?'} tiles, {event.kept} kept")
+        elif isinstance(event, CancelledError):
+            self.progress.setRange(0, 1)
+            self.progress.setValue(0)
+            show_info(str(event))
+            out = self.project_edit.text().strip() or self._generating_out
+            self.open_project(out)
         elif isinstance(event, GenerationDone):
             self.progress.setRange(0, 1)
             self.progress.setValue(1)
@@ -369,12 +406,7 @@ class ReviewWidget(QWidget):
     def _on_gen_error(self, exc: Exception) -> None:
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
-        if isinstance(exc, CancelledError):
-            show_info(str(exc))
-            out = self.project_edit.text().strip()
-            if out and (Path(out) / "project.json").exists():
-                self.open_project(out)
-        elif isinstance(exc, PathosegError):
+        if isinstance(exc, PathosegError):
             show_error(str(exc))
             self.status.setText(str(exc))
         else:
@@ -655,8 +687,22 @@ class ReviewWidget(QWidget):
         self.merge_selected()
 
     # ================================================================== accept / reject
-    def _on_key(self, state: str, viewer: Any = None) -> None:
-        self.set_current_state(state)
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt name)
+        """A / R in the table accept / reject the current tile (before the table's search)."""
+        if obj is self.table and event.type() == QEvent.KeyPress and not int(event.modifiers()):
+            state = {Qt.Key_A: "accepted", Qt.Key_R: "rejected"}.get(event.key())
+            if state is not None:
+                self.set_current_state(state)
+                return True
+        return super().eventFilter(obj, event)
+
+    def _key_callback(self, state: str) -> Callable[[Any], None]:
+        # napari key bindings need a real function (it reads ``__name__``)
+        def review_set_state(viewer: Any) -> None:
+            self.set_current_state(state)
+
+        review_set_state.__name__ = f"review_{state}"
+        return review_set_state
 
     def set_current_state(self, state: str, *, advance: bool = True) -> None:
         """Set the shown tile's state (saved at once), then show the next pending tile."""
@@ -700,8 +746,22 @@ class ReviewWidget(QWidget):
         """Give the A / R keys back to the viewer (done on close)."""
         _restore_keys(self.viewer, self._previous_keys, self._keys_bound)
 
-    def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
+    def _flush_all(self) -> None:
         self.flush()
+        if self._threshold_timer.isActive():
+            self._threshold_timer.stop()
+            self._save_threshold()
+
+    def hideEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
+        self._flush_all()
+        super().hideEvent(event)
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
+        self._flush_all()
+        try:
+            self.viewer.layers.events.removed.disconnect(self._on_layer_removed)
+        except (TypeError, ValueError, RuntimeError):
+            pass
         if self._cancel is not None:
             self._cancel.set()
         self.release_keys()

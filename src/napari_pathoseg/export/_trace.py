@@ -18,8 +18,6 @@ import numpy as np
 __all__ = ["TracedRings", "trace_labels"]
 
 # directions: 0 = north (row - 1), 1 = east (col + 1), 2 = south, 3 = west
-_DR = np.array([-1, 0, 1, 0])
-_DC = np.array([0, 1, 0, -1])
 
 
 @dataclass
@@ -45,35 +43,45 @@ class TracedRings:
     area: np.ndarray
 
 
-def _edges(padded: np.ndarray, keep: np.ndarray | None):
-    """Directed boundary edges (start row, start col, dir, label) of every non-zero label."""
-    starts_r, starts_c, dirs, labs = [], [], [], []
-    # vertical pixel edges between (i, j) and (i, j + 1): corner column j + 1
-    diff = padded[:, :-1] != padded[:, 1:]
-    i, j = np.nonzero(diff)
-    left = padded[i, j]
-    right = padded[i, j + 1]
-    m = left != 0
-    starts_r.append(i[m] + 1), starts_c.append(j[m] + 1), dirs.append(np.full(m.sum(), 0)), labs.append(left[m])
-    m = right != 0
-    starts_r.append(i[m]), starts_c.append(j[m] + 1), dirs.append(np.full(m.sum(), 2)), labs.append(right[m])
-    # horizontal pixel edges between (i, j) and (i + 1, j): corner row i + 1
-    diff = padded[:-1, :] != padded[1:, :]
-    i, j = np.nonzero(diff)
-    up = padded[i, j]
-    down = padded[i + 1, j]
-    m = up != 0
-    starts_r.append(i[m] + 1), starts_c.append(j[m]), dirs.append(np.full(m.sum(), 1)), labs.append(up[m])
-    m = down != 0
-    starts_r.append(i[m] + 1), starts_c.append(j[m] + 1), dirs.append(np.full(m.sum(), 3)), labs.append(down[m])
-    sr = np.concatenate(starts_r).astype(np.int64)
-    sc = np.concatenate(starts_c).astype(np.int64)
-    d = np.concatenate(dirs).astype(np.int64)
-    lab = np.concatenate(labs).astype(np.int64)
-    if keep is not None:
-        m = np.isin(lab, keep)
-        sr, sc, d, lab = sr[m], sc[m], d[m], lab[m]
-    return sr, sc, d, lab
+def _edges(padded: np.ndarray, ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Directed boundary edges (start vertex, direction, label) of the kept labels.
+
+    Vertex ``(r, c)`` (the top-left corner of padded pixel ``(r, c)``) has id
+    ``r * (cols + 1) + c``.
+    """
+    ph, pw = padded.shape
+    nc = pw + 1
+    flat = padded.ravel()
+    starts, dirs, labs = [], [], []
+    # vertical segment between padded pixels (i, j) and (i, j + 1)
+    i, j = np.nonzero(padded[:, :-1] != padded[:, 1:])
+    p = i * pw + j
+    top = i * nc + j + 1
+    starts += [top + nc, top]  # left label walks north from the bottom, right label south from the top
+    dirs += [np.zeros(p.size, np.int8), np.full(p.size, 2, np.int8)]
+    labs += [flat[p], flat[p + 1]]
+    # horizontal segment between padded pixels (i, j) and (i + 1, j)
+    i, j = np.nonzero(padded[:-1, :] != padded[1:, :])
+    p = i * pw + j
+    left = (i + 1) * nc + j
+    starts += [left, left + 1]  # upper label walks east from the left, lower label west from the right
+    dirs += [np.ones(p.size, np.int8), np.full(p.size, 3, np.int8)]
+    labs += [flat[p], flat[p + pw]]
+    start = np.concatenate(starts)
+    d = np.concatenate(dirs)
+    lab = np.concatenate(labs)
+    if ids is None:
+        keep = lab != 0
+    else:
+        mx = int(lab.max(initial=0))
+        if mx <= (1 << 24):
+            lut = np.zeros(mx + 1, bool)
+            ok = ids[(ids > 0) & (ids <= mx)]
+            lut[ok] = True
+            keep = lut[lab]
+        else:
+            keep = np.isin(lab, ids) & (lab != 0)
+    return start[keep].astype(np.int64), d[keep].astype(np.int64), lab[keep].astype(np.int64)
 
 
 def trace_labels(window: np.ndarray, *, ids: np.ndarray | None = None) -> TracedRings:
@@ -99,35 +107,38 @@ def trace_labels(window: np.ndarray, *, ids: np.ndarray | None = None) -> Traced
     ([7], [4.0])
     """
     window = np.asarray(window)
+    if window.ndim != 2:
+        raise ValueError(f"trace_labels needs a 2-D label image, got shape {window.shape}")
     padded = np.pad(window, 1)
     keep = None if ids is None else np.asarray(ids, dtype=np.int64)
-    sr, sc, d, lab = _edges(padded, keep)
-    n = sr.size
+    start, d, lab = _edges(padded, keep)
+    n = start.size
     if n == 0:
         return TracedRings(np.zeros((0, 2), np.int64), np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0))
-    ncols = padded.shape[1] + 1
-    start_v = sr * ncols + sc
-    end_v = (sr + _DR[d]) * ncols + (sc + _DC[d])
-    nv = padded.shape[0] * ncols + ncols
-    # sort edges by (label, start vertex, direction)
-    key = (lab * nv + start_v) * 4 + d
-    order = np.argsort(key, kind="stable")
-    sr, sc, d, lab, start_v, end_v, key = sr[order], sc[order], d[order], lab[order], start_v[order], end_v[order], key[order]
-    skey = key // 4
-    # successor: the edge of the same label leaving this edge's end vertex;
-    # at a pinch vertex (two candidates) turn left, i.e. stay on the same pixel
-    want = lab * nv + end_v
-    first = np.searchsorted(skey, want, side="left")
-    last = np.searchsorted(skey, want, side="right")
-    succ = first.copy()
-    pinch = (last - first) == 2
-    if pinch.any():
-        left_dir = (d[pinch] + 3) % 4
-        cand = first[pinch]
-        succ[pinch] = np.where(d[cand] == left_dir, cand, cand + 1)
-    # cycles: the root of each ring is its smallest edge index (min over the cycle by doubling;
+    nc = padded.shape[1] + 1
+    nv = (padded.shape[0] + 1) * nc
+    step = np.array([-nc, 1, nc, -1], dtype=np.int64)
+    end = start + step[d]
+    # at most one edge leaves a vertex in each direction: a dense (vertex, direction) table
+    table = np.full(nv * 4, -1, dtype=np.int64 if n >= 2**31 else np.int32)
+    table[start * 4 + d] = np.arange(n)
+    # successor: the edge leaving this edge's end vertex, trying the left turn, then straight
+    # on, then the right turn. Whichever exists first belongs to the same label (its left
+    # pixel is this edge's left pixel), and at a pinch vertex the left turn stays on the
+    # same pixel, which splits diagonal contacts and keeps every ring simple.
+    base = end * 4
+    succ = table[base + (d + 3) % 4].astype(np.int64)
+    miss = succ < 0
+    succ[miss] = table[base[miss] + d[miss]]
+    miss = succ < 0
+    succ[miss] = table[base[miss] + (d[miss] + 1) % 4]
+    if (succ < 0).any():  # pragma: no cover - impossible for closed pixel boundaries
+        raise RuntimeError("open boundary while tracing labels")
+    del table, base
+    # the root of each ring is its smallest edge index (min over the cycle by doubling;
     # once a doubling step changes nothing, every window already holds the cycle minimum)
-    root = np.minimum(np.arange(n), succ)
+    idx = np.arange(n)
+    root = np.minimum(idx, succ)
     jump = succ[succ]
     while True:
         new_root = np.minimum(root, root[jump])
@@ -135,42 +146,44 @@ def trace_labels(window: np.ndarray, *, ids: np.ndarray | None = None) -> Traced
             break
         root = new_root
         jump = jump[jump]
-    # rank along each ring: distance from the root following succ (list ranking)
-    is_root = root == np.arange(n)
-    nxt = np.where(is_root[succ], -1, succ)  # break the cycle before the root
-    dist = np.where(nxt >= 0, 1, 0).astype(np.int64)
-    ptr = nxt.copy()
-    while (ptr >= 0).any():
-        valid = ptr >= 0
-        p = ptr[valid]
-        dist[valid] += dist[p]
-        ptr[valid] = ptr[p]
-    # dist = edges remaining to the ring end; order rings by (label, root), edges by -dist
-    ring_order = np.lexsort((-dist, root, lab))
-    root_sorted = root[ring_order]
-    d_sorted = d[ring_order]
-    # predecessor direction within the ring, to keep only corners
-    new_ring = np.ones(n, bool)
-    new_ring[1:] = root_sorted[1:] != root_sorted[:-1]
-    ring_start = np.flatnonzero(new_ring)
-    ring_end = np.append(ring_start[1:], n)
+    # rank along each ring: edges left before the root comes round again (list ranking)
+    size = np.bincount(root, minlength=n)
+    is_root = root == idx
+    nxt = np.where(is_root[succ], idx, succ)
+    dist = (nxt != idx).astype(np.int64)
+    for _ in range(int(np.ceil(np.log2(max(int(size.max()), 2))))):
+        dist += dist[nxt]
+        nxt = nxt[nxt]
+    # rings sorted by (label, root); edges placed by rank
+    roots = np.flatnonzero(is_root)
+    ring_order = roots[np.lexsort((roots, lab[roots]))]
+    ring_size = size[ring_order]
+    ring_start = np.zeros(ring_order.size + 1, np.int64)
+    np.cumsum(ring_size, out=ring_start[1:])
+    ring_of_root = np.empty(n, np.int64)
+    ring_of_root[ring_order] = np.arange(ring_order.size)
+    rk = ring_of_root[root]
+    pos = ring_start[rk] + (ring_size[rk] - 1 - dist)
+    perm = np.empty(n, np.int64)
+    perm[pos] = idx
+    d_sorted = d[perm]
+    # keep only corners (direction changes), including the wrap-around at each ring start
     prev_d = np.empty(n, np.int64)
     prev_d[1:] = d_sorted[:-1]
-    prev_d[ring_start] = d_sorted[ring_end - 1]
-    corner = prev_d != d_sorted
-    ring_id = np.cumsum(new_ring) - 1
-    kept = np.flatnonzero(corner)
-    kept_ring = ring_id[kept]
-    counts = np.bincount(kept_ring, minlength=ring_start.size)
-    offsets = np.zeros(ring_start.size + 1, np.int64)
+    prev_d[ring_start[:-1]] = d_sorted[ring_start[1:] - 1]
+    corner = np.flatnonzero(prev_d != d_sorted)
+    ring_id = np.repeat(np.arange(ring_order.size), ring_size)
+    counts = np.bincount(ring_id[corner], minlength=ring_order.size)
+    offsets = np.zeros(ring_order.size + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
-    verts = np.stack([sr[ring_order][kept] - 1, sc[ring_order][kept] - 1], axis=1)
-    ring_labels = lab[ring_order][ring_start]
+    v = start[perm[corner]]
+    verts = np.stack([v // nc - 1, v % nc - 1], axis=1)
+    ring_labels = lab[ring_order]
     # signed area (shoelace in (row, col)); object-on-left walking gives positive outer rings
     r = verts[:, 0].astype(np.float64)
     c = verts[:, 1].astype(np.float64)
-    nxt_idx = np.arange(verts.shape[0]) + 1
-    nxt_idx[offsets[1:] - 1] = offsets[:-1]
-    cross = r * c[nxt_idx] - r[nxt_idx] * c
-    area = 0.5 * np.add.reduceat(cross, offsets[:-1]) if verts.shape[0] else np.zeros(0)
+    nxt_v = np.arange(verts.shape[0]) + 1
+    nxt_v[offsets[1:] - 1] = offsets[:-1]
+    cross = r * c[nxt_v] - r[nxt_v] * c
+    area = 0.5 * np.add.reduceat(cross, offsets[:-1])
     return TracedRings(verts, offsets, ring_labels, area)

@@ -90,28 +90,37 @@ def measurement_names(measure: Iterable[str], *, calibrated: bool) -> dict[str, 
 
 
 def _compact(window: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Window with ``ids[k]`` replaced by ``k + 1`` and every other label by 0."""
+    """Window with ``ids[k]`` replaced by ``k + 1`` and every other label by 0 (int32)."""
+    mx = int(window.max(initial=0))
+    if mx <= (1 << 24):
+        lut = np.zeros(mx + 1, np.int32)
+        ok = (ids > 0) & (ids <= mx)
+        lut[ids[ok]] = np.flatnonzero(ok).astype(np.int32) + 1
+        return lut[window]
     idx = np.searchsorted(ids, window)
     idx_c = np.minimum(idx, ids.size - 1)
     hit = ids[idx_c] == window
-    return np.where(hit, idx_c + 1, 0)
+    return np.where(hit, idx_c + 1, 0).astype(np.int32)
 
 
 def _perimeters(compact: np.ndarray, n: int) -> np.ndarray:
     """skimage's 4-neighbourhood perimeter of every object of a compact label image."""
     p = np.pad(compact, 1)
+    h, w = compact.shape
     c = p[1:-1, 1:-1]
-    up, down, left, right = p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]
-    interior = (up == c) & (down == c) & (left == c) & (right == c)
-    border = (c != 0) & ~interior
+    border = c != 0
+    interior = border.copy()
+    for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        interior &= p[1 + dr : 1 + dr + h, 1 + dc : 1 + dc + w] == c
+    border &= ~interior
+    br, bc = np.nonzero(border)
+    lab = c[br, bc]
     bp = np.pad(border, 1)
-    code = np.ones(c.shape, dtype=np.int64)
-    for dr, dc, w in ((-1, 0, 2), (1, 0, 2), (0, -1, 2), (0, 1, 2), (-1, -1, 10), (-1, 1, 10), (1, -1, 10), (1, 1, 10)):
-        nb_lab = p[1 + dr : p.shape[0] - 1 + dr, 1 + dc : p.shape[1] - 1 + dc]
-        nb_border = bp[1 + dr : bp.shape[0] - 1 + dr, 1 + dc : bp.shape[1] - 1 + dc]
-        code += w * ((nb_lab == c) & nb_border)
-    lab = c[border]
-    return np.bincount(lab, weights=_PERIMETER_WEIGHTS[np.minimum(code[border], 49)], minlength=n + 1)[1:]
+    code = np.ones(br.size, dtype=np.int64)
+    for dr, dc, wgt in ((-1, 0, 2), (1, 0, 2), (0, -1, 2), (0, 1, 2), (-1, -1, 10), (-1, 1, 10), (1, -1, 10), (1, 1, 10)):
+        same = (p[br + 1 + dr, bc + 1 + dc] == lab) & bp[br + 1 + dr, bc + 1 + dc]
+        code += wgt * same
+    return np.bincount(lab, weights=_PERIMETER_WEIGHTS[code], minlength=n + 1)[1:]
 
 
 def measure_window(
@@ -122,7 +131,7 @@ def measure_window(
     pixel_size: tuple[float, float] | None = None,
     rgb: np.ndarray | None = None,
     probability: np.ndarray | None = None,
-    outlines: Sequence[Any] | None = None,
+    convex_area: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Measure the objects ``ids`` of a label window.
 
@@ -140,9 +149,9 @@ def measure_window(
         The slide's pixels under the window (needed for ``hematoxylin`` / ``eosin``).
     probability : (rows, cols) float, optional
         The model's probability of the object class (needed for ``confidence``).
-    outlines : sequence of shapely geometries, optional
-        Pixel-edge outlines of the objects in window pixels (for ``solidity``); traced
-        here when not given.
+    convex_area : (n,) float array, optional
+        Area of each object's convex hull in window pixels (for ``solidity``); computed
+        here from the traced pixel-edge outlines when not given.
 
     Returns
     -------
@@ -171,12 +180,14 @@ def measure_window(
             out[m] = np.zeros(0)
         return out
     compact = _compact(window, ids)
-    flat = compact.ravel()
-    rr, cc = np.indices(window.shape, dtype=np.float64)
-    count = np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)
+    fg = np.flatnonzero(compact)  # only object pixels enter the sums
+    lab = compact.ravel()[fg]
+    rr = (fg // window.shape[1]).astype(np.float64)
+    cc = (fg % window.shape[1]).astype(np.float64)
+    count = np.bincount(lab, minlength=n + 1)[1:].astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mr = np.bincount(flat, weights=rr.ravel(), minlength=n + 1)[1:] / count
-        mc = np.bincount(flat, weights=cc.ravel(), minlength=n + 1)[1:] / count
+        mr = np.bincount(lab, weights=rr, minlength=n + 1)[1:] / count
+        mc = np.bincount(lab, weights=cc, minlength=n + 1)[1:] / count
     out["centroid_row"], out["centroid_col"] = mr, mc
     sy, sx = pixel_size if pixel_size is not None else (1.0, 1.0)
     if "area" in measure:
@@ -184,24 +195,25 @@ def measure_window(
     if "perimeter" in measure:
         out["perimeter"] = _perimeters(compact, n) * math.sqrt(sy * sx)
     if "eccentricity" in measure:
-        dr = rr - np.concatenate([[0.0], mr])[compact]
-        dc = cc - np.concatenate([[0.0], mc])[compact]
+        dr = rr - mr[lab - 1]
+        dc = cc - mc[lab - 1]
         with np.errstate(invalid="ignore", divide="ignore"):
-            a = np.bincount(flat, weights=(dr * dr).ravel(), minlength=n + 1)[1:] / count
-            c = np.bincount(flat, weights=(dc * dc).ravel(), minlength=n + 1)[1:] / count
-            b = np.bincount(flat, weights=(dr * dc).ravel(), minlength=n + 1)[1:] / count
+            a = np.bincount(lab, weights=dr * dr, minlength=n + 1)[1:] / count
+            c = np.bincount(lab, weights=dc * dc, minlength=n + 1)[1:] / count
+            b = np.bincount(lab, weights=dr * dc, minlength=n + 1)[1:] / count
             half = np.sqrt(((a - c) / 2.0) ** 2 + b**2)
             l1 = (a + c) / 2.0 + half
             l2 = np.maximum((a + c) / 2.0 - half, 0.0)
             ecc = np.where(l1 > 0, np.sqrt(np.clip(1.0 - l2 / np.where(l1 > 0, l1, 1.0), 0.0, 1.0)), 0.0)
         out["eccentricity"] = ecc
     if "solidity" in measure:
-        if outlines is None:
+        if convex_area is None:
             from ._trace import trace_labels
             from .geojson import rings_to_geometries
 
             outlines = rings_to_geometries(trace_labels(window, ids=ids), ids=ids)
-        hull = shapely.area(shapely.convex_hull(np.asarray(outlines, dtype=object)))
+            convex_area = shapely.area(shapely.convex_hull(np.asarray(outlines, dtype=object)))
+        hull = np.asarray(convex_area, dtype=np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             out["solidity"] = np.where(hull > 0, count / hull, np.nan)
     if "hematoxylin" in measure or "eosin" in measure:

@@ -79,6 +79,7 @@ def save_checkpoint(
     os.close(fd)
     try:
         save_file(flat, tmp, metadata=header)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

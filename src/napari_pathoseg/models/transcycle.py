@@ -35,7 +35,7 @@ Choices the method description leaves open, made here (see docs/review.md):
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F

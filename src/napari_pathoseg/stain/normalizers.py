@@ -206,7 +206,7 @@ def _tissue_od(
     max_samples: int | None,
     min_tissue_pixels: int,
     what: str,
-) -> tuple[np.ndarray, float]:
+) -> tuple[np.ndarray, float, np.ndarray]:
     """Optical densities of the tissue pixels of ``image``.
 
     ``rule="all"``: a pixel is tissue when every channel's OD is at least ``beta``
@@ -217,6 +217,8 @@ def _tissue_od(
     od : (N, 3) float64
     fraction : float
         Tissue fraction of the examined pixels.
+    od_all : (M, 3) float64
+        Optical densities of all examined pixels.
     """
     rgb, alpha = as_rgb_uint8(image, what=what)
     pixels = sample_pixels(rgb, max_samples=max_samples, alpha=alpha)
@@ -233,7 +235,7 @@ def _tissue_od(
             f"{min_tissue_pixels} are needed. Choose a region with more tissue (this one looks "
             "blank or background)."
         )
-    return od[keep], fraction
+    return od[keep], fraction, od
 
 
 def macenko_stain_matrix(od: np.ndarray, *, alpha: float = 1.0) -> np.ndarray:
@@ -362,12 +364,15 @@ def _sparse_nmf(
     lam: float,
     n_iter: int,
     init: np.ndarray,
-    tol: float = 1e-6,
+    tol: float = 1e-5,
 ) -> np.ndarray:
     """Sparse non-negative factorisation ``od ~ C W^T`` (Vahadane's SNMF).
 
-    Alternates an exact two-atom non-negative lasso for the concentrations ``C`` with a
-    non-negative least-squares update of the stain basis ``W`` (unit columns).
+    Minimises ``0.5 ||od - C W^T||^2 + lam * sum(C)`` over ``C >= 0`` and ``W >= 0``
+    with columns of norm at most 1, by alternating an exact two-atom non-negative
+    lasso for ``C`` with a block-coordinate update of each column of ``W`` projected on
+    the non-negative unit ball (the dictionary update of Mairal et al., 2010, which
+    SPAMS' ``trainDL`` uses).
 
     Parameters
     ----------
@@ -377,6 +382,8 @@ def _sparse_nmf(
     n_iter : int
     init : (3, 2) float
         Starting basis.
+    tol : float
+        Stop when no basis entry moves more than this.
 
     Returns
     -------
@@ -385,51 +392,676 @@ def _sparse_nmf(
     """
     w = np.asarray(init, np.float64).copy()
     for it in range(n_iter):
-        c = _nn_lasso2(od, w, lam)
+        c = _nn_lasso2(od, w, lam)  # (N, 2)
         a = c.T @ c  # (2, 2)
-        if np.linalg.matrix_rank(a) < 2:
-            raise StainError("the stain factorisation collapsed to a single stain; the image does not look like H&E")
-        rhs = c.T @ od  # (2, 3): each column is an independent 2-variable NNLS
-        new = _nnls2_normal(a, rhs)  # (3, 2)
-        norms = np.linalg.norm(new, axis=0)
-        if np.any(norms < 1e-9):
-            raise StainError("the stain factorisation lost a stain; the image does not look like H&E")
-        new = new / norms
-        delta = float(np.abs(new - w).max())
-        w = new
-        if delta < tol:
+        b = od.T @ c  # (3, 2)
+        old = w.copy()
+        for j in range(2):
+            if a[j, j] <= 1e-12:
+                raise StainError("the stain factorisation lost a stain; the image does not look like H&E")
+            u = w[:, j] + (b[:, j] - w @ a[:, j]) / a[j, j]
+            np.maximum(u, 0.0, out=u)
+            w[:, j] = u / max(float(np.linalg.norm(u)), 1.0)
+        if float(np.abs(w - old).max()) < tol:
             logger.debug("SNMF converged after %d iterations", it + 1)
             break
-    return w
+    norms = np.linalg.norm(w, axis=0)
+    if np.any(norms < 1e-9):
+        raise StainError("the stain factorisation lost a stain; the image does not look like H&E")
+    return w / norms
 
 
-def _nnls2_normal(a: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """Solve ``min_w w^T a w / 2 - rhs_j . w`` with ``w >= 0`` for each column j of ``rhs``.
+def _percentile99(conc: np.ndarray, *, what: str) -> np.ndarray:
+    """99th percentile of each stain's concentrations; refuses a stain that is absent."""
+    maxc = np.array([np.percentile(conc[:, k], 99) for k in range(conc.shape[1])])
+    if np.any(~np.isfinite(maxc)) or np.any(maxc <= 1e-6):
+        absent = [STAIN_NAMES[i] for i in range(2) if not (np.isfinite(maxc[i]) and maxc[i] > 1e-6)]
+        raise StainError(
+            f"{what}: no {' or '.join(absent)} found in the tissue (99th-percentile concentration "
+            f"{np.round(maxc, 4).tolist()}); an H&E reference needs both stains"
+        )
+    return maxc
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    """Round float values into 0..255 uint8."""
+    values = values + 0.5
+    np.clip(values, 0.0, 255.0, out=values)
+    return values.astype(np.uint8)
+
+
+# ====================================================================== normalisers
+
+
+class StainNormalizer(ABC):
+    """Base class: fit to a target, estimate a source, map source colours onto the target.
 
     Parameters
     ----------
-    a : (2, 2) symmetric positive definite
-    rhs : (2, K)
+    beta : float
+        Optical-density threshold separating tissue from background (0.15 = Macenko's).
+    max_samples : int or None
+        At most this many pixels (drawn at random, seeded) are examined per estimate;
+        None uses all.
+    min_tissue_pixels : int
+        Fewer tissue pixels than this make :meth:`estimate` raise :class:`StainError`.
+    check_he : bool
+        Refuse images whose stains do not look like H&E (:func:`check_he_stains`).
+
+    Attributes
+    ----------
+    target : StainParams or None
+        The fitted target, None until :meth:`fit` (or :meth:`set_target`).
+    reference : str or None
+        Where the target came from (file name, region), saved with the normaliser.
+    """
+
+    #: Registry name.
+    name: ClassVar[str] = ""
+    #: StainParams fields a fitted target must have.
+    REQUIRED: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.15,
+        max_samples: int | None = 1 << 20,
+        min_tissue_pixels: int = 2500,
+        check_he: bool = True,
+    ) -> None:
+        self.beta = _check_range("beta", beta, 0.0, 3.0)
+        if max_samples is not None:
+            max_samples = int(_check_range("max_samples", max_samples, 1000, 1e10))
+        self.max_samples = max_samples
+        self.min_tissue_pixels = int(_check_range("min_tissue_pixels", min_tissue_pixels, 10, 1e10))
+        self.check_he = bool(check_he)
+        self.target: StainParams | None = None
+        self.reference: str | None = None
+        self._maps: dict[int, tuple[StainParams, ColourMap]] = {}
+
+    # ------------------------------------------------------------------ options
+    def options(self) -> dict[str, Any]:
+        """The constructor options (JSON-ready)."""
+        return {
+            "beta": self.beta,
+            "max_samples": self.max_samples,
+            "min_tissue_pixels": self.min_tissue_pixels,
+            "check_he": self.check_he,
+        }
+
+    # ------------------------------------------------------------------ fitting
+    @abstractmethod
+    def estimate(self, image: Any, *, what: str = "image") -> StainParams:
+        """Measure the stain parameters of an image's tissue.
+
+        Parameters
+        ----------
+        image : (..., 3) or (..., 4) array
+            RGB(A) pixels: an image ``(rows, cols, 3)`` or a pixel list ``(N, 3)``;
+            uint8, uint16 or float in [0, 1]. Transparent pixels are ignored.
+        what : str
+            Name used in error messages.
+
+        Returns
+        -------
+        StainParams
+
+        Raises
+        ------
+        StainError
+            Too little tissue, not H&E, or unusable input.
+        """
+
+    def fit(self, target: Any, *, what: str = "target image", reference: str | None = None) -> "StainNormalizer":
+        """Fit to a target image (see :meth:`estimate`); returns ``self``."""
+        self.set_target(self.estimate(target, what=what), reference=reference)
+        return self
+
+    def set_target(self, params: StainParams, *, reference: str | None = None) -> None:
+        """Use already measured stain parameters as the target."""
+        if not isinstance(params, StainParams) or params.method != self.name:
+            got = getattr(params, "method", type(params).__name__)
+            raise StainError(f"a {self.name} normaliser needs {self.name} stain parameters, got {got}")
+        self.target = params
+        self.reference = reference
+        self._maps.clear()
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether a target has been set."""
+        return self.target is not None
+
+    def _require_target(self) -> StainParams:
+        if self.target is None:
+            raise StainError(
+                f"the {self.name} normaliser has no target yet: fit it to a reference image "
+                "or load a saved normaliser first"
+            )
+        return self.target
+
+    # ------------------------------------------------------------------ applying
+    @abstractmethod
+    def _make_colour_map(self, source: StainParams, target: StainParams) -> ColourMap:
+        """The per-pixel mapping from ``source`` to ``target``."""
+
+    def colour_map(self, source: StainParams) -> ColourMap:
+        """The per-pixel colour mapping from ``source`` onto the target (cached).
+
+        Use it to normalise many tiles of one slide with the same source parameters;
+        :meth:`ColourMap.build_lut` makes every later call a table look-up.
+        """
+        target = self._require_target()
+        if not isinstance(source, StainParams) or source.method != self.name:
+            got = getattr(source, "method", type(source).__name__)
+            raise StainError(f"a {self.name} normaliser needs {self.name} source parameters, got {got}")
+        hit = self._maps.get(id(source))
+        if hit is not None and hit[0] is source:
+            return hit[1]
+        cmap = self._make_colour_map(source, target)
+        if len(self._maps) >= 4:
+            self._maps.pop(next(iter(self._maps)))
+        self._maps[id(source)] = (source, cmap)
+        return cmap
+
+    def transform(self, image: Any, *, source: StainParams | None = None, what: str = "image") -> np.ndarray:
+        """Normalise an image onto the target's stain appearance.
+
+        Parameters
+        ----------
+        image : (..., 3) or (..., 4) array
+            uint8, uint16 or float in [0, 1]; an alpha channel is passed through.
+        source : StainParams, optional
+            The image's stain parameters, e.g. measured once for a whole slide with
+            :func:`napari_pathoseg.stain.slide.estimate_slide_stain`. When omitted they
+            are measured on ``image`` itself (needs enough tissue).
+        what : str
+            Name used in error messages.
+
+        Returns
+        -------
+        (..., 3) or (..., 4) uint8
+            Same spatial shape; 4 channels when the input had alpha.
+        """
+        self._require_target()
+        rgb, alpha = as_rgb_uint8(image, what=what)
+        if source is None:
+            source = self.estimate(image, what=what)
+        out = self.colour_map(source)(rgb)
+        if alpha is not None:
+            out = np.concatenate([out, alpha[..., None]], axis=-1)
+        return out
+
+    def __call__(self, image: Any) -> np.ndarray:
+        """Same as :meth:`transform` with the image's own source parameters."""
+        return self.transform(image)
+
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description: method, options and fitted target."""
+        from .. import __version__
+
+        return {
+            "format": FILE_FORMAT,
+            "version": FILE_VERSION,
+            "method": self.name,
+            "options": self.options(),
+            "target": self._require_target().to_dict(),
+            "reference": self.reference,
+            "written_by": f"napari-pathoseg {__version__}",
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save the fitted normaliser as JSON (see :func:`save_normalizer`)."""
+        return save_normalizer(self, path)
+
+    def __repr__(self) -> str:
+        state = repr(self.target) if self.target is not None else "unfitted"
+        return f"{type(self).__name__}({state})"
+
+
+def _check_range(name: str, value: Any, lo: float, hi: float) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise StainError(f"option {name} must be a number, got {value!r}") from None
+    if not (math.isfinite(v) and lo <= v <= hi):
+        raise StainError(f"option {name}={value!r} is out of range [{lo:g}, {hi:g}]")
+    return v
+
+
+class MacenkoNormalizer(StainNormalizer):
+    """Macenko et al. (2009) stain normalisation.
+
+    Parameters
+    ----------
+    io : float
+        Background intensity for optical density, ``OD = -log((I + 1) / io)``; 240 as
+        in Macenko's reference code (and torchstain).
+    alpha : float
+        Percentile of the angle distribution taken as each stain's extreme direction.
+    percentile_over : {"tissue", "all"}
+        Pixels whose concentrations give the 99th percentiles: the tissue only
+        (default: independent of how much background the image has), or every pixel
+        as in Macenko's reference code and torchstain (``"all"`` with
+        ``max_samples=None`` reproduces torchstain's output to rounding).
+    **kwargs
+        ``beta``, ``max_samples``, ``min_tissue_pixels``, ``check_he``: see
+        :class:`StainNormalizer`. A pixel is tissue when *every* channel's OD is at
+        least ``beta`` (Macenko's rule).
+
+    Examples
+    --------
+    >>> from napari_pathoseg.slide import open_slide, sample_slide_path
+    >>> with open_slide(sample_slide_path()) as s:
+    ...     ref = s.read_region(level=0, row=1920, col=768, height=512, width=512)
+    ...     img = s.read_region(level=0, row=500, col=500, height=512, width=512)
+    >>> norm = MacenkoNormalizer().fit(ref)
+    >>> norm.transform(img).shape
+    (512, 512, 3)
+    """
+
+    name = "macenko"
+    REQUIRED = ("stain_matrix", "max_concentrations")
+
+    def __init__(
+        self,
+        *,
+        io: float = 240.0,
+        alpha: float = 1.0,
+        percentile_over: str = "tissue",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.io = _check_range("io", io, 1.0, 1e4)
+        self.alpha = _check_range("alpha", alpha, 0.0, 49.0)
+        if percentile_over not in ("tissue", "all"):
+            raise StainError(f"option percentile_over must be 'tissue' or 'all', got {percentile_over!r}")
+        self.percentile_over = percentile_over
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "io": self.io, "alpha": self.alpha, "percentile_over": self.percentile_over}
+
+    def estimate(self, image: Any, *, what: str = "image") -> StainParams:
+        od, frac, od_all = _tissue_od(
+            image, io=self.io, beta=self.beta, rule="all", max_samples=self.max_samples,
+            min_tissue_pixels=self.min_tissue_pixels, what=what,
+        )
+        he = macenko_stain_matrix(od, alpha=self.alpha)
+        if self.check_he:
+            check_he_stains(he, what=what)
+        unmix = np.linalg.pinv(he).T  # (3, 2): least-squares concentrations
+        conc = (od if self.percentile_over == "tissue" else od_all) @ unmix  # (N, 2)
+        maxc = _percentile99(conc, what=what)
+        return StainParams(self.name, stain_matrix=he, max_concentrations=maxc, n_pixels=len(od), tissue_fraction=frac)
+
+    def od_matrix(self, source: StainParams, target: StainParams | None = None) -> np.ndarray:
+        """The (3, 3) matrix ``M`` of the mapping ``OD_out = OD_in @ M``.
+
+        ``M = pinv(W_s)^T diag(P99_t / P99_s) W_t^T``: unmix with the source stain
+        vectors, rescale the concentrations, remix with the target's.
+        """
+        target = target or self._require_target()
+        scale = np.asarray(target.max_concentrations) / np.asarray(source.max_concentrations)
+        return np.linalg.pinv(source.stain_matrix).T @ np.diag(scale) @ np.asarray(target.stain_matrix).T
+
+    def _make_colour_map(self, source: StainParams, target: StainParams) -> ColourMap:
+        m = self.od_matrix(source, target)
+        return ColourMap(tables=separable_tables(m, io_in=self.io, io_out=self.io), offset=1.0, name="macenko")
+
+
+class VahadaneNormalizer(StainNormalizer):
+    """Vahadane et al. (2016) structure-preserving stain normalisation.
+
+    The stain basis comes from a sparse non-negative factorisation of the tissue optical
+    density (alternating an exact non-negative lasso for the concentrations with a
+    non-negative least-squares basis update, started from the Ruifrok H&E vectors);
+    concentrations are non-negative and sparse. The image is rebuilt with the target
+    basis and concentrations rescaled by the ratio of 99th percentiles, then converted
+    back with the inverse Beer-Lambert law (M3 in ``methods.md``).
+
+    Parameters
+    ----------
+    io : float
+        Background intensity (``OD = -log((I + 1) / io)``); 256 maps white to zero OD,
+        so that the non-negative concentrations keep the background white.
+    lambda1 : float
+        Sparsity weight of the factorisation (0.1, as StainTools' dictionary learning).
+    lambda_c : float
+        Sparsity weight when computing concentrations (0.01, as StainTools).
+    n_iter : int
+        Maximum factorisation iterations.
+    fit_samples : int
+        Tissue pixels used to learn the basis (drawn at random, seeded).
+    **kwargs
+        See :class:`StainNormalizer`. A pixel is tissue when any channel's OD is at
+        least ``beta``.
+    """
+
+    name = "vahadane"
+    REQUIRED = ("stain_matrix", "max_concentrations")
+
+    def __init__(
+        self,
+        *,
+        io: float = 256.0,
+        lambda1: float = 0.1,
+        lambda_c: float = 0.01,
+        n_iter: int = 100,
+        fit_samples: int = 65_536,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.io = _check_range("io", io, 1.0, 1e4)
+        self.lambda1 = _check_range("lambda1", lambda1, 0.0, 10.0)
+        self.lambda_c = _check_range("lambda_c", lambda_c, 0.0, 10.0)
+        self.n_iter = int(_check_range("n_iter", n_iter, 1, 10_000))
+        self.fit_samples = int(_check_range("fit_samples", fit_samples, 100, 1e9))
+
+    def options(self) -> dict[str, Any]:
+        return {
+            **super().options(),
+            "io": self.io,
+            "lambda1": self.lambda1,
+            "lambda_c": self.lambda_c,
+            "n_iter": self.n_iter,
+            "fit_samples": self.fit_samples,
+        }
+
+    def estimate(self, image: Any, *, what: str = "image") -> StainParams:
+        od, frac, _ = _tissue_od(
+            image, io=self.io, beta=self.beta, rule="any", max_samples=self.max_samples,
+            min_tissue_pixels=self.min_tissue_pixels, what=what,
+        )
+        fit_od = od
+        if od.shape[0] > self.fit_samples:
+            idx = np.random.default_rng(1).choice(od.shape[0], size=self.fit_samples, replace=False)
+            fit_od = od[idx]
+        try:
+            w = _sparse_nmf(fit_od, lam=self.lambda1, n_iter=self.n_iter, init=RUIFROK_HE)
+        except StainError as exc:
+            raise StainError(f"{what}: {exc}") from None
+        if w[0, 0] < w[0, 1]:  # haematoxylin first: the larger red absorbance
+            w = w[:, ::-1].copy()
+        if self.check_he:
+            check_he_stains(w, what=what)
+        conc = _nn_lasso2(od, w, self.lambda_c)
+        maxc = _percentile99(conc, what=what)
+        return StainParams(self.name, stain_matrix=w, max_concentrations=maxc, n_pixels=len(od), tissue_fraction=frac)
+
+    def _make_colour_map(self, source: StainParams, target: StainParams) -> ColourMap:
+        w_s = np.asarray(source.stain_matrix, np.float64)
+        w_t = np.asarray(target.stain_matrix, np.float32)
+        scale = (np.asarray(target.max_concentrations) / np.asarray(source.max_concentrations)).astype(np.float32)
+        io, lam = self.io, self.lambda_c
+
+        def vahadane_map(pixels: np.ndarray) -> np.ndarray:
+            od = rgb_to_od(pixels, io=io, dtype=np.float32)  # (N, 3)
+            conc = _nn_lasso2(od, w_s, lam)  # (N, 2)
+            conc *= scale
+            out = conc @ w_t.T  # (N, 3) target optical density
+            np.negative(out, out=out)
+            np.exp(out, out=out)
+            out *= io
+            out -= 1.0
+            return _to_uint8(out)
+
+        return ColourMap(vahadane_map, name="vahadane")
+
+
+class ReinhardNormalizer(StainNormalizer):
+    """Reinhard et al. (2001) colour transfer in CIE-Lab.
+
+    Each Lab channel of the image is shifted and scaled so that its mean and standard
+    deviation over the tissue match the target's tissue. Simple and fast, but it
+    moves all colours together (stains are not separated), so it suits images whose
+    stain *proportions* are similar to the target's.
+
+    Parameters
+    ----------
+    keep_background : bool
+        Leave the background as it is: a pixel is not moved when its largest OD is
+        below ``beta / 2`` (white or light grey glass), fully moved from ``1.5 * beta``
+        on, and linearly in between.
+        Plain Reinhard (False) tints a white background with the tissue's colour shift.
+    **kwargs
+        See :class:`StainNormalizer`. A pixel is tissue when any channel's OD
+        (``-log((I + 1) / 256)``) is at least ``beta``; with ``check_he`` the
+        Macenko stain vectors of the tissue must look like H&E.
+    """
+
+    name = "reinhard"
+    REQUIRED = ("lab_mean", "lab_std")
+    IO = 256.0
+
+    def __init__(self, *, keep_background: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.keep_background = bool(keep_background)
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "keep_background": self.keep_background}
+
+    def estimate(self, image: Any, *, what: str = "image") -> StainParams:
+        from skimage.color import rgb2lab
+
+        rgb, alpha = as_rgb_uint8(image, what=what)
+        pixels = sample_pixels(rgb, max_samples=self.max_samples, alpha=alpha)
+        if pixels.shape[0] == 0:
+            raise StainError(f"{what}: every pixel is transparent (alpha = 0); there is no tissue to measure")
+        od = rgb_to_od(pixels, io=self.IO)
+        keep = (od >= self.beta).any(axis=1)
+        n = int(keep.sum())
+        frac = n / pixels.shape[0]
+        if n < self.min_tissue_pixels:
+            raise StainError(
+                f"{what}: too little tissue to measure its colours: {n} of {pixels.shape[0]} pixels "
+                f"({100 * frac:.1f}%) are stained (optical density >= {self.beta}), at least "
+                f"{self.min_tissue_pixels} are needed. Choose a region with more tissue."
+            )
+        if self.check_he:
+            check_he_stains(macenko_stain_matrix(od[keep]), what=what)
+        lab = rgb2lab(pixels[keep][None]).reshape(-1, 3)
+        mean, std = lab.mean(axis=0), lab.std(axis=0)
+        if np.any(std < 0.1):
+            raise StainError(
+                f"{what}: the tissue colours hardly vary (Lab standard deviations "
+                f"{np.round(std, 3).tolist()}); a greyscale or flat image cannot be normalised"
+            )
+        return StainParams(self.name, lab_mean=mean, lab_std=std, n_pixels=n, tissue_fraction=frac)
+
+    def _make_colour_map(self, source: StainParams, target: StainParams) -> ColourMap:
+        from skimage.color import lab2rgb, rgb2lab
+
+        gain = np.asarray(target.lab_std) / np.asarray(source.lab_std)
+        shift = np.asarray(target.lab_mean) - np.asarray(source.lab_mean) * gain
+        keep_background, beta, io = self.keep_background, self.beta, self.IO
+
+        def reinhard_map(pixels: np.ndarray) -> np.ndarray:
+            lab = rgb2lab(pixels[None]).reshape(-1, 3)
+            lab *= gain
+            lab += shift
+            np.clip(lab[:, 0], 0.0, 100.0, out=lab[:, 0])
+            # keep Z >= 0 (the gamut edge scikit-image would clip, with a warning)
+            np.minimum(lab[:, 2], 200.0 * (lab[:, 0] + 16.0) / 116.0, out=lab[:, 2])
+            rgb = lab2rgb(lab[None]).reshape(-1, 3) * 255.0
+            if keep_background:
+                weight = np.clip(rgb_to_od(pixels, io=io).max(axis=1) / beta - 0.5, 0.0, 1.0)[:, None]
+                rgb = pixels + weight * (rgb - pixels)
+            return _to_uint8(rgb)
+
+        return ColourMap(reinhard_map, name="reinhard")
+
+
+# ====================================================================== registry
+
+
+NORMALIZERS: dict[str, type[StainNormalizer]] = {
+    "macenko": MacenkoNormalizer,
+    "vahadane": VahadaneNormalizer,
+    "reinhard": ReinhardNormalizer,
+}
+
+
+def available_normalizers() -> tuple[str, ...]:
+    """Names accepted by :func:`get_normalizer`."""
+    return tuple(NORMALIZERS)
+
+
+def get_normalizer(name: str, **options: Any) -> StainNormalizer:
+    """Create an unfitted normaliser by name.
+
+    Parameters
+    ----------
+    name : {"macenko", "vahadane", "reinhard"}
+        Case-insensitive.
+    **options
+        Keyword options of that normaliser's class.
+
+    Raises
+    ------
+    StainError
+        For an unknown name (the message lists the valid ones) or option.
+
+    Examples
+    --------
+    >>> get_normalizer("Macenko")
+    MacenkoNormalizer(unfitted)
+    >>> get_normalizer("macenk")
+    Traceback (most recent call last):
+    ...
+    napari_pathoseg.errors.StainError: unknown stain normalisation method 'macenk'; valid: macenko, vahadane, reinhard
+    """
+    key = str(name).strip().lower()
+    if key not in NORMALIZERS:
+        raise StainError(f"unknown stain normalisation method {name!r}; valid: {', '.join(NORMALIZERS)}")
+    try:
+        return NORMALIZERS[key](**options)
+    except TypeError as exc:
+        raise StainError(f"invalid option for the {key} normaliser: {exc}") from None
+
+
+# ====================================================================== persistence
+
+
+def save_normalizer(normalizer: StainNormalizer, path: str | os.PathLike) -> Path:
+    """Save a fitted normaliser as a small JSON file, atomically.
+
+    The file holds the method, its options and the target's stain parameters; see
+    :func:`load_normalizer`.
 
     Returns
     -------
-    (K, 2) float64
-        Row ``j`` solves column ``j`` (for the basis update, K = 3 colour channels).
+    Path
     """
-    out = np.zeros((rhs.shape[1], 2))
-    a00, a01, a11 = a[0, 0], a[0, 1], a[1, 1]
-    det = a00 * a11 - a01 * a01
-    for j in range(rhs.shape[1]):
-        r0, r1 = rhs[0, j], rhs[1, j]
-        cands = [np.zeros(2)]
-        if a00 > 0:
-            cands.append(np.array([max(r0, 0) / a00, 0.0]))
-        if a11 > 0:
-            cands.append(np.array([0.0, max(r1, 0) / a11]))
-        if det > 1e-12:
-            p = np.array([(a11 * r0 - a01 * r1) / det, (a00 * r1 - a01 * r0) / det])
-            if np.all(p > 0):
-                cands.append(p)
-        objective = [0.5 * c @ a @ c - (r0 * c[0] + r1 * c[1]) for c in cands]
-        out[j] = cands[int(np.argmin(objective))]
-    return out
+    path = Path(path)
+    text = json.dumps(normalizer.to_dict(), indent=2) + "\n"
+    if not path.parent.is_dir():
+        raise StainError(f"{path}: the folder {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise StainError(f"{path}: cannot write the normaliser file ({exc})") from exc
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    logger.info("saved %s normaliser to %s", normalizer.name, path)
+    return path
+
+
+def normalizer_from_dict(d: Any, *, what: str = "normaliser") -> StainNormalizer:
+    """Rebuild a fitted normaliser from :meth:`StainNormalizer.to_dict` output (validated)."""
+    if not isinstance(d, dict):
+        raise StainError(f"{what}: expected a JSON object, got {type(d).__name__}")
+    if d.get("format") != FILE_FORMAT:
+        raise StainError(
+            f"{what}: not a napari-pathoseg stain normaliser (format {d.get('format')!r}, "
+            f"expected {FILE_FORMAT!r}); save one from the Stain dock or `pathoseg normalize "
+            "--save-normalizer`"
+        )
+    version = d.get("version")
+    if version != FILE_VERSION:
+        raise StainError(f"{what}: file version {version!r} is not supported (this napari-pathoseg reads {FILE_VERSION})")
+    method = d.get("method")
+    if method not in NORMALIZERS:
+        raise StainError(f"{what}: unknown method {method!r}; valid: {', '.join(NORMALIZERS)}")
+    options = d.get("options", {})
+    if not isinstance(options, dict):
+        raise StainError(f"{what}: 'options' must be an object, got {type(options).__name__}")
+    norm = get_normalizer(method, **options)
+    target = StainParams.from_dict(d.get("target"), what=f"{what}: target")
+    if target.method != method:
+        raise StainError(f"{what}: the target was measured by {target.method!r}, not {method!r}")
+    ref = d.get("reference")
+    norm.set_target(target, reference=str(ref) if ref is not None else None)
+    return norm
+
+
+def load_normalizer(path: str | os.PathLike) -> StainNormalizer:
+    """Load a normaliser saved by :func:`save_normalizer`.
+
+    Raises
+    ------
+    StainError
+        When the file is missing, too large, not JSON, or does not hold valid
+        normaliser fields; the message names the file and the problem.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise StainError(f"{path}: cannot read the normaliser file ({exc.strerror or exc})") from None
+    if size > MAX_FILE_BYTES:
+        raise StainError(f"{path}: {size} bytes is far too large for a normaliser file; is it the right file?")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise StainError(f"{path}: not a text (JSON) file; choose a normaliser .json saved by napari-pathoseg") from None
+    except json.JSONDecodeError as exc:
+        raise StainError(
+            f"{path}: corrupted normaliser file, invalid JSON at line {exc.lineno}, column {exc.colno} "
+            f"({exc.msg}); fit and save the normaliser again"
+        ) from None
+    return normalizer_from_dict(d, what=str(path))
+
+
+# ====================================================================== tiles
+
+
+def normalize_tile(
+    tile: Any,
+    normalizer: StainNormalizer,
+    *,
+    source: StainParams | None = None,
+    skip_blank: bool = True,
+) -> np.ndarray:
+    """Normalise one tile (the nucleus pipeline's pre-processing step).
+
+    Parameters
+    ----------
+    tile : (rows, cols, 3) array
+        uint8, uint16 or float in [0, 1].
+    normalizer : StainNormalizer
+        A fitted normaliser.
+    source : StainParams, optional
+        Stain parameters of the slide the tile comes from (seamless tiles); when
+        omitted they are measured on the tile.
+    skip_blank : bool
+        Only without ``source``: return a tile with too little tissue to measure
+        unchanged (as uint8) instead of raising.
+
+    Returns
+    -------
+    (rows, cols, 3) uint8
+    """
+    rgb, _ = as_rgb_uint8(tile, what="tile")
+    if source is not None:
+        return normalizer.transform(rgb, source=source, what="tile")
+    try:
+        src = normalizer.estimate(rgb, what="tile")
+    except StainError as exc:
+        if skip_blank and "too little tissue" in str(exc):
+            logger.debug("tile left unnormalised: %s", exc)
+            return rgb
+        raise
+    return normalizer.transform(rgb, source=src, what="tile")

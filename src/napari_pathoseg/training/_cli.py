@@ -40,7 +40,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="split JSON (train/val/test, X/Y); written there from --seed when missing",
     )
     p.add_argument("--pseudo", default=None, help="project dir with pseudo-labels (pseudolabels/*.npz)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--threads", default="auto",
+        help="torch CPU threads: a number, or 'auto' (2, dropping to 1 while the machine is oversubscribed)",
+    )
     p.set_defaults(func=cmd_train)
 
     ev = subparsers.add_parser("evaluate", help="score a model against ground truth")
@@ -77,6 +80,23 @@ def _pseudo_items(project: Path, *, mpp: float):
     return PseudoLabelDataset(triples(), mpp=mpp, name="pseudo").items
 
 
+def _adapt_threads(torch) -> None:
+    """Use up to 2 threads, but 1 while the 1-minute load exceeds the core count.
+
+    Intra-op threads that wait on each other slow down badly when the cores are
+    shared with other processes.
+    """
+    cores = min(2, os.cpu_count() or 1)
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    want = 1 if load > cores + 1 else cores
+    if torch.get_num_threads() != want:
+        logger.info("load %.1f: using %d torch threads", load, want)
+        torch.set_num_threads(want)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -88,10 +108,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         make_split,
         save_split,
     )
-    from napari_pathoseg.training.loop import DoneEvent, EpochEvent, train_m2
+    from napari_pathoseg.training.loop import DoneEvent, EpochEvent, StepEvent, train_m2
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    auto_threads = str(args.threads) == "auto"
+    if not auto_threads:
+        torch.set_num_threads(int(args.threads))
     config = get_preset(args.preset)
     split_path = Path(args.split)
     if split_path.is_file():
@@ -111,6 +132,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
         meta={"command": command},
     ):
+        if auto_threads and isinstance(ev, StepEvent) and ev.step % 20 == 0:
+            _adapt_threads(torch)
         if isinstance(ev, EpochEvent):
             logger.info("epoch %d val aji %.4f", ev.epoch, ev.val_metrics.get("aji", float("nan")))
             print(json.dumps({"epoch": ev.epoch, "losses": ev.losses, "val": ev.val_metrics,

@@ -39,6 +39,8 @@ __all__ = [
     "DataError",
     "LabelledImage",
     "M2Data",
+    "iter_nuclei_files",
+    "load_nuclei_originals",
     "load_nuclei_sources",
     "read_image",
     "read_labels",
@@ -172,6 +174,53 @@ def resample_pair(
     return img, lab
 
 
+def iter_nuclei_files(root: str | os.PathLike) -> list[tuple[str, Path, Path, float, str]]:
+    """The labelled nucleus images of the shared data folder.
+
+    Returns
+    -------
+    list of (name, image path, mask path, um/px, source)
+        ``name`` is ``"<source>/<image id>"``; MoNuSeg is 40x (0.252 um/px),
+        CPM-15 20x (0.5) or 40x (0.25) as its ``index.csv`` says.
+    """
+    root = Path(root)
+    out: list[tuple[str, Path, Path, float, str]] = []
+    mon = root / "monuseg_train"
+    if (mon / "index.csv").is_file():
+        with open(mon / "index.csv", newline="") as fh:
+            for row in csv.DictReader(fh):
+                out.append((f"monuseg/{row['image_id']}", mon / "images" / f"{row['image_id']}.png",
+                            mon / row["instance_mask_path"], MONUSEG_MPP, "monuseg"))
+    cpm = root / "cpm15_nuclei"
+    if (cpm / "index.csv").is_file():
+        with open(cpm / "index.csv", newline="") as fh:
+            for row in csv.DictReader(fh):
+                src = CPM_MPP.get(row["magnification"].strip())
+                if src is None:
+                    raise DataError(f"{cpm / 'index.csv'}: unknown magnification {row['magnification']!r}.")
+                out.append((f"cpm15/{row['image_id']}", cpm / "images" / f"{row['image_id']}.png",
+                            cpm / "instance_masks" / f"{row['image_id']}.png", src, "cpm15"))
+    if not out:
+        raise DataError(
+            f"No nucleus data under {root}: expected monuseg_train/index.csv and/or "
+            "cpm15_nuclei/index.csv. Point --data at the shared data folder."
+        )
+    return sorted(out)
+
+
+def load_nuclei_originals(
+    root: str | os.PathLike, *, names: Sequence[str] | None = None
+) -> list[LabelledImage]:
+    """Labelled images at their own resolution (``LabelledImage.mpp`` says which)."""
+    items = []
+    wanted = None if names is None else set(names)
+    for name, ipath, mpath, src, source in iter_nuclei_files(root):
+        if wanted is not None and name not in wanted:
+            continue
+        items.append(LabelledImage(name, read_image(ipath), read_labels(mpath), 1.0, source, src))
+    return items
+
+
 def load_nuclei_sources(root: str | os.PathLike, *, mpp: float = 0.5) -> list[LabelledImage]:
     """Load MoNuSeg train and CPM-15 with instance masks, resampled to ``mpp``.
 
@@ -187,32 +236,10 @@ def load_nuclei_sources(root: str | os.PathLike, *, mpp: float = 0.5) -> list[La
     list of LabelledImage
         Sorted by name.
     """
-    root = Path(root)
     items: list[LabelledImage] = []
-    mon = root / "monuseg_train"
-    if (mon / "index.csv").is_file():
-        with open(mon / "index.csv", newline="") as fh:
-            for row in csv.DictReader(fh):
-                img = read_image(mon / "images" / f"{row['image_id']}.png")
-                lab = read_labels(mon / row["instance_mask_path"])
-                img, lab = resample_pair(img, lab, src_mpp=MONUSEG_MPP, dst_mpp=mpp)
-                items.append(LabelledImage(f"monuseg/{row['image_id']}", img, lab, 1.0, "monuseg", mpp))
-    cpm = root / "cpm15_nuclei"
-    if (cpm / "index.csv").is_file():
-        with open(cpm / "index.csv", newline="") as fh:
-            for row in csv.DictReader(fh):
-                img = read_image(cpm / "images" / f"{row['image_id']}.png")
-                lab = read_labels(cpm / "instance_masks" / f"{row['image_id']}.png")
-                src = CPM_MPP.get(row["magnification"].strip())
-                if src is None:
-                    raise DataError(f"{cpm / 'index.csv'}: unknown magnification {row['magnification']!r}.")
-                img, lab = resample_pair(img, lab, src_mpp=src, dst_mpp=mpp)
-                items.append(LabelledImage(f"cpm15/{row['image_id']}", img, lab, 1.0, "cpm15", mpp))
-    if not items:
-        raise DataError(
-            f"No nucleus data under {root}: expected monuseg_train/index.csv and/or "
-            "cpm15_nuclei/index.csv. Point --data at the shared data folder."
-        )
+    for name, ipath, mpath, src, source in iter_nuclei_files(root):
+        img, lab = resample_pair(read_image(ipath), read_labels(mpath), src_mpp=src, dst_mpp=mpp)
+        items.append(LabelledImage(name, img, lab, 1.0, source, mpp))
     return sorted(items, key=lambda it: it.name)
 
 
@@ -309,6 +336,7 @@ def save_split(split: dict, path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
         json.dump(split, fh, indent=1, sort_keys=True)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
 

@@ -1,0 +1,236 @@
+"""GUI tests of the Review dock (napari viewer + qtbot)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage.color import rgb2hed
+from skimage.filters import threshold_otsu
+from skimage.measure import label as cc_label
+
+from napari_pathoseg.pseudolabels import ReviewProject, run_pseudolabels
+
+pytestmark = pytest.mark.gui
+
+
+class OtsuTeacher:
+    """Tiny real predictor (Otsu on haematoxylin); records the threads it ran on."""
+
+    mpp = 0.5
+    tile_size = 64
+
+    def __init__(self, delay: float = 0.0):
+        self.delay = delay
+        self.threads: set[int] = set()
+
+    def predict(self, batch):
+        self.threads.add(threading.get_ident())
+        if self.delay:
+            time.sleep(self.delay)
+        probs = []
+        for img in np.asarray(batch):
+            h = rgb2hed(img)[..., 0]
+            t = threshold_otsu(h) if np.ptp(h) > 0 else h.mean()
+            probs.append(1.0 / (1.0 + np.exp(-(h - t) / (0.25 * h.std() + 1e-6))))
+        return {"prob": np.stack(probs).astype(np.float32), "normalized": np.asarray(batch)}
+
+    def to_instances(self, prob):
+        return cc_label(prob > 0.5).astype(np.int32)
+
+
+def _he(rng, shape=(130, 130), n=14):
+    img = np.empty(shape + (3,), np.uint8)
+    img[...] = (235, 190, 215)
+    rr, cc = np.mgrid[: shape[0], : shape[1]]
+    for _ in range(n):
+        r, c, rad = rng.integers(6, shape[0] - 6), rng.integers(6, shape[1] - 6), rng.integers(3, 6)
+        img[(rr - r) ** 2 + (cc - c) ** 2 <= rad**2] = (90, 40, 140)
+    return np.clip(img.astype(int) + rng.integers(-8, 9, size=img.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    d = tmp_path / "tiles"
+    d.mkdir()
+    for i in range(2):
+        Image.fromarray(_he(rng)).save(d / f"im{i}.png")
+    return d
+
+
+@pytest.fixture
+def project_path(tmp_path, folder):
+    t = OtsuTeacher()
+    run_pseudolabels(folder, tmp_path / "proj", predict=t.predict, to_instances=t.to_instances, tile_size=64)
+    return tmp_path / "proj"
+
+
+@pytest.fixture
+def widget(make_napari_viewer, qtbot):
+    from napari_pathoseg._widgets.review import ReviewWidget
+
+    viewer = make_napari_viewer()
+    w = ReviewWidget(viewer)
+    qtbot.addWidget(w)
+    w.save_delay_ms = 50
+    return w
+
+
+def _press(qtbot, viewer, key):
+    """A real key press on the napari canvas (goes through napari's key dispatch)."""
+    qtbot.keyClick(viewer.window._qt_viewer.canvas.native, key)
+
+
+def test_review_loop_accept_edit_reopen(widget, project_path, qtbot):
+    viewer = widget.viewer
+    proj = widget.open_project(project_path)
+    assert proj is not None and widget.table.rowCount() == len(proj) == 18
+    scores = [float(widget.table.item(r, 1).text()) for r in range(widget.table.rowCount())]
+    assert scores == sorted(scores, reverse=True)
+
+    # threshold filters the rows and is saved in the project (debounced)
+    median = sorted(scores)[len(scores) // 2]
+    widget.threshold_slider.setValue(widget._threshold_to_slider(median))
+    kept = widget.table.rowCount()
+    assert 0 < kept < 18
+    assert all(float(widget.table.item(r, 1).text()) >= widget.threshold for r in range(kept))
+    qtbot.waitUntil(lambda: ReviewProject.open(project_path).threshold == widget.threshold, timeout=3000)
+
+    # click the first row: the tile and its mask appear, the camera moves to it
+    widget.table.selectRow(0)
+    first = widget.visible_tiles()[0]
+    assert widget.current_tile == first
+    mask_layer = viewer.layers["review mask"]
+    np.testing.assert_array_equal(mask_layer.data, proj.read_mask(first))
+    np.testing.assert_array_equal(viewer.layers["review tile"].data, proj.read_image(first))
+    assert np.allclose(viewer.camera.center[-2:], (32, 32))
+
+    # accept with the A key: saved, and the next pending tile is shown
+    _press(qtbot, viewer, "a")
+    assert ReviewProject.open(project_path).record(first).state == "accepted"
+    second = widget.current_tile
+    assert second == widget.visible_tiles()[1]
+    # reject with the R key from the dock's own shortcut
+    qtbot.keyClick(widget.table, "r")
+    assert ReviewProject.open(project_path).record(second).state == "rejected"
+    assert "accepted 1 · rejected 1" in widget.counts_label.text()
+
+    # edit the mask of the shown tile with napari's paint: saved as it is made
+    third = widget.current_tile
+    layer = viewer.layers["review mask"]
+    layer.selected_label = int(layer.data.max()) + 1
+    layer.brush_size = 5
+    layer.paint((3, 3), layer.selected_label)
+    qtbot.waitUntil(lambda: ReviewProject.open(project_path).record(third).edited, timeout=3000)
+    saved = ReviewProject.open(project_path).read_mask(third)
+    assert saved[3, 3] > 0
+
+    # split / merge buttons act on the selected labels and are saved
+    lay = viewer.layers["review mask"]
+    data = np.zeros_like(lay.data)
+    rr, cc = np.mgrid[:64, :64]
+    data[((rr - 30) ** 2 + (cc - 20) ** 2 <= 49) | ((rr - 30) ** 2 + (cc - 32) ** 2 <= 49)] = 1
+    lay.data = data
+    lay.selected_label = 1
+    widget.split_btn.click()
+    assert len(np.unique(lay.data)) == 3
+    assert ReviewProject.open(project_path).read_mask(third).max() == 2
+    lay.selected_label = 1
+    lay.selected_label = 2
+    widget.merge_btn.click()  # default: the last two selected labels
+    assert set(np.unique(lay.data)) == {0, 1}
+    assert ReviewProject.open(project_path).read_mask(third).max() == 1
+
+    # close: keys released; reopen in a new dock: everything restored
+    thr = widget.threshold
+    widget.close()
+    from napari.utils.key_bindings import coerce_keybinding
+
+    assert coerce_keybinding("a") not in viewer.keymap
+    from napari_pathoseg._widgets.review import ReviewWidget
+
+    w2 = ReviewWidget(viewer)
+    qtbot.addWidget(w2)
+    w2.open_project(project_path)
+    assert w2.threshold == pytest.approx(thr, abs=1e-3)
+    assert w2.table.rowCount() == kept
+    states = {w2.table.item(r, 0).text(): w2.table.item(r, 3).text() for r in range(kept)}
+    assert states[first] == "accepted" and states[second] == "rejected"
+    edited = {w2.table.item(r, 0).text(): w2.table.item(r, 4).text() for r in range(kept)}
+    assert edited[third] == "yes"
+    w2.close()
+
+
+def test_generate_in_background_and_stop(widget, folder, tmp_path, qtbot):
+    teacher = OtsuTeacher(delay=0.3)
+    widget.model_loader = lambda name: teacher
+    worker = widget.generate(folder, tmp_path / "gen", model_name="otsu")
+    qtbot.waitUntil(lambda: widget.progress.maximum() == 18 and widget.progress.value() >= 4, timeout=10000)
+    assert threading.get_ident() not in teacher.threads  # ran on a worker thread
+    with qtbot.waitSignal(worker.finished, timeout=10000):
+        widget.stop_btn.click()
+    proj = ReviewProject.open(tmp_path / "gen")
+    assert 4 <= len(proj) < 18  # stopped early, the tiles done so far are kept
+    assert widget.project is not None and widget.project.root == proj.root
+    assert widget.generate_btn.isEnabled() and not widget.stop_btn.isEnabled()
+
+    fast = OtsuTeacher()
+    widget.model_loader = lambda name: fast
+    w = widget.generate(folder, tmp_path / "gen2", model_name="otsu", max_tiles=6)
+    with qtbot.waitSignal(w.finished, timeout=20000):
+        pass
+    assert widget.table.rowCount() == 6 and widget.project.root.name == "gen2"
+
+
+def test_bad_project_shows_error(widget, tmp_path, monkeypatch):
+    import napari_pathoseg._widgets.review as review
+
+    shown = []
+    monkeypatch.setattr(review, "show_error", shown.append)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "project.json").write_text('{"format": "napari-pathoseg-review", "version": 7}')
+    assert widget.open_project(tmp_path / "bad") is None
+    assert shown and "version 7" in shown[0]
+
+
+def test_slide_project_jumps_camera_to_the_tile(widget, tmp_path, make_pyramid_tiff, qtbot):
+    rng = np.random.default_rng(3)
+    image = _he(rng, shape=(256, 256), n=40)
+    path = make_pyramid_tiff(tmp_path / "s.tif", image, levels=2, tile=64, mpp=0.5)
+    t = OtsuTeacher()
+    proj = run_pseudolabels(path, tmp_path / "sp", predict=t.predict, to_instances=t.to_instances,
+                            tile_size=64, mpp=0.5, min_tissue=0.05)
+    widget.open_project(proj.root)
+    slide_layer = widget._slide_layer
+    assert slide_layer is not None and slide_layer.name == "s.tif"
+    rec = proj.tiles(sort_by="score")[1]
+    widget.select_tile(rec.tile_id)
+    sy, sx = slide_layer.scale[-2:]
+    assert np.allclose(widget.viewer.camera.center[-2:],
+                       ((rec.y + rec.height / 2) * sy, (rec.x + rec.width / 2) * sx))
+    mask_layer = widget.viewer.layers["review mask"]
+    assert np.allclose(mask_layer.scale, (sy, sx))
+    assert "review tile" not in widget.viewer.layers
+
+
+def test_pending_edit_is_saved_when_the_mask_layer_is_removed(widget, project_path, tmp_path, folder):
+    widget.save_delay_ms = 60_000  # the debounce would not fire during the test
+    proj = widget.open_project(project_path)
+    tid = widget.visible_tiles()[0]
+    widget.select_tile(tid)
+    layer = widget.viewer.layers["review mask"]
+    layer.paint((10, 10), int(layer.data.max()) + 1)
+    assert not ReviewProject.open(project_path).record(tid).edited  # not yet written
+    widget.viewer.layers.remove(layer)
+    assert ReviewProject.open(project_path).record(tid).edited
+    # opening another project clears the previous tile's layers
+    widget.select_tile(widget.visible_tiles()[1])
+    t = OtsuTeacher()
+    other = run_pseudolabels(folder, tmp_path / "other", predict=t.predict, to_instances=t.to_instances, tile_size=64)
+    widget.open_project(other.root)
+    assert "review mask" not in widget.viewer.layers and widget.current_tile is None
+    assert proj.root != widget.project.root
