@@ -200,6 +200,7 @@ class SlideWidget(QWidget):
             # a mask pixel covers ds level-0 pixels: centre it on them
             translate=(layer.translate[0] + (ds - 1) / 2 * sy, layer.translate[1] + (ds - 1) / 2 * sx),
             opacity=0.35,
+            units=tuple(str(u) for u in layer.units[-2:]),
         )
 
 

@@ -418,12 +418,20 @@ def _single_part(geom: Any) -> Any:
     return geom
 
 
+def _snap(geom: Any, decimals: int) -> Any:
+    """Geometry on the ``10**-decimals`` grid it will be written with, still valid (slivers dropped)."""
+    snapped = shapely.set_precision(geom, 10.0**-decimals)
+    if snapped.geom_type in ("MultiPolygon", "GeometryCollection") and not snapped.is_empty:
+        parts = [p for p in shapely.get_parts(snapped) if p.geom_type == "Polygon" and p.area > 0]
+        snapped = shapely.MultiPolygon(parts) if len(parts) > 1 else (parts[0] if parts else shapely.Polygon())
+    return _single_part(snapped)
+
+
 def _geometry_text(geom: Any, decimals: int) -> bytes:
-    """GeoJSON text of a shapely geometry (QuPath xy), closed rings, CCW exteriors, rounded."""
-    geom = _single_part(geom)
+    """GeoJSON bytes of a shapely geometry (QuPath xy), closed rings, CCW exteriors, on the decimal grid."""
+    geom = _snap(geom, decimals)
     if geom.geom_type in ("Polygon", "MultiPolygon"):
         geom = shapely.orient_polygons(geom, exterior_cw=False)
-    geom = shapely.transform(geom, lambda c: np.round(c, decimals))
     return _dumps(mapping(geom))
 
 
@@ -670,7 +678,8 @@ def iter_export_labels(
     object_metadata : mapping label -> mapping, optional
         Per-object metadata (e.g. ``{"review": "accepted"}``), merged over ``metadata``.
     measurements_path : path-like, True, False or None
-        CSV table of the measurements; True (default) writes ``OUT.csv`` beside ``OUT.geojson``.
+        CSV table (object id, label, class, centroid and measurements); True (default)
+        writes ``OUT.csv`` beside ``OUT.geojson`` when something is measured.
     chunk_size, halo : int
         Chunk edge and extra border (pixels of the level) read around each chunk.
     decimals : int
@@ -737,14 +746,12 @@ def iter_export_labels(
                 cls_cache[key] = text
         return text
 
-    if measurements_path is True:
-        csv_path: Path | None = path.with_suffix(".csv")
+    if measurements_path is True:  # the default: a table beside the GeoJSON when something is measured
+        csv_path: Path | None = path.with_suffix(".csv") if measure else None
     elif measurements_path in (None, False):
         csv_path = None
     else:
         csv_path = Path(measurements_path)  # type: ignore[arg-type]
-    if csv_path is not None and not measure:
-        csv_path = None
 
     yield ExportProgress(0, 0, "finding objects")
     gids, gbox = _global_boxes(labels, chunk_size)
@@ -917,6 +924,7 @@ def _export_window(
             continue
         if not valid[k]:
             fixed = _repair(geoms[k])
+            fixed = _snap(fixed, decimals) if not fixed.is_empty else fixed
             if fixed.is_empty:
                 logger.warning("object %d has no valid outline; skipped", label)
                 n_skip += 1
@@ -943,7 +951,7 @@ def _export_window(
             if classes is not None and label in classes:
                 cls = Classification.of(classes[label])
             rows_out.append(
-                [uids[k].decode(), label, cls.name if cls else "", float(cxy[k, 0]), float(cxy[k, 1])] + meas_rows[k]
+                [uids[k].decode(), label, cls.name if cls else "", float(cxy[k, 0]), float(cxy[k, 1])] + (meas_rows[k] if meas_rows else [])
             )
     writer.write(texts)
     if table is not None:
@@ -1065,6 +1073,7 @@ def iter_export_shapes(
         skipped = 0
         texts = []
         for k, geom in enumerate(geoms):
+            geom = _snap(geom, decimals) if not geom.is_empty else geom
             if geom.is_empty:
                 logger.warning("shape %d is degenerate (no area or length) and was skipped", k)
                 skipped += 1

@@ -75,9 +75,9 @@ def as_rgb_uint8(image: Any, *, what: str = "image") -> tuple[np.ndarray, np.nda
     elif dt == np.uint16:
         out = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
     elif np.issubdtype(dt, np.floating):
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-        if not (np.isfinite(lo) and np.isfinite(hi)) or np.isnan(arr).any():
+        if not np.all(np.isfinite(arr)):
             raise StainError(f"{what}: the image contains NaN or infinite values")
+        lo, hi = float(arr.min()), float(arr.max())
         if lo < 0.0 or hi > 1.0:
             raise StainError(
                 f"{what}: float images must hold values in [0, 1], got [{lo:.4g}, {hi:.4g}]; "

@@ -988,7 +988,10 @@ def normalizer_from_dict(d: Any, *, what: str = "normaliser") -> StainNormalizer
     options = d.get("options", {})
     if not isinstance(options, dict):
         raise StainError(f"{what}: 'options' must be an object, got {type(options).__name__}")
-    norm = get_normalizer(method, **options)
+    try:
+        norm = get_normalizer(method, **options)
+    except StainError as exc:
+        raise StainError(f"{what}: {exc}") from None
     target = StainParams.from_dict(d.get("target"), what=f"{what}: target")
     if target.method != method:
         raise StainError(f"{what}: the target was measured by {target.method!r}, not {method!r}")

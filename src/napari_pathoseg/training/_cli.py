@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-from napari_pathoseg.errors import PathosegError
-
 __all__ = ["add_commands", "cmd_train", "cmd_evaluate_nuclei", "DEFAULT_DATA", "SHIPPED_SPLIT"]
 
 logger = logging.getLogger(__name__)
@@ -151,13 +149,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate_nuclei(args: argparse.Namespace) -> int:
     from napari_pathoseg.training.evaluate import evaluate_folder
 
-    try:
-        res = evaluate_folder(
-            args.images, args.masks, model=args.model, mpp=args.mpp, method=args.method,
-            per_image=args.per_image,
-        )
-    except PathosegError as exc:
-        print(json.dumps({"error": str(exc)}))
-        return 2
+    res = evaluate_folder(
+        args.images, args.masks, model=args.model, mpp=args.mpp, method=args.method,
+        per_image=args.per_image,
+    )
     print(json.dumps(res, indent=1))
     return 0

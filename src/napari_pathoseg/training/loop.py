@@ -181,8 +181,10 @@ def validate(
     -------
     dict
         ``aji``, ``dice``, ``pq``, ``f1``, ... of the boundary-watershed
-        instances (the default), and the same keys prefixed ``distance_`` for
-        the distance-transform watershed.
+        instances, and the same keys prefixed ``distance_`` for the
+        distance-transform watershed.  :func:`train_m2` keeps the epoch with
+        the best AJI of either method and records the method
+        (``instance_method``) in the checkpoint metadata.
     """
     was_training = generator.training
     generator.eval()
@@ -419,13 +421,16 @@ def train_m2(
                 return
         start_step = 0
         val = validate(model.G_X2Y, data.val, mpp=config.mpp)
+        # the better of the two instance methods decides (and is stored with the model)
+        method = "boundary" if val["aji"] >= val["distance_aji"] else "distance"
+        val["best_aji"] = max(val["aji"], val["distance_aji"])
         mean_losses = {k: sums[k] / counts[k] for k in sums}
-        is_best = val["aji"] > best_aji
+        is_best = val["best_aji"] > best_aji
         seconds = time.perf_counter() - t_epoch
         history.append({"epoch": epoch, "losses": mean_losses, "val": val, "seconds": seconds})
         if is_best:
-            best_aji = val["aji"]
-            best_metrics = dict(val, epoch=epoch)
+            best_aji = val["best_aji"]
+            best_metrics = dict(val, epoch=epoch, instance_method=method)
             save_checkpoint(
                 best_path,
                 {
@@ -435,7 +440,7 @@ def train_m2(
                     "D_Y": model.D_Y.state_dict(),
                 },
                 config.to_dict(),
-                dict(base_meta, epoch=epoch, val_metrics=val),
+                dict(base_meta, epoch=epoch, val_metrics=val, instance_method=method),
             )
         path = save_last(epoch + 1, 0)
         _write_json(out / "history.json", history)

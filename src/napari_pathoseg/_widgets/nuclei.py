@@ -1,0 +1,314 @@
+"""The "Nuclei" dock: segment nuclei on the view, a drawn rectangle or the whole slide."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from napari.qt.threading import thread_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..errors import CancelledError, PathosegError
+from ..nuclei import NucleiResult, Progress, iter_segment_nuclei
+from .slide import slide_layers, slide_of_layer
+
+if TYPE_CHECKING:
+    import napari
+
+__all__ = ["NucleiWidget", "view_region", "shape_region", "place_result"]
+
+logger = logging.getLogger(__name__)
+
+REGIONS = ("Current view", "Drawn rectangle", "Whole slide")
+
+
+def view_region(layer: Any) -> tuple[int, int, int, int]:
+    """Level-0 (x, y, w, h) of the part of ``layer`` (a slide image layer) on screen."""
+    corners = np.asarray(layer.corner_pixels, dtype=float)  # (2, ndim) at the displayed level
+    if getattr(layer, "multiscale", False):
+        corners = corners * np.asarray(layer.downsample_factors[layer.data_level])
+    (r0, c0), (r1, c1) = corners[0, -2:], corners[1, -2:]
+    rows, cols = layer.level_shapes[0][:2] if getattr(layer, "multiscale", False) else layer.data.shape[:2]
+    r0, c0 = max(0, int(r0)), max(0, int(c0))
+    r1, c1 = min(int(rows), int(np.ceil(r1)) + 1), min(int(cols), int(np.ceil(c1)) + 1)
+    return (c0, r0, max(1, c1 - c0), max(1, r1 - r0))
+
+
+def shape_region(shapes_layer: Any, slide_layer: Any) -> tuple[int, int, int, int]:
+    """Level-0 (x, y, w, h) of the last shape drawn in ``shapes_layer`` (its bounding box)."""
+    if shapes_layer is None or len(shapes_layer.data) == 0:
+        raise PathosegError("Draw a rectangle in a Shapes layer first (or choose another region).")
+    verts = np.asarray(shapes_layer.data[-1], dtype=float)[:, -2:]
+    world = np.array([shapes_layer.data_to_world(v) for v in verts])
+    data = np.array([slide_layer.world_to_data(w) for w in world])[:, -2:]
+    r0, c0 = np.round(data.min(axis=0)).astype(int)
+    r1, c1 = np.round(data.max(axis=0)).astype(int)
+    return (int(c0), int(r0), max(1, int(c1 - c0)), max(1, int(r1 - r0)))
+
+
+def place_result(slide_layer: Any, result: NucleiResult) -> dict[str, Any]:
+    """Scale and translate that put a result (model grid) exactly over ``slide_layer``."""
+    sy, sx = (float(v) for v in slide_layer.scale[-2:])
+    ty, tx = (float(v) for v in slide_layer.translate[-2:])
+    x, y, _, _ = result.region
+    f = result.scale
+    out: dict[str, Any] = {
+        "scale": (sy * f, sx * f),
+        "translate": (ty + y * sy + (f - 1) / 2 * sy, tx + x * sx + (f - 1) / 2 * sx),
+    }
+    units = getattr(slide_layer, "units", None)
+    if units is not None:
+        out["units"] = tuple(str(u) for u in units[-2:])
+    return out
+
+
+class NucleiWidget(QWidget):
+    """Segment nuclei with a shipped or user model; results as Labels over the slide."""
+
+    def __init__(self, napari_viewer: "napari.Viewer") -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self._worker = None
+        self._cancel: threading.Event | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._models: dict[str, str] = {}
+
+        self.layer_combo = QComboBox()
+        self.model_combo = QComboBox()
+        self.model_btn = QPushButton("Checkpoint…")
+        self.region_combo = QComboBox()
+        self.region_combo.addItems(REGIONS)
+        self.shapes_combo = QComboBox()
+        self.mpp_spin = QDoubleSpinBox()
+        self.mpp_spin.setDecimals(4)
+        self.mpp_spin.setRange(0.0, 100.0)
+        self.mpp_spin.setSingleStep(0.05)
+        self.mpp_spin.setSpecialValueText("from slide")
+        self.mpp_spin.setToolTip("µm per pixel of the image; 'from slide' uses the slide's own")
+        self.run_btn = QPushButton("Segment nuclei")
+        self.stop_btn = QPushButton("Stop")
+        self.stop_btn.setEnabled(False)
+        self.progress = QProgressBar()
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("Slide", self.layer_combo)
+        mrow = QHBoxLayout()
+        mrow.addWidget(self.model_combo, 1)
+        mrow.addWidget(self.model_btn)
+        form.addRow("Model", mrow)
+        form.addRow("Region", self.region_combo)
+        form.addRow("Rectangle layer", self.shapes_combo)
+        form.addRow("µm/px", self.mpp_spin)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        brow = QHBoxLayout()
+        brow.addWidget(self.run_btn)
+        brow.addWidget(self.stop_btn)
+        lay.addLayout(brow)
+        lay.addWidget(self.progress)
+        lay.addWidget(self.status)
+        lay.addStretch(1)
+
+        self.run_btn.clicked.connect(self._on_run)
+        self.stop_btn.clicked.connect(self._on_stop)
+        self.model_btn.clicked.connect(self._on_browse_model)
+        self.layer_combo.currentIndexChanged.connect(self._update_run_state)
+        self.region_combo.currentIndexChanged.connect(self._update_run_state)
+        self.viewer.layers.events.inserted.connect(self._refresh)
+        self.viewer.layers.events.removed.connect(self._refresh)
+        self.refresh_models()
+        self._refresh()
+
+    # ------------------------------------------------------------------ state
+    def refresh_models(self, select: str | None = None) -> None:
+        """Fill the model list from the registry (shipped and user models)."""
+        from ..models.registry import list_models
+
+        current = select or self.model_combo.currentText()
+        try:
+            models = list_models()
+        except PathosegError as exc:
+            show_error(str(exc))
+            models = []
+        for m in models:
+            self._models[m["name"]] = m["path"]
+        self.model_combo.blockSignals(True)
+        self.model_combo.clear()
+        self.model_combo.addItems(list(self._models))
+        if current in self._models:
+            self.model_combo.setCurrentText(current)
+        self.model_combo.blockSignals(False)
+        self._update_run_state()
+
+    def _refresh(self, event: Any = None) -> None:
+        from napari.layers import Shapes
+
+        cur = self.layer_combo.currentText()
+        names = [ly.name for ly in slide_layers(self.viewer)]
+        self.layer_combo.blockSignals(True)
+        self.layer_combo.clear()
+        self.layer_combo.addItems(names)
+        if cur in names:
+            self.layer_combo.setCurrentText(cur)
+        self.layer_combo.blockSignals(False)
+        scur = self.shapes_combo.currentText()
+        snames = [ly.name for ly in self.viewer.layers if isinstance(ly, Shapes)]
+        self.shapes_combo.clear()
+        self.shapes_combo.addItems(snames)
+        if scur in snames:
+            self.shapes_combo.setCurrentText(scur)
+        self._update_run_state()
+
+    def _update_run_state(self, *args: Any) -> None:
+        why = ""
+        if not self.layer_combo.currentText():
+            why = "Open a slide first (File > Open or the Slide dock)."
+        elif not self.model_combo.currentText():
+            why = "No nucleus model: choose a checkpoint file."
+        elif self.region_combo.currentText() == "Drawn rectangle" and not self.shapes_combo.currentText():
+            why = "Add a Shapes layer and draw a rectangle on the slide."
+        running = self._worker is not None
+        self.run_btn.setEnabled(not why and not running)
+        self.run_btn.setToolTip(why or "Run in the background; Stop cancels.")
+
+    def slide_layer(self):
+        name = self.layer_combo.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    # ------------------------------------------------------------------ callbacks
+    def _on_browse_model(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Nucleus model checkpoint", "", "Checkpoints (*.safetensors)")
+        if path:
+            self.add_model_path(path)
+
+    def add_model_path(self, path: str) -> None:
+        """Make a checkpoint file selectable (and select it)."""
+        name = Path(path).name
+        self._models[name] = path
+        if self.model_combo.findText(name) < 0:
+            self.model_combo.addItem(name)
+        self.model_combo.setCurrentText(name)
+
+    def current_region(self) -> tuple[int, int, int, int] | None:
+        layer = self.slide_layer()
+        choice = self.region_combo.currentText()
+        if choice == "Whole slide":
+            return None
+        if choice == "Drawn rectangle":
+            name = self.shapes_combo.currentText()
+            return shape_region(self.viewer.layers[name] if name in self.viewer.layers else None, layer)
+        return view_region(layer)
+
+    def _on_run(self) -> None:
+        layer = self.slide_layer()
+        slide = slide_of_layer(layer) if layer is not None else None
+        if slide is None:
+            show_error("Choose a slide layer opened by napari-pathoseg.")
+            return
+        try:
+            region = self.current_region()
+        except PathosegError as exc:
+            show_error(str(exc))
+            return
+        mpp = self.mpp_spin.value() or None
+        model_ref = self._models.get(self.model_combo.currentText(), self.model_combo.currentText())
+        self._cancel = threading.Event()
+        if region is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="pathoseg-nuclei-")
+        work_dir = self._tmp.name if (region is None and self._tmp) else None
+        self.progress.setValue(0)
+        self.status.setText("loading model…")
+        worker = _segment_worker(slide, model_ref, region=region, mpp=mpp, cancel=self._cancel, work_dir=work_dir)
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(lambda res, _l=layer: self._on_done(_l, res))
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self.stop_btn.setEnabled(True)
+        self._update_run_state()
+        worker.start()
+
+    def _on_stop(self) -> None:
+        if self._cancel is not None:
+            self._cancel.set()
+            self.status.setText("stopping…")
+
+    def _on_progress(self, ev: Progress) -> None:
+        self.progress.setMaximum(max(1, ev.total))
+        self.progress.setValue(ev.done)
+        self.status.setText(f"{ev.done}/{ev.total} tiles · {ev.message}")
+
+    def _on_done(self, slide_layer: Any, result: NucleiResult) -> None:
+        place = place_result(slide_layer, result)
+        name = f"{slide_layer.name} nuclei"
+        norm_name = f"{slide_layer.name} normalised"
+        for n in (name, norm_name):
+            if n in self.viewer.layers:
+                self.viewer.layers.remove(n)
+        if result.normalized is not None:
+            self.viewer.add_image(result.normalized, name=norm_name, rgb=True, contrast_limits=(0, 255), visible=False, **place)
+        self.viewer.add_labels(
+            result.labels,
+            name=name,
+            opacity=0.6,
+            metadata={"model": result.model, "region_xywh": list(result.region), "table": result.table, "mpp": result.mpp},
+            **place,
+        )
+        self.viewer.layers.selection.active = slide_layer
+        self.status.setText(
+            f"{result.n_nuclei} nuclei · {result.tiles} tiles · {result.timings.get('total_s', 0):.1f} s ({result.model})"
+        )
+        show_info(f"{result.n_nuclei} nuclei found")
+
+    def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, CancelledError):
+            self.status.setText(f"stopped: {exc}")
+            show_info("Nucleus segmentation stopped.")
+        elif isinstance(exc, PathosegError):
+            self.status.setText("")
+            show_error(str(exc))
+        else:
+            logger.error("nucleus segmentation failed", exc_info=exc)
+            show_error(f"{type(exc).__name__}: {exc}")
+
+    def _on_finished(self) -> None:
+        self._worker = None
+        self.stop_btn.setEnabled(False)
+        self._update_run_state()
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
+        if self._cancel is not None:
+            self._cancel.set()
+        super().closeEvent(event)
+
+
+@thread_worker(ignore_errors=True)  # errors go to NucleiWidget._on_error
+def _segment_worker(slide, model_ref, *, region, mpp, cancel, work_dir):
+    from ..models.registry import load_model
+
+    model = load_model(model_ref)
+    result = None
+    for ev in iter_segment_nuclei(slide, model, region=region, mpp=mpp, cancel=cancel, work_dir=work_dir):
+        if isinstance(ev, Progress):
+            yield ev
+        else:
+            result = ev
+    return result

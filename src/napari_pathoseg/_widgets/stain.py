@@ -1,0 +1,614 @@
+"""The "Stain" dock: pick a reference, preview and open a slide stain-normalised.
+
+The dock drives :mod:`napari_pathoseg.stain` (no computation here):
+
+* method: Macenko, Vahadane or Reinhard;
+* target: a rectangle drawn in a Shapes layer, the current view, a reference image
+  file, or a saved normaliser (.json); "Fit target" fits it in a background thread;
+* "Preview view" normalises what the viewer shows, as an image layer over it;
+* "Add normalised slide" adds the whole slide as a lazy multiscale layer (the slide's
+  stains are estimated once from tissue across it; chunks are computed as viewed);
+* "Add H / E layers" adds the haematoxylin and eosin concentration maps (lazy);
+* "Save normaliser…" writes the fitted normaliser as JSON, to reuse a lab's reference;
+* "Export TIFF…" streams the normalised slide to a pyramidal TIFF with a progress bar.
+
+Every job runs in a ``thread_worker``; Stop abandons it (the TIFF export stops at the
+next tile and leaves no file). Errors are shown with ``show_error``, never raised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+from napari.qt.threading import thread_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..errors import CancelledError, PathosegError
+from ..slide import Slide
+from ..stain import (
+    available_normalizers,
+    deconvolution_pyramid,
+    estimate_slide_stain,
+    get_normalizer,
+    load_normalizer,
+    normalized_pyramid,
+    read_rect,
+    save_normalizer,
+    write_normalized_tiff,
+)
+from ..stain.normalizers import StainNormalizer, StainParams
+
+if TYPE_CHECKING:
+    import napari
+
+__all__ = ["StainWidget", "TARGET_MODES", "view_rect", "shape_rect"]
+
+logger = logging.getLogger(__name__)
+
+TARGET_RECT = "Rectangle in a Shapes layer"
+TARGET_VIEW = "Current view"
+TARGET_FILE = "Reference image file"
+TARGET_JSON = "Saved normaliser (.json)"
+TARGET_MODES = (TARGET_RECT, TARGET_VIEW, TARGET_FILE, TARGET_JSON)
+#: Longest side (pixels) of a target region or preview read from the slide.
+MAX_SIDE = 2048
+
+
+# ---------------------------------------------------------------------- geometry
+
+
+def _level0_box(layer: Any, world_corners: np.ndarray) -> tuple[float, float, float, float]:
+    """(row, col, height, width) in level-0 pixels of a world-space box over ``layer``."""
+    pts = np.array([layer.world_to_data(p) for p in world_corners], dtype=float)[:, -2:]
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    # data coordinates are pixel centres: the box spans half a pixel further each side
+    return float(lo[0] + 0.5), float(lo[1] + 0.5), float(hi[0] - lo[0]), float(hi[1] - lo[1])
+
+
+def view_rect(viewer: "napari.Viewer", layer: Any) -> tuple[float, float, float, float]:
+    """The part of ``layer`` the canvas shows: (row, col, height, width) in level-0 pixels."""
+    center = np.asarray(viewer.camera.center, float)[-2:]
+    half = np.asarray(viewer.canvas.size, float) / (2.0 * float(viewer.camera.zoom))
+    ndim = viewer.dims.ndim
+    corners = []
+    for dr in (-1, 1):
+        for dc in (-1, 1):
+            p = np.array(viewer.dims.point, float)[:ndim]
+            p[-2:] = center + np.array([dr, dc]) * half
+            corners.append(p)
+    return _level0_box(layer, np.array(corners))
+
+
+def shape_rect(shapes: Any, layer: Any) -> tuple[float, float, float, float]:
+    """Bounding box of the selected (else the last) shape, in ``layer``'s level-0 pixels."""
+    if len(shapes.data) == 0:
+        raise PathosegError(f"Shapes layer {shapes.name!r} is empty: draw a rectangle on the tissue first")
+    idx = sorted(shapes.selected_data)[-1] if shapes.selected_data else len(shapes.data) - 1
+    verts = np.asarray(shapes.data[idx], float)
+    world = np.array([shapes.data_to_world(v) for v in verts])
+    r, c, h, w = _level0_box(layer, world)
+    # shape vertices lie on pixel edges, not centres
+    return r - 0.5, c - 0.5, h, w
+
+
+def _slide_of(layer: Any) -> Slide | None:
+    s = getattr(layer, "metadata", {}).get("pathoseg_slide")
+    return s if isinstance(s, Slide) else None
+
+
+class _Signals(QObject):
+    progress = Signal(int, int)
+
+
+# ---------------------------------------------------------------------- the dock
+
+
+class StainWidget(QWidget):
+    """Stain normalisation dock (see the module docstring)."""
+
+    def __init__(self, napari_viewer: "napari.Viewer") -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.normalizer: StainNormalizer | None = None
+        self._worker: Any = None
+        self._cancel: threading.Event | None = None
+        self._array_slides: dict[int, Slide] = {}
+        self._sources: dict[tuple, StainParams] = {}
+        self._signals = _Signals()
+
+        self.layer_combo = QComboBox()
+        self.method_combo = QComboBox()
+        self.method_combo.addItems(list(available_normalizers()))
+        self.target_combo = QComboBox()
+        self.target_combo.addItems(list(TARGET_MODES))
+        self.shapes_combo = QComboBox()
+        self.path_edit = QLineEdit()
+        self.path_edit.setPlaceholderText("reference image, or saved normaliser .json")
+        self.browse_btn = QPushButton("Browse…")
+        path_row = QHBoxLayout()
+        path_row.addWidget(self.path_edit)
+        path_row.addWidget(self.browse_btn)
+        self._path_row = QWidget()
+        self._path_row.setLayout(path_row)
+        path_row.setContentsMargins(0, 0, 0, 0)
+
+        form = QFormLayout()
+        form.addRow("Slide layer", self.layer_combo)
+        form.addRow("Method", self.method_combo)
+        form.addRow("Target", self.target_combo)
+        form.addRow("Shapes layer", self.shapes_combo)
+        form.addRow("File", self._path_row)
+
+        self.fit_btn = QPushButton("Fit target")
+        self.target_label = QLabel("no target fitted")
+        self.target_label.setWordWrap(True)
+        self.preview_btn = QPushButton("Preview view")
+        self.add_btn = QPushButton("Add normalised slide")
+        self.deconv_btn = QPushButton("Add H / E layers")
+        self.save_btn = QPushButton("Save normaliser…")
+        self.export_btn = QPushButton("Export TIFF…")
+        self.stop_btn = QPushButton("Stop")
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addWidget(self.fit_btn)
+        lay.addWidget(self.target_label)
+        row = QHBoxLayout()
+        row.addWidget(self.preview_btn)
+        row.addWidget(self.add_btn)
+        lay.addLayout(row)
+        row = QHBoxLayout()
+        row.addWidget(self.deconv_btn)
+        row.addWidget(self.save_btn)
+        lay.addLayout(row)
+        lay.addWidget(self.export_btn)
+        row = QHBoxLayout()
+        row.addWidget(self.progress)
+        row.addWidget(self.stop_btn)
+        lay.addLayout(row)
+        lay.addWidget(self.status)
+        lay.addStretch(1)
+
+        self.browse_btn.clicked.connect(self._on_browse)
+        self.fit_btn.clicked.connect(self._on_fit)
+        self.preview_btn.clicked.connect(self._on_preview)
+        self.add_btn.clicked.connect(self._on_add_normalized)
+        self.deconv_btn.clicked.connect(self._on_add_deconvolution)
+        self.save_btn.clicked.connect(self._on_save)
+        self.export_btn.clicked.connect(self._on_export)
+        self.stop_btn.clicked.connect(self._on_stop)
+        self.target_combo.currentIndexChanged.connect(self._update_state)
+        self.method_combo.currentIndexChanged.connect(self._on_method_changed)
+        self.layer_combo.currentIndexChanged.connect(self._update_state)
+        self._signals.progress.connect(self._on_progress)
+        self.viewer.layers.events.inserted.connect(self._refresh_layers)
+        self.viewer.layers.events.removed.connect(self._refresh_layers)
+        self._refresh_layers()
+
+    # ------------------------------------------------------------------ layers
+    def _image_layers(self) -> list:
+        from napari.layers import Image
+
+        out = []
+        for ly in self.viewer.layers:
+            if not isinstance(ly, Image) or ly.metadata.get("pathoseg_stain_output"):
+                continue
+            if _slide_of(ly) is not None or (ly.rgb and np.dtype(ly.dtype) == np.uint8):
+                out.append(ly)
+        return out
+
+    def _refresh_layers(self, event: Any = None) -> None:
+        from napari.layers import Shapes
+
+        for combo, names in (
+            (self.layer_combo, [ly.name for ly in self._image_layers()]),
+            (self.shapes_combo, [ly.name for ly in self.viewer.layers if isinstance(ly, Shapes)]),
+        ):
+            current = combo.currentText()
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(names)
+            if current in names:
+                combo.setCurrentText(current)
+            combo.blockSignals(False)
+        self._update_state()
+
+    def current_layer(self) -> Any:
+        name = self.layer_combo.currentText()
+        return self.viewer.layers[name] if name and name in self.viewer.layers else None
+
+    def current_slide(self) -> Slide:
+        """The slide behind the chosen layer (an RGB array layer is wrapped once)."""
+        layer = self.current_layer()
+        if layer is None:
+            raise PathosegError("Choose a slide layer first (open a slide with the Slide dock or File > Open).")
+        slide = _slide_of(layer)
+        if slide is not None:
+            return slide
+        key = id(layer.data)
+        if key not in self._array_slides:
+            data = layer.data[0] if layer.multiscale else layer.data
+            if data.ndim != 3 or data.shape[-1] != 3:
+                raise PathosegError(f"Layer {layer.name!r} is not a 2-D RGB image (shape {data.shape}).")
+            self._array_slides[key] = Slide.from_array(data if hasattr(data, "chunks") else np.asarray(data), name=layer.name)
+        return self._array_slides[key]
+
+    # ------------------------------------------------------------------ state
+    def _busy(self) -> bool:
+        return self._worker is not None
+
+    def _update_state(self, *args: Any) -> None:
+        mode = self.target_combo.currentText()
+        self.shapes_combo.setEnabled(mode == TARGET_RECT)
+        self._path_row.setEnabled(mode in (TARGET_FILE, TARGET_JSON))
+        has_layer = self.current_layer() is not None
+        fitted = self.normalizer is not None
+        busy = self._busy()
+        needs_layer = mode in (TARGET_RECT, TARGET_VIEW)
+        self.fit_btn.setEnabled(not busy and (has_layer or not needs_layer))
+        self.fit_btn.setToolTip("" if (has_layer or not needs_layer) else "Open a slide first: this target is read from it.")
+        for btn in (self.preview_btn, self.add_btn, self.export_btn):
+            btn.setEnabled(not busy and fitted and has_layer)
+            btn.setToolTip("" if fitted else "Fit a target first.")
+        self.deconv_btn.setEnabled(not busy and has_layer)
+        self.save_btn.setEnabled(not busy and fitted)
+        self.stop_btn.setEnabled(busy)
+
+    def _on_method_changed(self, *args: Any) -> None:
+        if self.normalizer is not None and self.normalizer.name != self.method_combo.currentText():
+            self.normalizer = None
+            self.target_label.setText("method changed: fit the target again")
+        self._update_state()
+
+    def _describe_target(self) -> None:
+        n = self.normalizer
+        if n is None or n.target is None:
+            self.target_label.setText("no target fitted")
+            return
+        t = n.target
+        parts = [f"<b>{n.name}</b> target from {n.reference or 'an image'}"]
+        if t.stain_matrix is not None:
+            h, e = t.stain_matrix[:, 0], t.stain_matrix[:, 1]
+            parts.append("H = " + ", ".join(f"{v:.2f}" for v in h) + "; E = " + ", ".join(f"{v:.2f}" for v in e))
+        if t.lab_mean is not None:
+            parts.append("Lab mean " + ", ".join(f"{v:.1f}" for v in t.lab_mean))
+        self.target_label.setText("<br>".join(parts))
+
+    # ------------------------------------------------------------------ workers
+    def _start(
+        self,
+        func: Callable[[], Any],
+        on_done: Callable[[Any], None],
+        message: str,
+        *,
+        determinate: bool = False,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        if self._busy():
+            show_error("The Stain dock is busy; wait or press Stop.")
+            return
+        self._cancel = cancel
+        self.status.setText(message)
+        self.progress.setRange(0, 0 if not determinate else 1)
+        self.progress.setValue(0)
+        worker = thread_worker(func)()
+        self._worker = worker
+
+        def done(result: Any) -> None:
+            if self._worker is worker:
+                try:
+                    on_done(result)
+                except PathosegError as exc:
+                    show_error(str(exc))
+
+        def failed(exc: Exception) -> None:
+            if self._worker is not worker:
+                return
+            if isinstance(exc, CancelledError):
+                show_info(str(exc))
+            elif isinstance(exc, PathosegError):
+                show_error(str(exc))
+            else:
+                logger.error("stain dock: unexpected error", exc_info=exc)
+                show_error(f"{type(exc).__name__}: {exc}")
+
+        def finished() -> None:
+            if self._worker is worker:
+                self._worker = None
+                self._cancel = None
+                self.progress.setRange(0, 1)
+                self.progress.setValue(0)
+                self.status.setText("")
+                self._update_state()
+
+        worker.returned.connect(done)
+        worker.errored.connect(failed)
+        worker.finished.connect(finished)
+        self._update_state()
+        worker.start()
+
+    def _on_stop(self) -> None:
+        worker = self._worker
+        if worker is None:
+            return
+        if self._cancel is not None:
+            self._cancel.set()  # the TIFF writer stops at the next tile and cleans up
+        self._worker = None  # any result that still arrives is ignored
+        self._cancel = None
+        worker.quit()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.status.setText("stopped")
+        self._update_state()
+
+    def _on_progress(self, done: int, total: int) -> None:
+        self.progress.setRange(0, max(total, 1))
+        self.progress.setValue(done)
+
+    # ------------------------------------------------------------------ target
+    def _on_browse(self) -> None:
+        if self.target_combo.currentText() == TARGET_JSON:
+            pattern = "Stain normaliser (*.json);;All files (*)"
+        else:
+            pattern = "Images and slides (*.png *.jpg *.jpeg *.tif *.tiff *.svs *.ndpi *.mrxs *.scn);;All files (*)"
+        path, _ = QFileDialog.getOpenFileName(self, "Choose the target", "", pattern)
+        if path:
+            self.path_edit.setText(path)
+            if path.lower().endswith(".json"):
+                self.target_combo.setCurrentText(TARGET_JSON)
+
+    def _target_job(self) -> Callable[[], StainNormalizer]:
+        """Capture the inputs on the GUI thread; return the job that fits in the worker."""
+        mode = self.target_combo.currentText()
+        method = self.method_combo.currentText()
+        if mode == TARGET_JSON:
+            path = self.path_edit.text().strip()
+            if not path:
+                raise PathosegError("Choose a saved normaliser (.json) first.")
+            return lambda: load_normalizer(path)
+        if mode == TARGET_FILE:
+            path = self.path_edit.text().strip()
+            if not path:
+                raise PathosegError("Choose a reference image file first.")
+
+            def from_file() -> StainNormalizer:
+                from ..slide import open_slide
+                from ..stain import fit_to_slide
+
+                with open_slide(path) as ref:
+                    return fit_to_slide(get_normalizer(method), ref)
+
+            return from_file
+        layer = self.current_layer()
+        slide = self.current_slide()
+        if mode == TARGET_VIEW:
+            rect = view_rect(self.viewer, layer)
+            label = f"{layer.name}, view"
+        else:
+            name = self.shapes_combo.currentText()
+            if not name or name not in self.viewer.layers:
+                raise PathosegError("Add a Shapes layer and draw a rectangle on the tissue first.")
+            rect = shape_rect(self.viewer.layers[name], layer)
+            label = f"{layer.name}, rectangle"
+        r, c, h, w = rect
+        reference = f"{label} (x {c:.0f}, y {r:.0f}, {w:.0f} x {h:.0f} px)"
+
+        def from_region() -> StainNormalizer:
+            img = read_rect(slide, row=r, col=c, height=h, width=w, max_side=MAX_SIDE)
+            return get_normalizer(method).fit(img, what=reference, reference=reference)
+
+        return from_region
+
+    def _on_fit(self) -> None:
+        try:
+            job = self._target_job()
+        except PathosegError as exc:
+            show_error(str(exc))
+            return
+        self._start(job, self._on_fitted, "fitting the target…")
+
+    def _on_fitted(self, norm: StainNormalizer) -> None:
+        self.normalizer = norm
+        if self.method_combo.currentText() != norm.name:
+            self.method_combo.blockSignals(True)
+            self.method_combo.setCurrentText(norm.name)
+            self.method_combo.blockSignals(False)
+        self._describe_target()
+        show_info(f"Fitted the {norm.name} target.")
+
+    # ------------------------------------------------------------------ source
+    def _source_key(self, slide: Slide, norm: StainNormalizer) -> tuple:
+        return (id(slide), norm.name, json.dumps(norm.options(), sort_keys=True))
+
+    def _source_job(self, slide: Slide, norm: StainNormalizer) -> Callable[[], StainParams]:
+        key = self._source_key(slide, norm)
+        cached = self._sources.get(key)
+
+        def get() -> StainParams:
+            if cached is not None:
+                return cached
+            src = estimate_slide_stain(slide, norm)
+            self._sources[key] = src
+            return src
+
+        return get
+
+    def _require(self) -> tuple[Any, Slide, StainNormalizer]:
+        if self.normalizer is None:
+            raise PathosegError("Fit a target first.")
+        layer = self.current_layer()
+        return layer, self.current_slide(), self.normalizer
+
+    # ------------------------------------------------------------------ outputs
+    def _on_preview(self) -> None:
+        try:
+            layer, slide, norm = self._require()
+            r, c, h, w = view_rect(self.viewer, layer)
+        except PathosegError as exc:
+            show_error(str(exc))
+            return
+        source = self._source_job(slide, norm)
+
+        def job() -> tuple[np.ndarray, tuple[float, float, float, float]]:
+            src = source()
+            img = read_rect(slide, row=r, col=c, height=h, width=w, max_side=MAX_SIDE)
+            return norm.transform(img, source=src), (r, c, h, w)
+
+        def show(result: tuple[np.ndarray, tuple[float, float, float, float]]) -> None:
+            img, (r0, c0, hh, ww) = result
+            r0, c0 = max(r0, 0.0), max(c0, 0.0)
+            rows0, cols0 = slide.shape
+            hh, ww = min(hh, rows0 - r0), min(ww, cols0 - c0)
+            f = np.array([hh / img.shape[0], ww / img.shape[1]])
+            scale = np.asarray(layer.scale[-2:], float)
+            translate = np.asarray(layer.translate[-2:], float) + (np.array([r0, c0]) + 0.5 * f - 0.5) * scale
+            name = f"{layer.name} [{norm.name} preview]"
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+            self.viewer.add_image(
+                img,
+                name=name,
+                rgb=True,
+                scale=scale * f,
+                translate=translate,
+                metadata={"pathoseg_stain_output": True},
+            )
+
+        self._start(job, show, "normalising the view…")
+
+    def _on_add_normalized(self) -> None:
+        try:
+            layer, slide, norm = self._require()
+        except PathosegError as exc:
+            show_error(str(exc))
+            return
+        source = self._source_job(slide, norm)
+
+        def job() -> list:
+            return normalized_pyramid(slide, norm, source=source())
+
+        def show(levels: list) -> None:
+            self.viewer.add_image(
+                levels if len(levels) > 1 else levels[0],
+                name=f"{layer.name} [{norm.name}]",
+                rgb=True,
+                multiscale=len(levels) > 1,
+                contrast_limits=(0, 255),
+                scale=layer.scale,
+                translate=layer.translate,
+                metadata={"pathoseg_stain_output": True, "slide": layer.metadata.get("slide")},
+            )
+
+        self._start(job, show, "estimating the slide's stains…")
+
+    def _on_add_deconvolution(self) -> None:
+        try:
+            layer = self.current_layer()
+            slide = self.current_slide()
+        except PathosegError as exc:
+            show_error(str(exc))
+            return
+        norm = self.normalizer
+        source = self._source_job(slide, norm) if norm is not None and norm.name != "reinhard" else None
+
+        def job() -> dict:
+            matrix = source().stain_matrix if source is not None else None
+            out = {}
+            for stain in ("hematoxylin", "eosin"):
+                levels = deconvolution_pyramid(slide, stain=stain, stain_matrix=matrix)
+                top = np.asarray(levels[-1].compute())
+                hi = float(np.quantile(top, 0.995)) if top.size else 1.0
+                out[stain] = (levels, max(hi, 1e-3))
+            return out
+
+        def show(result: dict) -> None:
+            cmaps = {"hematoxylin": "I Purple", "eosin": "I Bordeaux"}
+            for stain, (levels, hi) in result.items():
+                self.viewer.add_image(
+                    levels if len(levels) > 1 else levels[0],
+                    name=f"{layer.name} [{stain}]",
+                    multiscale=len(levels) > 1,
+                    colormap=cmaps[stain],
+                    contrast_limits=(0.0, hi),
+                    blending="minimum",
+                    scale=layer.scale,
+                    translate=layer.translate,
+                    metadata={"pathoseg_stain_output": True},
+                )
+
+        self._start(job, show, "colour deconvolution…")
+
+    def _on_save(self) -> None:
+        if self.normalizer is None:
+            show_error("Fit a target first.")
+            return
+        path, _ = QFileDialog.getSaveFileName(self, "Save normaliser", f"{self.normalizer.name}-normaliser.json", "JSON (*.json)")
+        if path:
+            self.save_normalizer_to(path)
+
+    def save_normalizer_to(self, path: str | Path) -> Path | None:
+        """Save the fitted normaliser (errors are shown, not raised)."""
+        try:
+            if self.normalizer is None:
+                raise PathosegError("Fit a target first.")
+            out = save_normalizer(self.normalizer, path)
+        except PathosegError as exc:
+            show_error(str(exc))
+            return None
+        show_info(f"Saved {out}")
+        return out
+
+    def _on_export(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export normalised slide", "normalised.tif", "TIFF (*.tif *.tiff)")
+        if path:
+            self.export_to(path)
+
+    def export_to(self, path: str | Path, *, compression: str | None = "jpeg") -> None:
+        """Write the normalised slide to ``path`` in the background (progress bar, Stop)."""
+        try:
+            layer, slide, norm = self._require()
+        except PathosegError as exc:
+            show_error(str(exc))
+            return
+        source = self._source_job(slide, norm)
+        cancel = threading.Event()
+        signals = self._signals
+
+        def job() -> Any:
+            return write_normalized_tiff(
+                slide,
+                norm,
+                path,
+                source=source(),
+                compression=compression,
+                progress=lambda p: signals.progress.emit(p.done, p.total),
+                cancel=cancel,
+            )
+
+        def done(result: Any) -> None:
+            show_info(f"Wrote {result.path} ({len(result.levels)} levels, {result.tiles} tiles)")
+
+        self._start(job, done, f"writing {Path(path).name}…", determinate=True, cancel=cancel)
