@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             "mode": "quick" if args.quick else "full",
             "command": "python benchmarks/bench_pseudolabels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "teacher": {"model": str(args.teacher), "path": str(teacher.path), "preset": teacher.config.preset,
-                        "trained_epochs": teacher.meta.get("epoch"),
+                        "best_epoch": teacher.meta.get("epoch"),
+                        "steps_per_epoch": teacher.meta.get("steps_per_epoch"),
                         "val_aji": teacher.meta.get("val_metrics", {}).get("best_aji")},
             "student": {"preset": args.student, "epochs": epochs, "steps_per_epoch": steps,
                         "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "init": "fresh"},
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         qs = [float(q) for q in args.quantiles.split(",")]
         thresholds = sorted({round(float(np.quantile(scores, q)), 4) if q > 0 else 0.0 for q in qs})
         result["pseudo_generation"] = {
-            "sources": [str(pr.info.source) for pr in gen["projects"]],
+            "sources": [str(pr.source_path) for pr in gen["projects"]],
             "tiles": int(scores.size), "tile_size": 256, "mpp": teacher.mpp,
             "score_min": round(float(scores.min()), 4), "score_median": round(float(np.median(scores)), 4),
             "score_max": round(float(scores.max()), 4), "seconds": round(gen["seconds"], 1),

@@ -608,3 +608,22 @@ def test_export_core_does_not_import_napari():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_standard_library_json_writes_the_same_document(tmp_path, monkeypatch):
+    from napari_pathoseg.export import geojson as gj
+
+    lab = np.zeros((60, 60), np.int32)
+    lab[5:20, 5:25] = 1
+    lab[8:12, 8:12] = 0
+    lab[30:50, 30:34] = 2
+    lab[40:44, 50:58] = 2
+    kwargs = dict(measure=["area", "eccentricity"], metadata={"model": "m"}, measurements_path=False)
+    run_export_labels(tmp_path / "fast.geojson", lab, **kwargs)
+    monkeypatch.setattr(gj, "_dumps", lambda obj: gj._STD_ENCODER.encode(obj).encode("utf-8"))
+    run_export_labels(tmp_path / "std.geojson", lab, **kwargs)
+    a = check_qupath_rules(tmp_path / "fast.geojson")["features"]
+    b = check_qupath_rules(tmp_path / "std.geojson")["features"]
+    for fa, fb in zip(a, b):
+        fa.pop("id"), fb.pop("id")
+        assert fa == fb

@@ -112,7 +112,7 @@ def test_nn_lasso_matches_brute_force():
 
     rng = np.random.default_rng(0)
     basis = np.stack([H_VEC, E_VEC], axis=1)
-    od = np.concatenate([rng.uniform(-0.1, 2.0, (40, 3)), rng.uniform(0, 1, (10, 2)) @ basis.T])
+    od = np.concatenate([rng.uniform(-0.1, 2.0, (12, 3)), rng.uniform(0, 1, (6, 2)) @ basis.T])
     for lam in (0.0, 0.1):
         fast = _nn_lasso2(od, basis, lam)
         assert (fast >= 0).all()
@@ -180,17 +180,6 @@ def test_macenko_agrees_with_torchstain(monuseg):
     # default (99th percentiles over tissue only, sampled): same vectors, close output
     default = get_normalizer("macenko").fit(target).transform(source).astype(int)
     assert np.abs(default - expected).mean() < 6
-
-
-def test_macenko_agrees_with_torchstain_torch_backend(monuseg):
-    torchstain = pytest.importorskip("torchstain")
-    torch = pytest.importorskip("torch")
-    target, source = monuseg
-    ref = torchstain.normalizers.MacenkoNormalizer(backend="torch")
-    ref.fit(torch.from_numpy(target.copy()).permute(2, 0, 1))
-    expected = ref.normalize(torch.from_numpy(source.copy()).permute(2, 0, 1), stains=False)[0].numpy()
-    ours = get_normalizer("macenko", max_samples=None, percentile_over="all").fit(target)
-    assert np.abs(ours.transform(source).astype(int) - expected.astype(int)).max() <= 2
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -578,12 +567,12 @@ def test_cli_normalize(tmp_path, make_pyramid_tiff, he_image, monuseg, capsys):
     ref = tmp_path / "ref.png"
     Image.fromarray(monuseg[0]).save(ref)
     out, saved = tmp_path / "norm.tif", tmp_path / "ref.json"
-    code = main(["normalize", str(slide), "--method", "vahadane", "--target", str(ref), "--out", str(out),
+    code = main(["normalize", str(slide), "--method", "macenko", "--target", str(ref), "--out", str(out),
                  "--save-normalizer", str(saved), "--tile-size", "256", "--n-tiles", "4"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["method"] == "vahadane" and result["out"]["levels"] == [[512, 512]]
-    assert out.exists() and load_normalizer(saved).name == "vahadane"
+    assert result["method"] == "macenko" and result["out"]["levels"] == [[512, 512]]
+    assert out.exists() and load_normalizer(saved).name == "macenko"
     # reuse the saved normaliser
     out2 = tmp_path / "norm2.tif"
     assert main(["normalize", str(slide), "--target", str(saved), "--out", str(out2), "--tile-size", "256", "--n-tiles", "4"]) == 0

@@ -55,6 +55,8 @@ def _drop_small(arr: np.ndarray, min_size: int) -> np.ndarray:
     """Remove objects of fewer than ``min_size`` pixels (bool mask or labels)."""
     if min_size <= 1:
         return arr
+    if arr.dtype != bool and arr.max() <= 1:  # a single label: treat as a mask
+        return _drop_small(arr > 0, min_size).astype(arr.dtype)
     try:  # scikit-image >= 0.26: ``max_size`` removes objects <= max_size
         return remove_small_objects(arr, max_size=min_size - 1)
     except TypeError:

@@ -368,7 +368,7 @@ class ExportWidget(QWidget):
         self._n_jobs = len(jobs)
         self._cancel = threading.Event()
         # errors go to _on_error (shown with show_error), never re-raised in the GUI thread
-        worker = _export_worker(jobs, self._cancel, _connect={"errored": self._on_error})
+        worker = _export_worker(jobs, self._cancel, _connect={"errored": self._on_error}, _start_thread=False)
         worker.yielded.connect(self._on_event)
         worker.finished.connect(self._on_finished)
         self._worker = worker
@@ -441,7 +441,7 @@ class ExportWidget(QWidget):
         """Read a GeoJSON file in the background and add its layers over the chosen slide."""
         slide_layer = self._layer(self.slide_combo.currentText())
         meta = slide_metadata_from_layer(slide_layer.metadata) if slide_layer is not None else None
-        worker = _import_worker(str(path), meta, _connect={"errored": self._on_error})
+        worker = _import_worker(str(path), meta, _connect={"errored": self._on_error}, _start_thread=False)
         worker.returned.connect(self._on_imported)
         self.status.setText(f"reading {Path(path).name}…")
         worker.start()

@@ -314,7 +314,8 @@ class StainWidget(QWidget):
         self.status.setText(message)
         self.progress.setRange(0, 0 if not determinate else 1)
         self.progress.setValue(0)
-        worker = thread_worker(func)()
+        # errors are handled by `failed` below (not re-raised in the Qt event loop)
+        worker = thread_worker(func, ignore_errors=True)()
         self._worker = worker
 
         def done(result: Any) -> None:
@@ -494,6 +495,7 @@ class StainWidget(QWidget):
                 rgb=True,
                 scale=scale * f,
                 translate=translate,
+                units=layer.units,
                 metadata={"pathoseg_stain_output": True},
             )
 
@@ -519,6 +521,7 @@ class StainWidget(QWidget):
                 contrast_limits=(0, 255),
                 scale=layer.scale,
                 translate=layer.translate,
+                units=layer.units,
                 metadata={"pathoseg_stain_output": True, "slide": layer.metadata.get("slide")},
             )
 
@@ -556,6 +559,7 @@ class StainWidget(QWidget):
                     blending="minimum",
                     scale=layer.scale,
                     translate=layer.translate,
+                    units=layer.units,
                     metadata={"pathoseg_stain_output": True},
                 )
 

@@ -700,7 +700,7 @@ def iter_export_labels(
     """
     t0 = time.perf_counter()
     path = Path(path)
-    labels = _check_labels_array(labels, name=str(getattr(labels, "name", "labels")))
+    labels = _check_labels_array(labels, name="labels")
     object_type = _check_object_type(object_type)
     default_cls = Classification.of(classification, color)
     if slide is not None and slide_metadata is None:

@@ -9,7 +9,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -106,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         make_split,
         save_split,
     )
-    from napari_pathoseg.training.loop import DoneEvent, EpochEvent, StepEvent, train_m2
+    from napari_pathoseg.training.loop import train_m2
 
     auto_threads = str(args.threads) == "auto"
     if not auto_threads:
@@ -123,27 +125,52 @@ def cmd_train(args: argparse.Namespace) -> int:
         extra_x = _pseudo_items(Path(args.pseudo), mpp=config.mpp)
     data = build_m2_data(args.data, mpp=config.mpp, split=split, extra_x=extra_x)
     command = "pathoseg train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "pathoseg train"
+    # SIGTERM / Ctrl-C stop after the current step with a resumable checkpoint
+    cancel = threading.Event()
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, lambda *_: cancel.set())
+        except ValueError:  # not in the main thread
+            pass
     t0 = time.perf_counter()
     result = None
-    for ev in train_m2(
-        config, data, out_dir=args.out, epochs=args.epochs, lr=args.lr, seed=args.seed,
-        resume=args.resume, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
-        meta={"command": command},
-    ):
-        if auto_threads and isinstance(ev, StepEvent) and ev.step % 20 == 0:
-            _adapt_threads(torch)
+    try:
+        result = _drive(train_m2(
+            config, data, out_dir=args.out, epochs=args.epochs, lr=args.lr, seed=args.seed,
+            resume=args.resume, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+            meta={"command": command}, cancel=cancel,
+        ), auto_threads=auto_threads, torch=torch)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(json.dumps({
+        "best_checkpoint": str(result.best_checkpoint) if result and result.best_checkpoint else None,
+        "best_metrics": result.best_metrics if result else {},
+        "cancelled": bool(result and result.cancelled),
+        "last_checkpoint": str(result.last_checkpoint) if result and result.last_checkpoint else None,
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+    }), flush=True)
+    return 0
+
+
+def _drive(events, *, auto_threads: bool, torch):
+    from napari_pathoseg.training.loop import DoneEvent, EpochEvent, StepEvent
+
+    result = None
+    for ev in events:
+        if isinstance(ev, StepEvent) and ev.step % 20 == 0:
+            logger.info("epoch %d step %d/%d %s", ev.epoch, ev.step, ev.steps_per_epoch,
+                        {k: round(v, 4) for k, v in ev.losses.items()})
+            if auto_threads:
+                _adapt_threads(torch)
         if isinstance(ev, EpochEvent):
             logger.info("epoch %d val aji %.4f", ev.epoch, ev.val_metrics.get("aji", float("nan")))
             print(json.dumps({"epoch": ev.epoch, "losses": ev.losses, "val": ev.val_metrics,
                               "best": ev.is_best, "seconds": round(ev.seconds, 1)}), flush=True)
         elif isinstance(ev, DoneEvent):
             result = ev
-    print(json.dumps({
-        "best_checkpoint": str(result.best_checkpoint) if result and result.best_checkpoint else None,
-        "best_metrics": result.best_metrics if result else {},
-        "wall_seconds": round(time.perf_counter() - t0, 1),
-    }), flush=True)
-    return 0
+    return result
 
 
 def cmd_evaluate_nuclei(args: argparse.Namespace) -> int:
