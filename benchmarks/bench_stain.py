@@ -161,9 +161,10 @@ def bench_speed(sizes: list[int], repeat: int, slow_repeat: int) -> dict[str, An
                     res[f"staintools_{method}"] = "skipped above 2048 px (spams lasso on every pixel takes minutes)"
                     continue
                 st = staintools.StainNormalizer(method=method)
-                t_fit, _ = _best(lambda: st.fit(img), 1)
-                st.fit(target)
-                t_tr, _ = _best(lambda: st.transform(img), 1)
+                # StainTools writes into its input (and fails on read-only arrays): copies
+                t_fit, _ = _best(lambda: st.fit(img.copy()), 1)
+                st.fit(target.copy())
+                t_tr, _ = _best(lambda: st.transform(img.copy()), 1)
                 res[f"staintools_{method}"] = {"fit_s": t_fit, "transform_s": t_tr, "transform_mpix_per_s": mpix / t_tr}
         out[f"{size}x{size}"] = res
         print(f"speed {size}: done", file=sys.stderr)

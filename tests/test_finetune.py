@@ -226,3 +226,25 @@ def test_bad_base_is_refused(tmp_path, strong_folder):
         run_finetune(_config(tmp_path, strong_folder, None, base=str(tmp_path / "evil.safetensors")))
     with pytest.raises(PathosegError, match="valid names"):
         run_finetune(_config(tmp_path, strong_folder, None, base="no-such-model"))
+
+
+def test_cli_finetune(tmp_path, strong_folder, capsys):
+    import argparse
+
+    from napari_pathoseg.finetune import add_commands
+
+    parser = argparse.ArgumentParser(prog="pathoseg")
+    add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([
+        "finetune", "--out", str(tmp_path / "cli"), "--name", "cli-student", "--base", "none",
+        "--strong", str(strong_folder), "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "1",
+        "--device", "cpu",
+    ])
+    assert args.func(args) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert lines[0]["epoch"] == 0 and "aji" in lines[0]["val"]
+    assert lines[-1]["registered"]["name"] == "cli-student" and not lines[-1]["cancelled"]
+    bad = parser.parse_args(["finetune", "--out", str(tmp_path / "x"), "--name", "x", "--base", "none",
+                             "--strong", str(tmp_path / "nope")])
+    assert bad.func(bad) == 2
+    assert "does not exist" in json.loads(capsys.readouterr().out)["error"]

@@ -144,3 +144,10 @@ def test_closing_napari_stops_training_cleanly(dock, qtbot, strong_folder, tmp_p
     assert ended.is_set()  # the close waited for the worker to save and end
     meta = read_header(tmp_path / "run" / "last.safetensors")["meta"]
     assert meta["epoch"] == 0 and meta["step"] >= 1
+
+
+def test_compare_region_is_the_centre_of_a_large_view():
+    from napari_pathoseg._widgets.finetune import compare_region
+
+    assert compare_region((10, 20, 300, 200)) == (10, 20, 300, 200)
+    assert compare_region((0, 0, 10000, 3000), max_side=4096) == (2952, 0, 4096, 3000)

@@ -63,6 +63,16 @@ FRESH = "(none: fresh student)"
 STUDENT_PRESETS = ("transcycle-lite", "transcycle", "attcycle-lite", "attcycle")
 #: Seconds :meth:`FinetuneWidget.shutdown` waits for the worker to save and end.
 SHUTDOWN_TIMEOUT = 60.0
+#: Largest side (level-0 pixels) of the view compared after training; a larger view is
+#: cropped to its centre so the comparison stays quick at any zoom.
+MAX_COMPARE_SIDE = 4096
+
+
+def compare_region(view: tuple[int, int, int, int], *, max_side: int = MAX_COMPARE_SIDE) -> tuple[int, int, int, int]:
+    """The centre of a level-0 ``(x, y, w, h)`` view, at most ``max_side`` pixels a side."""
+    x, y, w, h = (int(v) for v in view)
+    cw, ch = min(w, max_side), min(h, max_side)
+    return (x + (w - cw) // 2, y + (h - ch) // 2, cw, ch)
 
 
 @dataclass
@@ -240,6 +250,7 @@ class FinetuneWidget(QWidget):
         self.worker_thread_id: int | None = None
         self.last_done: FinetuneDone | None = None
         self.overlay_layers: list[str] = []
+        self.compare_models: list[str] = []
         self._cancel: threading.Event | None = None
         self._ended: threading.Event | None = None
         self._overlay_cancel: threading.Event | None = None
@@ -595,13 +606,14 @@ class FinetuneWidget(QWidget):
         layer = layers[0]
         slide = layer.metadata["pathoseg_slide"]
         try:
-            region = view_region(layer)
+            region = compare_region(view_region(layer))
         except (ValueError, IndexError, AttributeError) as exc:
             logger.warning("cannot read the view region: %s", exc)
             return None
         models = [(f"{cfg.name} nuclei", str(done.best_checkpoint))]
         if cfg.base:
             models.append((f"{Path(cfg.base).stem} nuclei (base)", cfg.base))
+        self.compare_models = [label for label, _ in models]
         self._overlay_cancel = threading.Event()
         self._overlay_ended = threading.Event()
         self._cancel_box["overlay"] = self._overlay_cancel
@@ -616,11 +628,13 @@ class FinetuneWidget(QWidget):
         place = place_result(slide_layer, ev.result)
         if ev.label in self.viewer.layers:
             self.viewer.layers.remove(ev.label)
-        self.viewer.add_labels(
-            ev.result.labels, name=ev.label, opacity=0.5,
+        layer = self.viewer.add_labels(
+            ev.result.labels, name=ev.label, opacity=0.6,
             metadata={"model": ev.result.model, "region_xywh": list(ev.result.region), "mpp": ev.result.mpp},
             **place,
         )
+        if ev.label.endswith("(base)"):
+            layer.contour = 1  # the base model as outlines over the new model's filled nuclei
         if ev.label not in self.overlay_layers:
             self.overlay_layers.append(ev.label)
         self.viewer.layers.selection.active = slide_layer

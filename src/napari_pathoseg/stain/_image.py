@@ -127,9 +127,12 @@ def sample_pixels(
     *,
     max_samples: int | None,
     alpha: np.ndarray | None = None,
-    seed: int = 0,
 ) -> np.ndarray:
-    """Up to ``max_samples`` pixels of an image, drawn uniformly at random (seeded).
+    """Up to ``max_samples`` pixels of an image, spread evenly over it.
+
+    Every k-th pixel in row-major order is kept (k = ceil(N / max_samples)); as k is
+    not tied to the row length, the kept pixels form a sheared lattice covering the
+    whole image. Deterministic and copy-free (a strided view).
 
     Parameters
     ----------
@@ -138,8 +141,6 @@ def sample_pixels(
         None keeps every pixel.
     alpha : (...) uint8, optional
         Pixels with alpha below 128 are dropped (transparent = not tissue).
-    seed : int
-        The draw is deterministic for a given image and seed.
 
     Returns
     -------
@@ -150,7 +151,5 @@ def sample_pixels(
         flat = flat[alpha.reshape(-1) >= 128]
     n = flat.shape[0]
     if max_samples is not None and n > max_samples:
-        idx = np.random.default_rng(seed).integers(0, n, size=int(max_samples))
-        idx.sort()
-        flat = flat[idx]
+        flat = flat[:: -(-n // int(max_samples))]
     return flat

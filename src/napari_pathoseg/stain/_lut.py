@@ -29,10 +29,10 @@ N_COLOURS = 1 << 24
 APPLY_CHUNK = 1 << 20
 #: Colours evaluated per chunk when filling a table from a generic function.
 BUILD_CHUNK = 1 << 18
-#: Images at least this large (pixels) are mapped through the table, building it if
-#: needed: separable maps build their exact table in ~0.3 s, generic ones sample the
-#: function on a grid of 86³ colours (see :meth:`ColourMap._fill_interpolated`).
-LUT_MIN_PIXELS = 1 << 22
+#: Generic maps are applied through the table (built on first need, by sampling the
+#: function on a grid of 86³ colours, see :meth:`ColourMap._fill_interpolated`) for
+#: images of at least this many pixels. Separable maps are evaluated directly (as fast
+#: as building a table) unless the table was built explicitly, as whole slides do.
 LUT_MIN_PIXELS_GENERIC = 1 << 20
 #: Grid step (grey levels) of the sampled function for generic maps; 255 = 85 * 3.
 GRID_STEP = 3
@@ -124,6 +124,10 @@ class ColourMap:
             raise ValueError("ColourMap needs a function or separable tables")
         self._function = function
         self._tables = None if tables is None else np.ascontiguousarray(tables, np.float32)
+        if self._tables is not None:
+            t = self._tables
+            # (R, G) factor tables per output channel: (3, 65536) float32
+            self._rg = np.stack([(t[0, c][:, None] * t[1, c][None, :]).reshape(-1) for c in range(3)])
         self._offset = float(offset)
         self.name = name
         self._lut: np.ndarray | None = None
@@ -142,18 +146,31 @@ class ColourMap:
 
     # ------------------------------------------------------------------ evaluation
     def map_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """Evaluate the mapping directly on ``(N, 3)`` uint8 pixels (no table)."""
+        """Evaluate the mapping directly on ``(N, 3)`` uint8 pixels (no 256³ table).
+
+        A separable map uses a (R, G) table per output channel (256 KiB, cache
+        resident) times a B table: two look-ups and a product per channel, with the
+        (R, G) index read from the pixel bytes (a big-endian 2-byte view).
+        """
         pixels = np.ascontiguousarray(pixels, dtype=np.uint8).reshape(-1, 3)
         if self._tables is None:
             return np.asarray(self._function(pixels), dtype=np.uint8).reshape(-1, 3)  # type: ignore[misc]
-        t = self._tables
-        out = np.empty_like(pixels)
-        r, g, b = pixels[:, 0], pixels[:, 1], pixels[:, 2]
-        for c in range(3):
-            val = t[0, c][r]
-            val *= t[1, c][g]
-            val *= t[2, c][b]
-            out[:, c] = _to_uint8(val, offset=self._offset)
+        n = pixels.shape[0]
+        out = np.empty((n, 3), np.uint8)
+        flat = pixels.reshape(-1)
+        for p0 in range(0, n, APPLY_CHUNK):
+            m = min(APPLY_CHUNK, n - p0)
+            rg = np.ndarray((m,), dtype=">u2", buffer=flat[3 * p0 : 3 * (p0 + m)], strides=(3,)).astype(np.intp)
+            b = pixels[p0 : p0 + m, 2]
+            val = np.empty(m, np.float32)
+            tmp = np.empty(m, np.float32)
+            for c in range(3):
+                np.take(self._rg[c], rg, out=val)
+                np.take(self._tables[2, c], b, out=tmp)
+                val *= tmp
+                np.clip(val, self._offset - 0.5, 255.0 + self._offset - 0.5, out=val)
+                val += 0.5 - self._offset  # in [0, 255]: truncation rounds
+                out[p0 : p0 + m, c] = val
         return out
 
     def build_lut(self) -> np.ndarray:
@@ -168,11 +185,10 @@ class ColourMap:
                 lut = np.zeros(N_COLOURS, np.uint32)
                 lut8 = lut.view(np.uint8).reshape(256, 256, 256, 4)
                 if self._tables is not None:
-                    t = self._tables
                     for r0 in range(0, 256, 32):
                         for c in range(3):
-                            slab = t[0, c, r0 : r0 + 32, None, None] * t[1, c, None, :, None]
-                            slab = slab * t[2, c, None, None, :]
+                            rg = self._rg[c].reshape(256, 256)[r0 : r0 + 32, :, None]
+                            slab = rg * self._tables[2, c, None, None, :]
                             lut8[r0 : r0 + 32, :, :, c] = _to_uint8(slab, offset=self._offset)
                 else:
                     self._fill_interpolated(lut8)
@@ -230,7 +246,7 @@ class ColourMap:
         return out.reshape(img.shape)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        """Map ``(..., 3)`` uint8 pixels: through the table when built or when the image is large.
+        """Map ``(..., 3)`` uint8 pixels: through the table when built (or large and generic).
 
         Returns
         -------
@@ -238,7 +254,6 @@ class ColourMap:
         """
         image = np.asarray(image)
         n = image.size // 3
-        threshold = LUT_MIN_PIXELS if self._tables is not None else LUT_MIN_PIXELS_GENERIC
-        if self._lut is not None or n >= threshold:
+        if self._lut is not None or (self._tables is None and n >= LUT_MIN_PIXELS_GENERIC):
             return self.apply_lut(image)
         return self.map_pixels(image.reshape(-1, 3)).reshape(image.shape)

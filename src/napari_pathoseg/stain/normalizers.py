@@ -238,6 +238,33 @@ def _tissue_od(
     return od[keep], fraction, od
 
 
+def _tall_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` for a tall ``(N, k)`` and a tiny ``(k, m)`` matrix, without BLAS.
+
+    Multi-threaded BLAS stalls on such thin products when the CPU is shared (each
+    call waits for a descheduled thread); k x m vector operations are cheap and steady.
+    """
+    b = np.asarray(b, dtype=a.dtype)
+    out = np.empty((a.shape[0], b.shape[1]), a.dtype)
+    for j in range(b.shape[1]):
+        col = out[:, j]
+        np.multiply(a[:, 0], b[0, j], out=col)
+        for i in range(1, b.shape[0]):
+            col += a[:, i] * b[i, j]
+    return out
+
+
+def _gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a.T @ b`` for tall ``(N, k)``, ``(N, m)`` matrices (small result), without BLAS."""
+    return np.einsum("ni,nj->ij", a, b)
+
+
+def _cov(od: np.ndarray) -> np.ndarray:
+    """Covariance of the columns of a tall ``(N, 3)`` matrix, without BLAS."""
+    centred = od - od.mean(axis=0)
+    return _gram(centred, centred) / max(od.shape[0] - 1, 1)
+
+
 def macenko_stain_matrix(od: np.ndarray, *, alpha: float = 1.0) -> np.ndarray:
     """Macenko's stain vectors of tissue optical densities.
 
@@ -253,14 +280,14 @@ def macenko_stain_matrix(od: np.ndarray, *, alpha: float = 1.0) -> np.ndarray:
     (3, 2) float64
         Unit OD vectors, haematoxylin first (the one with the larger red component).
     """
-    cov = np.cov(od, rowvar=False)
+    cov = _cov(od)
     if not np.all(np.isfinite(cov)):
         raise StainError("the tissue optical densities are not finite; the image is corrupt")
     _, vecs = np.linalg.eigh(cov)
     plane = vecs[:, 1:3]  # (3, 2): the two main principal directions
     # point both axes into the positive OD octant: angles then stay inside (-pi/2, pi/2)
     plane = plane * np.where(plane.sum(axis=0) < 0, -1.0, 1.0)
-    proj = od @ plane
+    proj = _tall_dot(od, plane)
     phi = np.arctan2(proj[:, 1], proj[:, 0])
     lo, hi = np.percentile(phi, [alpha, 100.0 - alpha])
     v_lo = plane @ np.array([math.cos(lo), math.sin(lo)])
@@ -329,7 +356,8 @@ def _nn_lasso2(od: np.ndarray, basis: np.ndarray, lam: float) -> np.ndarray:
     """
     dt = od.dtype
     g = basis.T @ basis  # (2, 2)
-    b = od @ basis.astype(dt) - dt.type(lam)  # (N, 2)
+    b = _tall_dot(od, basis)  # (N, 2)
+    b -= dt.type(lam)
     b0, b1 = b[:, 0], b[:, 1]
     g00, g01, g11 = float(g[0, 0]), float(g[0, 1]), float(g[1, 1])
     det = g00 * g11 - g01 * g01
@@ -393,8 +421,8 @@ def _sparse_nmf(
     w = np.asarray(init, np.float64).copy()
     for it in range(n_iter):
         c = _nn_lasso2(od, w, lam)  # (N, 2)
-        a = c.T @ c  # (2, 2)
-        b = od.T @ c  # (3, 2)
+        a = _gram(c, c)  # (2, 2)
+        b = _gram(od, c)  # (3, 2)
         old = w.copy()
         for j in range(2):
             if a[j, j] <= 1e-12:
@@ -441,8 +469,8 @@ class StainNormalizer(ABC):
     beta : float
         Optical-density threshold separating tissue from background (0.15 = Macenko's).
     max_samples : int or None
-        At most this many pixels (drawn at random, seeded) are examined per estimate;
-        None uses all.
+        At most this many pixels (an even lattice over the image) are examined per
+        estimate; None uses all.
     min_tissue_pixels : int
         Fewer tissue pixels than this make :meth:`estimate` raise :class:`StainError`.
     check_he : bool
@@ -465,7 +493,7 @@ class StainNormalizer(ABC):
         self,
         *,
         beta: float = 0.15,
-        max_samples: int | None = 1 << 20,
+        max_samples: int | None = 1 << 18,
         min_tissue_pixels: int = 2500,
         check_he: bool = True,
     ) -> None:
@@ -690,7 +718,7 @@ class MacenkoNormalizer(StainNormalizer):
         if self.check_he:
             check_he_stains(he, what=what)
         unmix = np.linalg.pinv(he).T  # (3, 2): least-squares concentrations
-        conc = (od if self.percentile_over == "tissue" else od_all) @ unmix  # (N, 2)
+        conc = _tall_dot(od if self.percentile_over == "tissue" else od_all, unmix)  # (N, 2)
         maxc = _percentile99(conc, what=what)
         return StainParams(self.name, stain_matrix=he, max_concentrations=maxc, n_pixels=len(od), tissue_fraction=frac)
 
@@ -798,7 +826,7 @@ class VahadaneNormalizer(StainNormalizer):
             od = rgb_to_od(pixels, io=io, dtype=np.float32)  # (N, 3)
             conc = _nn_lasso2(od, w_s, lam)  # (N, 2)
             conc *= scale
-            out = conc @ w_t.T  # (N, 3) target optical density
+            out = _tall_dot(conc, w_t.T)  # (N, 3) target optical density
             np.negative(out, out=out)
             np.exp(out, out=out)
             out *= io

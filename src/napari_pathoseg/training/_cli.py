@@ -111,7 +111,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from napari_pathoseg.training.loop import train_m2
 
     auto_threads = str(args.threads) == "auto"
-    if not auto_threads:
+    if auto_threads:
+        _adapt_threads(torch)
+    else:
         torch.set_num_threads(int(args.threads))
     config = get_preset(args.preset)
     split_path = Path(args.split)
@@ -158,12 +160,14 @@ def _drive(events, *, auto_threads: bool, torch):
     from napari_pathoseg.training.loop import DoneEvent, EpochEvent, StepEvent
 
     result = None
+    last_check = time.monotonic()
     for ev in events:
         if isinstance(ev, StepEvent) and ev.step % 20 == 0:
             logger.info("epoch %d step %d/%d %s", ev.epoch, ev.step, ev.steps_per_epoch,
                         {k: round(v, 4) for k, v in ev.losses.items()})
-            if auto_threads:
-                _adapt_threads(torch)
+        if auto_threads and time.monotonic() - last_check > 20.0:
+            _adapt_threads(torch)
+            last_check = time.monotonic()
         if isinstance(ev, EpochEvent):
             logger.info("epoch %d val aji %.4f", ev.epoch, ev.val_metrics.get("aji", float("nan")))
             print(json.dumps({"epoch": ev.epoch, "losses": ev.losses, "val": ev.val_metrics,
