@@ -104,3 +104,28 @@ def test_run_disabled_without_slide(make_napari_viewer):
     w = NucleiWidget(viewer)
     assert not w.run_btn.isEnabled()
     assert "Open a slide" in w.run_btn.toolTip()
+
+
+def test_nuclei_layer_exports_to_geojson_at_level0(viewer_with_slide, qtbot, tmp_path):
+    """The Nuclei dock's output saves through File > Save as QuPath GeoJSON in level-0 pixels."""
+    import json
+
+    viewer = viewer_with_slide
+    w = _widget(viewer)
+    slide_layer = viewer.layers[0]
+    sy, sx = slide_layer.scale
+    r0, c0, r1, c1 = 1920 * sy, 768 * sx, 2048 * sy, 896 * sx
+    viewer.add_shapes([np.array([[r0, c0], [r0, c1], [r1, c1], [r1, c0]])], shape_type="rectangle", name="roi")
+    w.region_combo.setCurrentText("Drawn rectangle")
+    w.run_btn.click()
+    qtbot.waitUntil(lambda: "CMU-1-Small-Region.svs nuclei" in viewer.layers, timeout=120000)
+    lab = viewer.layers["CMU-1-Small-Region.svs nuclei"]
+    assert w.layer_combo.count() == 1  # the labels layer is not offered as a slide
+    out = tmp_path / "nuclei.geojson"
+    lab.save(str(out), plugin="napari-pathoseg")
+    fc = json.loads(out.read_text())
+    assert fc["type"] == "FeatureCollection"
+    assert len(fc["features"]) == len(np.unique(lab.data)) - 1
+    xs = [p[0] for f in fc["features"] for p in f["geometry"]["coordinates"][0]]
+    ys = [p[1] for f in fc["features"] for p in f["geometry"]["coordinates"][0]]
+    assert 767 <= min(xs) and max(xs) <= 897 and 1919 <= min(ys) and max(ys) <= 2049

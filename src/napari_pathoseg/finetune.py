@@ -439,17 +439,18 @@ def build_finetune_data(config: FinetuneConfig, *, mpp: float) -> FinetuneData:
             "train": sorted(it.name for it in train), "x": sorted(it.name for it in x_train),
             "y": sorted(it.name for it in y_train),
         }
+    n_strong = len({it.name for it in list(x_train) + list(y_train)})
     x_train = list(x_train) + px
     y_train = list(y_train) + py
     if not x_train or not y_train:
         raise FinetuneError("Not enough training images for both the X and the Y side; add strong labels or accepted tiles.")
-    desc = f"{len(x_train) + len(y_train) - len(px) - len(py)} strong images ({', '.join(config.strong) or '-'})"
+    desc = f"{n_strong} strong images ({', '.join(config.strong) or '-'})"
     if config.projects:
         desc += f" + {len(px)} pseudo-labelled tiles ({', '.join(config.projects)})"
     split = dict(split, pseudo=[it.name for it in px])
     return FinetuneData(
         m2=M2Data(x_train=x_train, y_train=y_train, val=list(val), split=split),
-        n_strong=len(x_train) + len(y_train) - len(px) - len(py),
+        n_strong=n_strong,
         n_pseudo=len(px),
         description=desc,
     )

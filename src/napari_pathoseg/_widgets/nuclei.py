@@ -269,7 +269,17 @@ class NucleiWidget(QWidget):
             result.labels,
             name=name,
             opacity=0.6,
-            metadata={"model": result.model, "region_xywh": list(result.region), "table": result.table, "mpp": result.mpp},
+            metadata={
+                "model": result.model,
+                "region_xywh": list(result.region),
+                "table": result.table,
+                "mpp": result.mpp,
+                # the slide under the labels: the Export dock and the GeoJSON writer read it
+                "slide": slide_layer.metadata.get("slide"),
+                "pathoseg_slide": slide_of_layer(slide_layer),
+                "object_type": "detection",
+                "class_name": "Nucleus",
+            },
             **place,
         )
         self.viewer.layers.selection.active = slide_layer

@@ -39,8 +39,14 @@ logger = logging.getLogger(__name__)
 
 
 def slide_layers(viewer: "napari.Viewer") -> list:
-    """Image layers of ``viewer`` that hold a pathoseg slide."""
-    return [ly for ly in viewer.layers if isinstance(ly.metadata.get("pathoseg_slide"), Slide)]
+    """Image layers of ``viewer`` that hold a pathoseg slide (results over a slide are not listed)."""
+    from napari.layers import Image
+
+    return [
+        ly
+        for ly in viewer.layers
+        if isinstance(ly, Image) and ly.rgb and isinstance(ly.metadata.get("pathoseg_slide"), Slide)
+    ]
 
 
 def slide_of_layer(layer: Any) -> Slide | None:

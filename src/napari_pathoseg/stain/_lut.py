@@ -161,7 +161,7 @@ class ColourMap:
         for p0 in range(0, n, APPLY_CHUNK):
             m = min(APPLY_CHUNK, n - p0)
             rg = np.ndarray((m,), dtype=">u2", buffer=flat[3 * p0 : 3 * (p0 + m)], strides=(3,)).astype(np.intp)
-            b = pixels[p0 : p0 + m, 2]
+            b = pixels[p0 : p0 + m, 2].astype(np.intp)
             val = np.empty(m, np.float32)
             tmp = np.empty(m, np.float32)
             for c in range(3):
