@@ -20,6 +20,10 @@ speed
 chunk_latency
     Milliseconds to compute a 256 x 256 region of the lazily normalised pyramid of the
     bundled CMU-1-Small-Region.svs (including the slide read), and of the raw pyramid.
+write
+    ``pathoseg normalize`` (JPEG pyramidal TIFF) on synthetic 12000² and 24000² slides
+    (real H&E pixels, :func:`napari_pathoseg.synth.make_large_slide`): MPix/s and the
+    child process's peak resident memory, which must not grow with the slide.
 quality
     On MoNuSeg (30 images, 7 organs), Kather 2016 texture tiles (163, not normalised)
     and NCT-CRC-HE-100K samples (18, Macenko-normalised by their authors): SSIM of each
@@ -215,6 +219,53 @@ def bench_chunks(n: int = 40) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------------- streaming write
+
+
+def bench_write(sizes: list[int]) -> dict[str, Any]:
+    """``pathoseg normalize`` on synthetic slides of growing size: time and peak memory.
+
+    Each run is a child process whose peak resident memory (``VmHWM``, Linux) is its own.
+    """
+    import subprocess
+    import tempfile
+
+    from napari_pathoseg.synth import make_large_slide
+
+    target = sorted((DATA / "monuseg_train" / "images").glob("*.png"))[9]
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-stain-") as tmp:
+        for size in sizes:
+            src = make_large_slide(Path(tmp) / f"slide{size}.tif", size=size)
+            dst = Path(tmp) / f"norm{size}.tif"
+            # VmHWM is this process's own peak (ru_maxrss would inherit the parent's over exec)
+            code = (
+                "import sys; from napari_pathoseg.cli import main; "
+                f"rc = main(['normalize', {str(src)!r}, '--target', {str(target)!r}, '--out', {str(dst)!r}]); "
+                "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+                "print('MAXRSS', hwm, file=sys.stderr); sys.exit(rc)"
+            )
+            t0 = time.perf_counter()
+            run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            seconds = time.perf_counter() - t0
+            summary = json.loads(run.stdout)
+            maxrss = int(run.stderr.rsplit("MAXRSS", 1)[1].split()[0])
+            out[f"{size}x{size}"] = {
+                "megapixels": size * size / 1e6,
+                "levels": len(summary["out"]["levels"]),
+                "tiles": summary["out"]["tiles"],
+                "write_s": summary["out"]["seconds"],
+                "total_s": seconds,
+                "mpix_per_s": size * size / 1e6 / summary["out"]["seconds"],
+                "peak_rss_mb": maxrss / 1024,
+                "output_mb": dst.stat().st_size / 2**20,
+            }
+            src.unlink()
+            dst.unlink()
+            print(f"write {size}: done", file=sys.stderr)
+    return out
+
+
 # ---------------------------------------------------------------------- quality
 
 
@@ -319,12 +370,150 @@ def bench_quality(limit: int | None) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------------- figures
+
+
+def _label(img: np.ndarray, text: str) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    im = Image.fromarray(img)
+    draw = ImageDraw.Draw(im)
+    w = 7 * len(text) + 8
+    draw.rectangle([0, 0, w, 16], fill=(255, 255, 255))
+    draw.text((4, 2), text, fill=(0, 0, 0))
+    return np.asarray(im)
+
+
+def _save_png(img: np.ndarray, path: Path) -> dict[str, Any]:
+    from PIL import Image
+
+    Image.fromarray(img).quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
+    return {"path": str(path), "bytes": path.stat().st_size, "shape": list(img.shape[:2])}
+
+
+def make_figures(folder: Path) -> dict[str, Any]:
+    """Before/after pictures for docs/stain.md (PNG, 256 colours, < 300 KB each)."""
+    from napari_pathoseg.slide import open_slide, sample_slide_path
+    from napari_pathoseg.stain import estimate_slide_stain, get_normalizer, normalized_pyramid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {}
+    pad = lambda a, n=4: np.pad(a, ((n, n), (n, n), (0, 0)), constant_values=255)  # noqa: E731
+    # 1. MoNuSeg: three organs/labs normalised to one target, by each method
+    files = sorted((DATA / "monuseg_train" / "images").glob("*.png"))
+    by_name = {f.name: f for f in files}
+    target = _read_rgb(by_name.get("TCGA-HE-7128-01Z-00-DX1.png", files[0]))
+    sources = [_read_rgb(files[i]) for i in (0, 5, 20)]
+    def crop(im: np.ndarray) -> np.ndarray:  # 256 px crop shown at 160 px
+        from skimage.transform import resize
+
+        c = resize(im[300:556, 300:556], (160, 160), anti_aliasing=True, preserve_range=True)
+        return np.clip(c + 0.5, 0, 255).astype(np.uint8)
+
+    norms = {m: get_normalizer(m).fit(target) for m in ("macenko", "vahadane", "reinhard")}
+    rows = []
+    blank = np.full((160, 160, 3), 255, np.uint8)
+    rows.append(np.concatenate([pad(_label(crop(target), "target")), *(pad(blank) for _ in range(3))], axis=1))
+    for i, src in enumerate(sources):
+        cells = [pad(_label(crop(src), f"source {i + 1}"))]
+        for m, norm in norms.items():
+            cells.append(pad(_label(crop(norm.transform(src)), m)))
+        rows.append(np.concatenate(cells, axis=1))
+    out["monuseg"] = _save_png(np.concatenate(rows, axis=0), folder / "stain_methods_monuseg.png")
+    # 2. Kather 2016 tiles from different patients, before and after Macenko / Vahadane
+    tiles = []
+    for cls in ("01_tumor", "02_stroma", "04_lympho", "06_mucosa", "03_complex"):
+        tiles.append(_read_rgb(sorted((DATA / "kather2016_texture_tiles" / cls).glob("*.tif"))[1]))
+    kt = get_normalizer("macenko").fit(tiles[3])
+    kv = get_normalizer("vahadane").fit(tiles[3])
+    rows = [
+        np.concatenate([pad(_label(t, "source")) for t in tiles], axis=1),
+        np.concatenate([pad(_label(kt.transform(t), "macenko")) for t in tiles], axis=1),
+        np.concatenate([pad(_label(kv.transform(t), "vahadane")) for t in tiles], axis=1),
+    ]
+    out["kather"] = _save_png(np.concatenate(rows, axis=0), folder / "stain_kather.png")
+    # 3. a whole slide, normalised lazily with one source estimate (no seams)
+    with open_slide(sample_slide_path()) as slide:
+        norm = get_normalizer("macenko").fit(target)
+        src = estimate_slide_stain(slide, norm)
+        levels = normalized_pyramid(slide, norm, source=src)
+        lvl = min(1, len(levels) - 1)  # the whole slide at 2x down-sampling
+        before = np.asarray(slide.pyramid[lvl])
+        after = np.asarray(levels[lvl])
+    from skimage.transform import resize
+
+    def small(a: np.ndarray) -> np.ndarray:
+        return np.clip(resize(a, (400, 300), anti_aliasing=True, preserve_range=True) + 0.5, 0, 255).astype(np.uint8)
+
+    fig = np.concatenate([pad(_label(small(before), "CMU-1 slide")), pad(_label(small(after), "macenko, lazy pyramid"))], axis=1)
+    out["slide"] = _save_png(fig, folder / "stain_slide.png")
+    return out
+
+
+def screenshot_dock(folder: Path) -> dict[str, Any]:
+    """The Stain dock beside the viewer's canvas: slide and its normalised layer side by side.
+
+    Needs a display (or Xvfb). The dock is fitted to a MoNuSeg reference file.
+    """
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    import napari_pathoseg._widgets.stain as dock_mod
+    from napari_pathoseg._reader import slide_layer_data
+    from napari_pathoseg.slide import open_slide, sample_slide_path
+
+    dock_mod.show_info = lambda msg: None  # no toasts in the picture
+    viewer = napari.Viewer(show=True)
+    try:
+        slide = open_slide(sample_slide_path())
+        data, kwargs, _ = slide_layer_data(slide)
+        viewer.add_image(data, **kwargs)
+        dock = dock_mod.StainWidget(viewer)
+        viewer.window.add_dock_widget(dock, name="Stain", area="right")
+        dock.method_combo.setCurrentText("vahadane")
+        dock.target_combo.setCurrentText(dock_mod.TARGET_FILE)
+        dock.path_edit.setText(str(sorted((DATA / "monuseg_train" / "images").glob("*.png"))[12]))
+        app = QApplication.instance()
+        for step in (dock._on_fit, dock._on_add_normalized):
+            step()
+            t0 = time.perf_counter()
+            while dock._worker is not None and time.perf_counter() - t0 < 120:
+                app.processEvents()
+                time.sleep(0.05)
+        viewer.grid.enabled = True
+        viewer.reset_view()
+        viewer.camera.center = (1050, 400)
+        viewer.camera.zoom = 0.65
+        for _ in range(30):
+            app.processEvents()
+            time.sleep(0.05)
+        grab = dock.grab()
+        canvas = np.asarray(viewer.screenshot(canvas_only=True, flash=False, size=(grab.height(), 640)))[..., :3]
+        qimg = grab.toImage().convertToFormat(grab.toImage().Format.Format_RGB888)
+        w, h = qimg.width(), qimg.height()
+        ptr = qimg.bits()
+        ptr.setsize(qimg.bytesPerLine() * h)
+        panel = np.frombuffer(ptr, np.uint8).reshape(h, qimg.bytesPerLine())[:, : 3 * w].reshape(h, w, 3)
+        # the canvas may come back with unrendered (black) rows at the bottom: drop them
+        rendered = np.flatnonzero(canvas.reshape(canvas.shape[0], -1).max(axis=1) > 0)
+        canvas = canvas[: rendered[-1] + 1] if rendered.size else canvas
+        height = canvas.shape[0]
+        panel = panel[:height]
+        fig = np.full((height, canvas.shape[1] + panel.shape[1] + 8, 3), 38, np.uint8)
+        fig[: canvas.shape[0], : canvas.shape[1]] = canvas
+        fig[: panel.shape[0], canvas.shape[1] + 8 :] = panel
+        return {"dock": _save_png(fig, folder / "stain_dock.png")}
+    finally:
+        viewer.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2048 px only, 10 MoNuSeg images, one repeat")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--skip", nargs="*", default=[], choices=("speed", "chunks", "quality"))
+    p.add_argument("--skip", nargs="*", default=[], choices=("speed", "chunks", "write", "quality"))
     p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--figures", default=None, metavar="DIR", help="write the docs pictures into DIR")
     args = p.parse_args(argv)
     if not DATA.is_dir():
         print(json.dumps({"error": f"shared data not found at {DATA}"}))
@@ -349,8 +538,16 @@ def main(argv: list[str] | None = None) -> int:
         result["speed"] = bench_speed(sizes, repeat, 1)
     if "chunks" not in args.skip:
         result["chunk_latency"] = bench_chunks()
+    if "write" not in args.skip:
+        result["write"] = bench_write([4096] if args.quick else [12000, 24000])
     if "quality" not in args.skip:
         result["quality"] = bench_quality(10 if args.quick else None)
+    if args.figures:
+        result["figures"] = make_figures(Path(args.figures))
+        try:
+            result["figures"].update(screenshot_dock(Path(args.figures)))
+        except Exception as exc:  # noqa: BLE001 - no display: skip the screenshot
+            result["figures"]["dock"] = f"skipped ({type(exc).__name__}: {exc})"
     text = json.dumps(result, indent=2, default=float)
     print(text)
     if args.out:

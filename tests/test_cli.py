@@ -52,8 +52,27 @@ def test_console_script_runs(sample_svs):
     assert json.loads(out.stdout)["format"] == "aperio"
 
 
-def test_demo_headless(tmp_path, capsys):
-    assert main(["demo", "--headless", "--out", str(tmp_path / "demo")]) == 0
+def test_demo_headless_without_nuclei(tmp_path, capsys):
+    assert main(["demo", "--headless", "--no-nuclei", "--out", str(tmp_path / "demo")]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["tissue_tiles_512"] > 0
     assert (tmp_path / "demo" / "thumbnail_tissue.png").stat().st_size > 1000
+    assert "nuclei" not in d
+
+
+@pytest.mark.slow
+def test_demo_headless_segments_the_sample(tmp_path, capsys):
+    """The README's main job: the whole sample slide's nuclei with the shipped model."""
+    import numpy as np
+    import tifffile
+
+    assert main(["demo", "--headless", "--out", str(tmp_path / "demo")]) == 0
+    d = json.loads(capsys.readouterr().out)
+    nuc = d["nuclei"]
+    assert nuc["model"] == "nuclei-lite"
+    assert nuc["n_nuclei"] > 1000  # the sample holds several thousand nuclei
+    lab = tifffile.imread(nuc["labels"])
+    assert lab.shape == (2967, 2220) and lab.dtype == np.uint32
+    assert len(np.unique(lab)) - 1 == nuc["n_nuclei"]
+    assert (tmp_path / "demo" / "nuclei_overlay.png").stat().st_size > 10000
+    assert not list((tmp_path / "demo").glob(".nuclei-*"))

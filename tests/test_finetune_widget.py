@@ -151,3 +151,24 @@ def test_compare_region_is_the_centre_of_a_large_view():
 
     assert compare_region((10, 20, 300, 200)) == (10, 20, 300, 200)
     assert compare_region((0, 0, 10000, 3000), max_side=4096) == (2952, 0, 4096, 3000)
+
+
+def test_uses_the_project_open_in_the_review_dock(dock, tmp_path, monkeypatch):
+    import napari_pathoseg._widgets.finetune as mod
+    from napari_pathoseg._widgets.review import ReviewWidget
+    from napari_pathoseg.pseudolabels import ReviewProject
+
+    shown = []
+    monkeypatch.setattr(mod, "show_error", shown.append)
+    dock.review_btn.click()
+    assert shown and "Review dock" in shown[-1] and dock.project_edit.text() == ""
+    proj = ReviewProject.create(tmp_path / "proj", source=tmp_path, source_kind="folder", model="t",
+                                tile_size=8, mpp=0.5)
+    proj.add_tile(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.uint8), np.full((8, 8), 0.9, np.float32),
+                  np.ones((8, 8), np.int32), x=0, y=0)
+    review = ReviewWidget(dock.viewer)
+    dock.viewer.window.add_dock_widget(review, name="Review")
+    review.open_project(proj.root)
+    dock.review_btn.click()
+    assert dock.project_edit.text() == str(proj.root)
+    review.close()

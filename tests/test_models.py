@@ -28,6 +28,15 @@ from napari_pathoseg.models.m2 import (
 from napari_pathoseg.models.registry import NucleusModel, list_models, load_model, register_model
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models: one intra-op thread is fastest and immune to busy shared cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(preset: str = "attcycle-lite", **kw) -> M2Config:
     """The preset's structure with small widths (same number of levels)."""
     base = PRESETS[preset]

@@ -11,12 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_pathoseg.errors import CancelledError, PathosegError, StainError
+from napari_pathoseg.errors import CancelledError, StainError
 from napari_pathoseg.slide import Slide, open_slide
 from napari_pathoseg.stain import (
-    MacenkoNormalizer,
     StainAugmenter,
-    StainParams,
     augment_stain,
     available_normalizers,
     deconvolution_pyramid,

@@ -31,6 +31,15 @@ from napari_pathoseg.training.datasets import (
 )
 from napari_pathoseg.training.loop import DoneEvent, EpochEvent, StepEvent, run_training, train_m2
 
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models: one intra-op thread is fastest and immune to busy shared cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 TINY = dataclasses.replace(
     PRESETS["attcycle-lite"], widths=(4, 8, 16), disc_width=4, disc_layers=2, tile_size=16, gan_every=2
 )
@@ -192,6 +201,12 @@ def test_augmentations():
     assert gi[gl > 0].mean() < gi[gl == 0].mean() - 60  # labels follow the (dark) nuclei
     with pytest.raises(PathosegError, match="RGB"):
         hed_perturb(np.zeros((4, 4, 4), np.uint8), rng=rng)
+    from napari_pathoseg.training.datasets import STAIN_AUGMENTATIONS
+
+    for name in ("hed", "stain"):
+        a = STAIN_AUGMENTATIONS[name](img, np.random.default_rng(1))
+        b = STAIN_AUGMENTATIONS[name](img, np.random.default_rng(1))
+        assert a.shape == img.shape and np.array_equal(a, b)  # seeded
 
 
 def test_resample_pair():
@@ -266,3 +281,22 @@ def test_evaluate_folder(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "img" / "a.png")  # greyscale
     with pytest.raises(DataError, match="RGB"):
         evaluate_folder(tmp_path / "img", tmp_path / "msk", model=ckpt)
+
+
+def test_tune_instances_picks_best_setting(tmp_path):
+    from napari_pathoseg.models.checkpoint import save_checkpoint
+    from napari_pathoseg.models.m2 import M2Model
+    from napari_pathoseg.models.registry import load_model
+    from napari_pathoseg.training.release import GRID, tune_instances
+
+    torch.manual_seed(0)
+    model = M2Model(TINY)
+    ckpt = save_checkpoint(tmp_path / "m.safetensors",
+                           {n: getattr(model, n).state_dict() for n in ("G_X2Y", "G_Y2X", "D_X", "D_Y")},
+                           TINY.to_dict(), {"instance_method": "distance", "instance_params": {"min_distance_um": 3.0}})
+    m = load_model(ckpt)
+    assert m.instance_params == {"min_distance_um": 3.0}
+    res = tune_instances(m, [_blobs(1, size=24)])
+    assert res["method"] in GRID and res["params"] in GRID[res["method"]]
+    assert res["aji"] == max(g["aji"] for g in res["grid"])
+    assert len(res["grid"]) == sum(len(v) for v in GRID.values())

@@ -179,6 +179,8 @@ def to_instances(
     method: str = "auto",
     mpp: float = 0.5,
     threshold: float = 0.5,
+    boundary_threshold: float = 0.5,
+    min_distance_um: float = 2.5,
 ) -> np.ndarray:
     """Instance labels from a nucleus probability map (and optional boundary map).
 
@@ -195,6 +197,10 @@ def to_instances(
         Micrometres per pixel of the maps (sizes scale with it).
     threshold : float
         Foreground probability threshold.
+    boundary_threshold : float
+        Boundary threshold of the ``"boundary"`` method.
+    min_distance_um : float
+        Minimum centre distance of the ``"distance"`` method.
 
     Returns
     -------
@@ -209,5 +215,5 @@ def to_instances(
     if method == "boundary" and bmap is None:
         raise PathosegError("Instance method 'boundary' needs the boundary map (extra); use 'distance'.")
     if method == "boundary" or (method == "auto" and bmap is not None):
-        return boundary_watershed(prob, bmap, threshold=threshold, mpp=mpp)
-    return distance_watershed(prob, threshold=threshold, mpp=mpp)
+        return boundary_watershed(prob, bmap, threshold=threshold, boundary_threshold=boundary_threshold, mpp=mpp)
+    return distance_watershed(prob, threshold=threshold, mpp=mpp, min_distance_um=min_distance_um)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QEvent, QObject, QPointF, Qt
+from qtpy.QtCore import QEvent, QObject, QPointF
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import (
     QCheckBox,

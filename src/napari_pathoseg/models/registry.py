@@ -66,6 +66,8 @@ class NucleusModel:
         Checkpoint metadata (training info, validation scores).
     instance_method : str
         Instance post-processing chosen on validation (``"boundary"`` or ``"distance"``).
+    instance_params : dict
+        Its thresholds tuned on validation (keywords of :func:`napari_pathoseg.instances.to_instances`).
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class NucleusModel:
         self.meta = dict(meta or {})
         default = "boundary" if config.seg_channels > 1 else "distance"
         self.instance_method = self.meta.get("instance_method", default)
+        self.instance_params: dict[str, float] = dict(self.meta.get("instance_params", {}))
         self._multiple = 2 ** (len(self.generator.encoder.out_channels) - 1)
 
     @property
@@ -151,11 +154,14 @@ class NucleusModel:
     ) -> np.ndarray:
         """Instance labels (H, W) int32 of one tile from ``prob`` (H, W) and ``extra`` (C, H, W).
 
-        ``method`` defaults to the one chosen on validation; ``mpp`` to the
-        model's (pass the maps' um/px if they were resampled).
+        ``method`` defaults to the one chosen on validation (with its tuned
+        thresholds, :attr:`instance_params`); ``mpp`` to the model's (pass the
+        maps' um/px if they were resampled).
         """
+        method = method or self.instance_method
+        params = self.instance_params if method == self.instance_method else {}
         return _to_instances(
-            prob, extra, method=method or self.instance_method, mpp=mpp if mpp is not None else self.mpp
+            prob, extra, method=method, mpp=mpp if mpp is not None else self.mpp, **params
         )
 
 

@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 N_COLOURS = 1 << 24
 #: Pixels per chunk when applying the table (bounds the temporaries to ~12 MiB).
 APPLY_CHUNK = 1 << 20
+#: Pixels per chunk of the direct separable evaluation: its float temporaries then stay
+#: in the CPU cache (1.5x faster than 1M-pixel chunks).
+DIRECT_CHUNK = 1 << 15
 #: Colours evaluated per chunk when filling a table from a generic function.
 BUILD_CHUNK = 1 << 18
 #: Generic maps are applied through the table (built on first need, by sampling the
@@ -158,8 +161,8 @@ class ColourMap:
         n = pixels.shape[0]
         out = np.empty((n, 3), np.uint8)
         flat = pixels.reshape(-1)
-        for p0 in range(0, n, APPLY_CHUNK):
-            m = min(APPLY_CHUNK, n - p0)
+        for p0 in range(0, n, DIRECT_CHUNK):
+            m = min(DIRECT_CHUNK, n - p0)
             rg = np.ndarray((m,), dtype=">u2", buffer=flat[3 * p0 : 3 * (p0 + m)], strides=(3,)).astype(np.intp)
             b = pixels[p0 : p0 + m, 2].astype(np.intp)
             val = np.empty(m, np.float32)

@@ -11,8 +11,8 @@ pixel of every pyramid level:
   normaliser's 256³ colour table (a look-up per pixel);
 * :func:`deconvolution_pyramid` does the same for one stain's concentration map;
 * :func:`write_normalized_tiff` streams the normalised slide into a tiled pyramidal TIFF
-  one tile at a time; coarser levels are built from the finer one through a temporary
-  memory-mapped file, so memory stays bounded by the tile size whatever the slide size.
+  one tile at a time; coarser levels are built from the finer one through a scratch
+  file, so memory stays bounded by the tile size whatever the slide size.
 
 Examples
 --------
@@ -117,7 +117,7 @@ def sample_tissue(
     lvl = default_sample_level(slide) if level is None else int(level)
     if not 0 <= lvl < slide.level_count:
         raise StainError(f"{slide.metadata.path}: level {lvl} does not exist (0..{slide.level_count - 1})")
-    mask, mask_ds = tissue_mask(slide)
+    mask, mask_ds = tissue_mask(slide, max_size=1024)  # coarse is enough to place tiles
     coords = np.argwhere(mask)
     if coords.size == 0:
         raise StainError(
@@ -403,6 +403,44 @@ def _downsample2(block: np.ndarray) -> np.ndarray:
     return ((s + 2) // 4).astype(np.uint8)
 
 
+class _QuarterStore:
+    """A level being built from 2x2-averaged tiles of the level above it, on disk.
+
+    Each tile ``(a, b)`` of the finer level, once averaged, is a quarter
+    (``tile/2`` square) of a tile of this level; quarters are fixed-size records at
+    ``(a * n_cols + b) * record`` in a scratch file (``os.pwrite`` / ``os.pread``: no
+    memory map, so memory use stays a few tiles whatever the slide size).
+    """
+
+    def __init__(self, path: Path, *, fine_tiles: tuple[int, int], tile: int) -> None:
+        self.half = tile // 2
+        self.tile = tile
+        self.n_rows, self.n_cols = fine_tiles
+        self.record = self.half * self.half * 3
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    def put(self, a: int, b: int, quarter: np.ndarray) -> None:
+        """Store the averaged fine tile ``(a, b)`` (at most ``tile/2`` square)."""
+        buf = np.full((self.half, self.half, 3), 255, np.uint8)
+        buf[: quarter.shape[0], : quarter.shape[1]] = quarter
+        os.pwrite(self.fd, buf.tobytes(), (a * self.n_cols + b) * self.record)
+
+    def get(self, row: int, col: int, height: int, width: int) -> np.ndarray:
+        """The ``(height, width, 3)`` tile of this level whose corner is ``(row, col)``."""
+        out = np.full((self.tile, self.tile, 3), 255, np.uint8)
+        h = self.half
+        for qr in (0, 1):
+            for qc in (0, 1):
+                a, b = 2 * (row // self.tile) + qr, 2 * (col // self.tile) + qc
+                if a < self.n_rows and b < self.n_cols:
+                    raw = os.pread(self.fd, self.record, (a * self.n_cols + b) * self.record)
+                    out[qr * h : (qr + 1) * h, qc * h : (qc + 1) * h] = np.frombuffer(raw, np.uint8).reshape(h, h, 3)
+        return out[:height, :width]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 def _is_cancelled(cancel: Callable[[], bool] | threading.Event | None) -> bool:
     if cancel is None:
         return False
@@ -429,9 +467,9 @@ def write_normalized_tiff(
 
     Level 0 of the output is ``level`` of the slide. Each output tile is read, mapped
     through the normaliser's colour table and handed to :mod:`tifffile`; its 2x2 mean
-    goes to a temporary memory-mapped file next to the output, from which the next
-    level is written the same way. Peak memory is a few tiles (the memory maps are
-    paged by the OS); the temporary files are removed afterwards. The output is one
+    goes to a temporary scratch file next to the output, from which the next level is
+    written the same way. Peak memory is a few tiles plus the 64 MiB colour table,
+    whatever the slide size; the scratch files are removed afterwards. The output is one
     top-level page per level, ``SubfileType=reduced`` for levels > 0, with resolution
     tags (pixels/cm) when the slide's µm per pixel is known: OpenSlide reads it as
     ``generic-tiff``. It is written to a temporary file and renamed when complete.
@@ -501,16 +539,18 @@ def write_normalized_tiff(
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     work = Path(tempfile.mkdtemp(prefix=".stain-pyramid-", dir=out_path.parent))
     done = 0
+    stores: list[_QuarterStore] = []
     try:
-        below: np.ndarray | None = None  # the level being written, for levels >= 1
         with tifffile.TiffWriter(tmp, bigtiff=rows * cols * 3 > 2**31) as tw:
             for k, (lr, lc) in enumerate(shapes):
+                current = stores[-1] if stores else None  # source of this level (k >= 1)
                 nxt = None
                 if k + 1 < len(shapes):
-                    nxt = np.lib.format.open_memmap(work / f"level{k + 1}.npy", mode="w+", dtype=np.uint8, shape=shapes[k + 1] + (3,))
-                current = below
+                    grid = (math.ceil(lr / tile_size), math.ceil(lc / tile_size))
+                    nxt = _QuarterStore(work / f"level{k + 1}.raw", fine_tiles=grid, tile=tile_size)
+                    stores.append(nxt)
 
-                def tiles(k: int = k, lr: int = lr, lc: int = lc, current: np.ndarray | None = current, nxt: np.ndarray | None = nxt):
+                def tiles(k: int = k, lr: int = lr, lc: int = lc, current: _QuarterStore | None = current, nxt: _QuarterStore | None = nxt):
                     nonlocal done
                     for r in range(0, lr, tile_size):
                         for c in range(0, lc, tile_size):
@@ -520,10 +560,9 @@ def write_normalized_tiff(
                             if current is None:
                                 block = cmap(slide.read_region(level=level, row=r, col=c, height=h, width=w))
                             else:
-                                block = np.asarray(current[r : r + h, c : c + w])
+                                block = current.get(r, c, h, w)
                             if nxt is not None:
-                                small = _downsample2(block)
-                                nxt[r // 2 : r // 2 + small.shape[0], c // 2 : c // 2 + small.shape[1]] = small
+                                nxt.put(r // tile_size, c // tile_size, _downsample2(block))
                             if block.shape[:2] != (tile_size, tile_size):
                                 pad = np.full((tile_size, tile_size, 3), 255, np.uint8)
                                 pad[:h, :w] = block
@@ -549,17 +588,14 @@ def write_normalized_tiff(
                     **res,
                     **comp,
                 )
-                if nxt is not None:
-                    nxt.flush()
-                below = nxt
-                del current
-        del below
         os.replace(tmp, out_path)
     except PathosegError:
         raise
     except OSError as exc:
         raise StainError(f"{out_path}: writing the TIFF failed ({exc})") from exc
     finally:
+        for store in stores:
+            store.close()
         if tmp.exists():
             tmp.unlink()
         shutil.rmtree(work, ignore_errors=True)

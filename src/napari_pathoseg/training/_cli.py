@@ -39,6 +39,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--split", default=str(SHIPPED_SPLIT),
         help="split JSON (train/val/test, X/Y); written there from --seed when missing",
     )
+    p.add_argument(
+        "--stain-aug", default="hed", choices=("hed", "stain", "none"),
+        help="stain augmentation: 'hed' (training.augment, used for nuclei-lite), "
+        "'stain' (napari_pathoseg.stain.augment), 'none'",
+    )
     p.add_argument("--pseudo", default=None, help="project dir with pseudo-labels (pseudolabels/*.npz)")
     p.add_argument(
         "--threads", default="auto",
@@ -102,6 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from napari_pathoseg.models.m2 import get_preset
     from napari_pathoseg.training.datasets import (
+        STAIN_AUGMENTATIONS,
         build_m2_data,
         load_nuclei_sources,
         load_split,
@@ -141,7 +147,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = _drive(train_m2(
             config, data, out_dir=args.out, epochs=args.epochs, lr=args.lr, seed=args.seed,
             resume=args.resume, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
-            meta={"command": command}, cancel=cancel,
+            meta={"command": command, "stain_aug": args.stain_aug}, cancel=cancel,
+            stain_augment=STAIN_AUGMENTATIONS[args.stain_aug],
         ), auto_threads=auto_threads, torch=torch)
     finally:
         for sig, handler in previous.items():

@@ -221,7 +221,9 @@ def load_nuclei_originals(
     return items
 
 
-def load_nuclei_sources(root: str | os.PathLike, *, mpp: float = 0.5) -> list[LabelledImage]:
+def load_nuclei_sources(
+    root: str | os.PathLike, *, mpp: float = 0.5, names: Sequence[str] | None = None
+) -> list[LabelledImage]:
     """Load MoNuSeg train and CPM-15 with instance masks, resampled to ``mpp``.
 
     Parameters
@@ -230,6 +232,8 @@ def load_nuclei_sources(root: str | os.PathLike, *, mpp: float = 0.5) -> list[La
         The shared data folder holding ``monuseg_train/`` and ``cpm15_nuclei/``.
     mpp : float
         Target micrometres per pixel.
+    names : sequence of str or None
+        Load only these images (``"<source>/<id>"``).
 
     Returns
     -------
@@ -237,7 +241,10 @@ def load_nuclei_sources(root: str | os.PathLike, *, mpp: float = 0.5) -> list[La
         Sorted by name.
     """
     items: list[LabelledImage] = []
+    wanted = None if names is None else set(names)
     for name, ipath, mpath, src, source in iter_nuclei_files(root):
+        if wanted is not None and name not in wanted:
+            continue
         img, lab = resample_pair(read_image(ipath), read_labels(mpath), src_mpp=src, dst_mpp=mpp)
         items.append(LabelledImage(name, img, lab, 1.0, source, mpp))
     return sorted(items, key=lambda it: it.name)
@@ -508,3 +515,18 @@ class CropSampler:
 def default_stain_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """HED perturbation used in training (alpha 0.2, beta 0.02)."""
     return hed_perturb(image, rng=rng, alpha=0.2, beta=0.02)
+
+
+def stain_issue_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Stain augmentation of :mod:`napari_pathoseg.stain.augment` (LUT-based Tellez HED).
+
+    Same idea as :func:`default_stain_augment` (scale U(0.8, 1.2), shift
+    U(-0.02, 0.02) OD) through the stain package's implementation.
+    """
+    from napari_pathoseg.stain.augment import augment_stain
+
+    return augment_stain(image, rng=rng, sigma_scale=0.2, sigma_shift=0.02)
+
+
+#: Stain augmentations selectable from the command line (``--stain-aug``).
+STAIN_AUGMENTATIONS = {"hed": default_stain_augment, "stain": stain_issue_augment, "none": None}

@@ -3,8 +3,9 @@
 ``python -m napari_pathoseg.training.release RUN_DIR [--name nuclei-lite]``:
 
 1. loads ``RUN_DIR/best.safetensors``;
-2. scores both instance methods on the validation images of the split, at
-   their own resolution, and keeps the better one (``instance_method``);
+2. scores both instance methods with a small grid of thresholds
+   (:data:`GRID`) on the validation images of the split at the model's
+   resolution, and keeps the best (``instance_method``, ``instance_params``);
 3. scores the held-out test images, clean and after a strong HED stain
    perturbation;
 4. writes ``<name>.safetensors`` (same tensors, metadata extended with the
@@ -29,10 +30,10 @@ import numpy as np
 from napari_pathoseg.models.checkpoint import load_checkpoint, save_checkpoint
 from napari_pathoseg.models.registry import WEIGHTS_DIR, load_model
 from napari_pathoseg.training.augment import hed_perturb
-from napari_pathoseg.training.datasets import load_nuclei_originals
+from napari_pathoseg.training.datasets import load_nuclei_originals, load_nuclei_sources
 from napari_pathoseg.training.evaluate import evaluate_items
 
-__all__ = ["release_model", "strong_perturb"]
+__all__ = ["release_model", "strong_perturb", "tune_instances", "GRID"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,52 @@ def strong_perturb(image: np.ndarray, *, alpha: float = 0.3, beta: float = 0.03)
     """Strong HED stain perturbation, seeded by the image content (repeatable)."""
     seed = zlib.crc32(np.ascontiguousarray(image[:8, :8]).tobytes())
     return hed_perturb(image, rng=np.random.default_rng(seed), alpha=alpha, beta=beta)
+
+
+#: Instance post-processing settings tried on the validation images.
+GRID = {
+    "distance": [dict(threshold=t, min_distance_um=d) for t in (0.4, 0.5) for d in (1.5, 2.0, 2.5, 3.0)],
+    "boundary": [dict(threshold=t, boundary_threshold=b) for t in (0.4, 0.5) for b in (0.2, 0.3, 0.4, 0.5)],
+}
+
+
+def tune_instances(model, items) -> dict[str, Any]:
+    """Pick the instance method and thresholds with the best mean AJI on ``items``.
+
+    ``items`` are validation images at the model's resolution; the network
+    runs once per image and every setting of :data:`GRID` is scored.
+
+    Returns
+    -------
+    dict
+        ``method``, ``params``, ``aji`` of the winner, ``best_per_method``
+        (metrics of each method's best setting) and ``grid`` (all AJIs).
+    """
+    from napari_pathoseg.instances import to_instances
+    from napari_pathoseg.metrics import instance_metrics
+    from napari_pathoseg.training.loop import predict_image
+
+    mult = 2 ** (len(model.generator.encoder.out_channels) - 1)
+    probs = [predict_image(model.generator, it.image, multiple=mult) for it in items]
+    grid: list[dict[str, Any]] = []
+    best_per_method: dict[str, dict[str, float]] = {}
+    for method, settings in GRID.items():
+        if method == "boundary" and probs[0].shape[0] < 2:
+            continue
+        for params in settings:
+            rows = [
+                instance_metrics(it.labels, to_instances(p[0], p[1:] if len(p) > 1 else None,
+                                                         method=method, mpp=model.mpp, **params))
+                for it, p in zip(items, probs)
+            ]
+            mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+            grid.append({"method": method, "params": params, "aji": mean["aji"]})
+            if method not in best_per_method or mean["aji"] > best_per_method[method]["aji"]:
+                best_per_method[method] = dict(mean, params=params)
+            logger.info("%s %s: AJI %.4f", method, params, mean["aji"])
+    win = max(grid, key=lambda g: g["aji"])
+    return {"method": win["method"], "params": win["params"], "aji": win["aji"],
+            "best_per_method": best_per_method, "grid": grid}
 
 
 def _history_seconds(run_dir: Path) -> float | None:
@@ -70,10 +117,10 @@ def release_model(
     tensors, config, meta = load_checkpoint(best, expected_kind="m2")
     split = meta["split"]
     model = load_model(best)
-    val = load_nuclei_originals(data_root, names=split["val"])
-    val_scores = {m: evaluate_items(model, val, method=m)["metrics"] for m in ("boundary", "distance")}
-    method = max(val_scores, key=lambda m: val_scores[m]["aji"])
-    model.instance_method = method
+    tuning = tune_instances(model, load_nuclei_sources(data_root, mpp=model.mpp, names=split["val"]))
+    method, params = tuning["method"], tuning["params"]
+    model.instance_method, model.instance_params = method, dict(params)
+    val_scores = tuning["best_per_method"]
     card: dict[str, Any] = {
         "name": name,
         "description": "M2 AttCycle teacher (lite): nucleus instances + stain normalisation at 0.5 um/px",
@@ -81,6 +128,7 @@ def release_model(
         "mpp": config["mpp"],
         "tile_size": config["tile_size"],
         "instance_method": method,
+        "instance_params": params,
         "best_epoch": meta.get("epoch"),
         "epochs_trained": len(json.loads((run_dir / "history.json").read_text())) if (run_dir / "history.json").is_file() else None,
         "train_seconds": _history_seconds(run_dir),
@@ -100,7 +148,7 @@ def release_model(
     card["scores"] = card.get("test", {})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    new_meta = dict(meta, instance_method=method, card=card)
+    new_meta = dict(meta, instance_method=method, instance_params=params, card=card)
     save_checkpoint(out / f"{name}.safetensors", tensors, config, new_meta)
     fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
