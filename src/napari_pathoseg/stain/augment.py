@@ -85,7 +85,8 @@ class StainAugmenter:
         self.keep_background = bool(keep_background)
         self.beta = float(beta)
         self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        self._od_max = od_table(_IO, dtype=np.float32)
+        # blend weight of the perturbation for each darkest-channel level (0 on background)
+        self._weight = np.clip(od_table(_IO, dtype=np.float32) / self.beta - 0.5, 0.0, 1.0)
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         """Draw one perturbation: ``(scale (k,), shift (k,))`` for the k stains."""
@@ -113,8 +114,14 @@ class StainAugmenter:
         rgb, _ = as_rgb_uint8(image, what="tile")
         out = self.colour_map(scale, shift).map_pixels(rgb.reshape(-1, 3)).reshape(rgb.shape)
         if self.keep_background:
-            weight = np.clip(self._od_max[rgb].max(axis=-1) / self.beta - 0.5, 0.0, 1.0)[..., None]
-            out = np.clip(rgb + weight * (out.astype(np.float32) - rgb) + 0.5, 0, 255).astype(np.uint8)
+            darkest = np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])  # largest OD
+            weight = self._weight[darkest][..., None]
+            blend = out.astype(np.float32)
+            blend -= rgb
+            blend *= weight
+            blend += rgb
+            blend += 0.5
+            out = blend.astype(np.uint8)  # a convex mix of two uint8 images: in range
         return out
 
     def __call__(self, image: Any) -> np.ndarray:
