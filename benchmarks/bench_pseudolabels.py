@@ -12,8 +12,8 @@ Measured on the held-out test images of the shipped split
 
 Every one of the 30 MoNuSeg training images (and all of CPM-15) is in the split's strong set,
 so the unlabelled tiles come from elsewhere: the tissue tiles of the bundled
-CMU-1-Small-Region.svs (0.499 µm/px, never labelled) plus the MoNuSAC sample image
-(``monusac_samples/images``, 0.194 µm/px, its masks unused). The pseudo-labelled tiles are
+CMU-1-Small-Region.svs (0.499 µm/px, never labelled) plus the two MoNuSAC sample images
+(``monusac_samples/images``, 0.194 µm/px, their masks unused). The pseudo-labelled tiles are
 used without human review (all tiles scoring >= threshold), as M2 does.
 
 Run from the repository root::

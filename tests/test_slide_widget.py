@@ -70,3 +70,17 @@ def test_slide_widget_bad_file_notifies(make_napari_viewer, qtbot, tmp_path, mon
     assert "broken.svs" in errors[0]
     assert len(viewer.layers) == 0
     qtbot.waitUntil(w.open_btn.isEnabled, timeout=5000)
+
+
+def test_demo_gui_opens_slide_with_all_docks(qtbot, sample_svs):
+    """`pathoseg demo` with a display: napari with the sample slide and every dock."""
+    from napari_pathoseg._widgets.launch import launch_viewer
+
+    viewer = launch_viewer(sample_svs, run=False)
+    try:
+        assert viewer.layers[0].metadata["slide"]["format"] == "aperio"
+        docks = set(viewer.window._dock_widgets)
+        for name in ("Slide", "Stain", "Nuclei", "Review", "Fine-tune", "Export"):
+            assert any(name in d for d in docks), (name, docks)
+    finally:
+        viewer.close()

@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "napari_pathoseg.training._cli",
     "napari_pathoseg.nuclei",
     "napari_pathoseg.pseudolabels_cli",
+    "napari_pathoseg.finetune",
 )
 
 

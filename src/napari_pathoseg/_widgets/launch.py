@@ -11,11 +11,8 @@ def launch_viewer(path: str | Path, *, run: bool = True):
 
     viewer = napari.Viewer(title="napari-pathoseg")
     viewer.open(str(path), plugin="napari-pathoseg")
-    for widget in ("Slide", "Stain", "Nuclei", "Review", "Export"):
-        try:
-            viewer.window.add_plugin_dock_widget("napari-pathoseg", widget)
-        except KeyError:
-            continue  # dock not part of this version of the plugin
+    for widget in ("Slide", "Stain", "Nuclei", "Review", "Fine-tune", "Export"):
+        viewer.window.add_plugin_dock_widget("napari-pathoseg", widget, tabify=widget != "Slide")
     if run:
         napari.run()
     return viewer
