@@ -84,3 +84,14 @@ def test_demo_gui_opens_slide_with_all_docks(qtbot, sample_svs):
             assert any(name in d for d in docks), (name, docks)
     finally:
         viewer.close()
+
+
+def test_file_open_of_a_corrupt_slide_reports_the_problem(make_napari_viewer, tmp_path, sample_svs):
+    """File > Open on a truncated slide: napari gets our message (it shows it), no layer, no crash."""
+    data = sample_svs.read_bytes()
+    p = tmp_path / "cut.svs"
+    p.write_bytes(data[: len(data) // 3])
+    viewer = make_napari_viewer()
+    with pytest.raises(Exception, match="cut.svs"):
+        viewer.open(str(p), plugin="napari-pathoseg")
+    assert len(viewer.layers) == 0
