@@ -44,7 +44,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="stain augmentation: 'hed' (training.augment, used for nuclei-lite), "
         "'stain' (napari_pathoseg.stain.augment), 'none'",
     )
-    p.add_argument("--pseudo", default=None, help="project dir with pseudo-labels (pseudolabels/*.npz)")
+    p.add_argument(
+        "--pseudo", default=None,
+        help="pseudo-label review project (pathoseg pseudolabels): accepted tiles join X, "
+        "their normalised images join Y",
+    )
     p.add_argument(
         "--threads", default="auto",
         help="torch CPU threads: a number, or 'auto' (2, dropping to 1 while the machine is oversubscribed)",
@@ -64,25 +68,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _pseudo_items(project: Path, *, mpp: float):
-    """Pseudo-labelled tiles of a project: ``pseudolabels/*.npz`` with image, mask, weight."""
-    from napari_pathoseg.training.datasets import DataError, PseudoLabelDataset
+    """Accepted pseudo-labelled tiles of a review project (``pathoseg pseudolabels``).
 
-    import numpy as np
+    Returns ``(x_items, y_items)``: each tile as read goes to X, its
+    teacher-normalised image (pseudo-Y) with the same mask to Y, both weighted
+    by the teacher's per-pixel confidence (as in methods.md S3).
+    """
+    from napari_pathoseg.finetune import load_pseudo_items
 
-    folder = project / "pseudolabels"
-    files = sorted(folder.glob("*.npz"))
-    if not files:
-        raise DataError(
-            f"No pseudo-labels in {folder}: expected .npz files with 'image', 'mask' and "
-            "optional 'weight' arrays (written by the pseudo-label step)."
-        )
-
-    def triples():
-        for f in files:
-            with np.load(f, allow_pickle=False) as z:
-                yield z["image"], z["mask"], z["weight"] if "weight" in z else 1.0
-
-    return PseudoLabelDataset(triples(), mpp=mpp, name="pseudo").items
+    return load_pseudo_items(project, mpp=mpp)
 
 
 def _adapt_threads(torch) -> None:
@@ -128,10 +122,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         split = make_split(load_nuclei_sources(args.data, mpp=config.mpp), seed=args.seed)
         save_split(split, split_path)
-    extra_x = []
+    extra_x, extra_y = [], []
     if args.pseudo:
-        extra_x = _pseudo_items(Path(args.pseudo), mpp=config.mpp)
-    data = build_m2_data(args.data, mpp=config.mpp, split=split, extra_x=extra_x)
+        extra_x, extra_y = _pseudo_items(Path(args.pseudo), mpp=config.mpp)
+    data = build_m2_data(args.data, mpp=config.mpp, split=split, extra_x=extra_x, extra_y=extra_y)
     command = "pathoseg train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "pathoseg train"
     # SIGTERM / Ctrl-C stop after the current step with a resumable checkpoint
     cancel = threading.Event()
