@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import PathosegError
 from .slide import Slide, is_slide_path, open_slide
 
 __all__ = ["get_reader", "slide_layer_data", "layer_scale"]

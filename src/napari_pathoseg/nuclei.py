@@ -39,7 +39,7 @@ import numpy as np
 
 from .errors import CancelledError, PathosegError
 from .slide import Slide, open_slide
-from .tiling import Stitcher, choose_level, tissue_mask
+from .tiling import Stitcher, tissue_mask
 
 __all__ = [
     "Progress",
@@ -211,7 +211,7 @@ def iter_segment_nuclei(
         f = 1.0
     out_rows, out_cols = max(1, int(round(h / f))), max(1, int(round(w / f)))
     # the level to read: the finest level at most f times coarser than level 0
-    level = slide.best_level_for_downsample(f) if slide.mpp is not None or mpp is not None else 0
+    level = slide.best_level_for_downsample(f)
     mask = None
     if tissue_only:
         mask = tissue_mask(slide)

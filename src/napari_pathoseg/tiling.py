@@ -207,7 +207,7 @@ def choose_level(slide: Slide, *, mpp: float | None = None, level: int | None = 
     scale = slide.level_downsample(lv) / want_ds
     if abs(scale - 1.0) < 0.02:
         scale = 1.0
-    return lv, min(scale, 1.0) if scale < 1.0 else scale
+    return lv, scale
 
 
 def tile_grid(

@@ -15,7 +15,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from skimage.transform import resize
 
-from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.metrics import instance_metrics
 from napari_pathoseg.training.datasets import DataError, LabelledImage, read_image, read_labels, resample_pair
 
