@@ -31,3 +31,5 @@ if [ "$want_test" = 1 ]; then
 else
   $PY -m pip install -q -e ".[napari]"
 fi
+# pyenv installs need their shims refreshed before `pathoseg` is on PATH
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
