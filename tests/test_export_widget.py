@@ -90,6 +90,7 @@ def test_export_dock_stop_and_errors(make_napari_viewer, qtbot, tmp_path, monkey
 
     errors = []
     monkeypatch.setattr(export_mod, "show_error", lambda msg: errors.append(msg))
+    monkeypatch.setattr("napari_pathoseg._widgets._common.show_error", lambda msg: errors.append(msg))
     monkeypatch.setattr(export_mod, "show_info", lambda msg: None)
     viewer = make_napari_viewer()
     big = np.arange(1, 512 * 512 + 1, dtype=np.int32).reshape(512, 512) * (np.indices((512, 512)).sum(0) % 3 == 0)

@@ -123,6 +123,7 @@ def test_bad_input_is_shown_not_raised(dock, qtbot, tmp_path, monkeypatch):
 
     shown = []
     monkeypatch.setattr(mod, "show_error", shown.append)
+    monkeypatch.setattr("napari_pathoseg._widgets._common.show_error", shown.append)
     dock.strong_edit.setText(str(tmp_path / "missing"))
     dock.out_edit.setText(str(tmp_path / "run"))
     dock.base_combo.setCurrentText("(none: fresh student)")
@@ -160,6 +161,7 @@ def test_uses_the_project_open_in_the_review_dock(dock, tmp_path, monkeypatch):
 
     shown = []
     monkeypatch.setattr(mod, "show_error", shown.append)
+    monkeypatch.setattr("napari_pathoseg._widgets._common.show_error", shown.append)
     dock.review_btn.click()
     assert shown and "Review dock" in shown[-1] and dock.project_edit.text() == ""
     proj = ReviewProject.create(tmp_path / "proj", source=tmp_path, source_kind="folder", model="t",

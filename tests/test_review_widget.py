@@ -191,6 +191,7 @@ def test_bad_project_shows_error(widget, tmp_path, monkeypatch):
 
     shown = []
     monkeypatch.setattr(review, "show_error", shown.append)
+    monkeypatch.setattr("napari_pathoseg._widgets._common.show_error", shown.append)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "project.json").write_text('{"format": "napari-pathoseg-review", "version": 7}')
     assert widget.open_project(tmp_path / "bad") is None

@@ -60,6 +60,7 @@ def test_slide_widget_bad_file_notifies(make_napari_viewer, qtbot, tmp_path, mon
 
     errors = []
     monkeypatch.setattr(slide_mod, "show_error", errors.append)
+    monkeypatch.setattr("napari_pathoseg._widgets._common.show_error", errors.append)
     p = tmp_path / "broken.svs"
     p.write_text("not a slide")
     viewer = make_napari_viewer()

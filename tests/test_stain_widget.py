@@ -31,6 +31,7 @@ def errors(monkeypatch):
 
     shown: list[str] = []
     monkeypatch.setattr(mod, "show_error", lambda msg: shown.append(str(msg)))
+    monkeypatch.setattr("napari_pathoseg._widgets._common.show_error", lambda msg: shown.append(str(msg)))
     monkeypatch.setattr(mod, "show_info", lambda msg: None)
     return shown
 

@@ -38,7 +38,8 @@ from qtpy.QtWidgets import (
 )
 from qtpy.QtCore import Qt
 
-from ..errors import CancelledError, PathosegError
+from ._common import report_error
+from ..errors import CancelledError
 from ..export.coords import slide_metadata_from_layer, transform_from_layer
 from ..export.geojson import (
     Classification,
@@ -413,13 +414,7 @@ class ExportWidget(QWidget):
     def _on_error(self, exc: Exception) -> None:
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
-        if isinstance(exc, PathosegError):
-            show_error(str(exc))
-            self.status.setText(str(exc))
-        else:
-            logger.error("export failed", exc_info=exc)
-            show_error(f"Export failed: {type(exc).__name__}: {exc}")
-            self.status.setText(f"export failed: {exc}")
+        self.status.setText(report_error(exc, action="Export"))
 
     def _on_finished(self) -> None:
         self._worker = None

@@ -46,6 +46,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ._common import report_error
 from ..errors import PathosegError
 from ..finetune import FinetuneConfig, FinetuneDone, FinetuneStage, iter_finetune, parse_strong
 from ..training.loop import EpochEvent, StepEvent
@@ -567,13 +568,7 @@ class FinetuneWidget(QWidget):
             self.compare_on_view()
 
     def _on_error(self, exc: Exception) -> None:
-        if isinstance(exc, PathosegError):
-            show_error(str(exc))
-            self.status.setText(str(exc))
-        else:
-            logger.error("fine-tuning failed", exc_info=exc)
-            show_error(f"Fine-tuning failed: {type(exc).__name__}: {exc}")
-            self.status.setText(f"failed: {type(exc).__name__}: {exc}")
+        self.status.setText(report_error(exc, action="Fine-tuning"))
 
     def _on_finished(self) -> None:
         self.worker = None

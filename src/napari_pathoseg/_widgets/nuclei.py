@@ -24,6 +24,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ._common import report_error
 from ..errors import CancelledError, PathosegError
 from ..nuclei import NucleiResult, Progress, iter_segment_nuclei
 from .slide import slide_layers, slide_of_layer
@@ -292,12 +293,8 @@ class NucleiWidget(QWidget):
         if isinstance(exc, CancelledError):
             self.status.setText(f"stopped: {exc}")
             show_info("Nucleus segmentation stopped.")
-        elif isinstance(exc, PathosegError):
-            self.status.setText("")
-            show_error(str(exc))
         else:
-            logger.error("nucleus segmentation failed", exc_info=exc)
-            show_error(f"{type(exc).__name__}: {exc}")
+            self.status.setText(report_error(exc, action="Nucleus segmentation"))
 
     def _on_finished(self) -> None:
         self._worker = None

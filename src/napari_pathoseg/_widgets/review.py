@@ -44,6 +44,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ._common import report_error
 from ..errors import CancelledError, PathosegError
 from ..pseudolabels import (
     GenerationDone,
@@ -406,12 +407,7 @@ class ReviewWidget(QWidget):
     def _on_gen_error(self, exc: Exception) -> None:
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
-        if isinstance(exc, PathosegError):
-            show_error(str(exc))
-            self.status.setText(str(exc))
-        else:
-            logger.error("pseudo-label generation failed", exc_info=exc)
-            show_error(f"Pseudo-label generation failed: {type(exc).__name__}: {exc}")
+        self.status.setText(report_error(exc, action="Pseudo-label generation"))
 
     def _on_gen_finished(self) -> None:
         self._worker = None

@@ -25,6 +25,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ._common import report_error
 from .._reader import layer_scale, slide_layer_data
 from ..errors import PathosegError
 from ..slide import SLIDE_EXTENSIONS, Slide, open_slide
@@ -157,11 +158,7 @@ class SlideWidget(QWidget):
 
     def _on_error(self, exc: Exception) -> None:
         self.status.setText("")
-        if isinstance(exc, PathosegError):
-            show_error(str(exc))
-        else:
-            logger.exception("unexpected error", exc_info=exc)
-            show_error(f"{type(exc).__name__}: {exc}")
+        report_error(exc, action="Opening the slide")
 
     def _on_layer_changed(self, *args: Any) -> None:
         layer = self.current_layer()

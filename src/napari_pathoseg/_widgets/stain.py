@@ -41,6 +41,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ._common import report_error
 from ..errors import CancelledError, PathosegError
 from ..slide import Slide
 from ..stain import (
@@ -330,11 +331,8 @@ class StainWidget(QWidget):
                 return
             if isinstance(exc, CancelledError):
                 show_info(str(exc))
-            elif isinstance(exc, PathosegError):
-                show_error(str(exc))
             else:
-                logger.error("stain dock: unexpected error", exc_info=exc)
-                show_error(f"{type(exc).__name__}: {exc}")
+                report_error(exc, action="Stain")
 
         def finished() -> None:
             if self._worker is worker:
