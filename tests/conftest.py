@@ -56,3 +56,41 @@ def he_image() -> np.ndarray:
 
     with open_slide(sample_slide_path()) as s:
         return s.read_region(level=0, row=1920, col=768, height=1024, width=1024)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: one intra-op torch thread is fastest and immune to busy shared cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+#: MoNuSeg training images the strong-label fixtures crop from.
+MONUSEG_STEMS = ("TCGA-18-5592-01Z-00-DX1", "TCGA-21-5784-01Z-00-DX1", "TCGA-38-6178-01Z-00-DX1")
+
+
+@pytest.fixture
+def make_strong_folder(tmp_path, shared_data):
+    """Callable ``(size) -> Path``: real ``size``² MoNuSeg crops in ``images/`` + ``instance_masks/``."""
+    from PIL import Image
+
+    def make(size: int = 144) -> Path:
+        root = tmp_path / "strong"
+        (root / "images").mkdir(parents=True)
+        (root / "instance_masks").mkdir()
+        mon = shared_data / "monuseg_train"
+        for i, stem in enumerate(MONUSEG_STEMS):
+            img = np.asarray(Image.open(mon / "images" / f"{stem}.png").convert("RGB"))[300 : 300 + size, 300 : 300 + size]
+            mpath = mon / "instance_masks" / f"{stem}.png"
+            if not mpath.is_file():
+                mpath = mon / "instance_masks_reconstructed" / f"{stem}.png"
+            lab = np.asarray(Image.open(mpath))[300 : 300 + size, 300 : 300 + size].astype(np.uint16)
+            Image.fromarray(img).save(root / "images" / f"crop{i}.png")
+            Image.fromarray(lab).save(root / "instance_masks" / f"crop{i}.png")
+        return root
+
+    return make

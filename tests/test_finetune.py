@@ -25,31 +25,18 @@ from napari_pathoseg.finetune import (
 from napari_pathoseg.models.checkpoint import load_checkpoint, read_header, save_checkpoint
 from napari_pathoseg.training.loop import EpochEvent, StepEvent
 
-MONUSEG = ("TCGA-18-5592-01Z-00-DX1", "TCGA-21-5784-01Z-00-DX1", "TCGA-38-6178-01Z-00-DX1")
+UNLABELLED_SOURCE = "TCGA-21-5784-01Z-00-DX1"  # a MoNuSeg image, used here as an unlabelled tile source
 
 
 @pytest.fixture(autouse=True)
-def _registry_home(tmp_path, monkeypatch):
+def _registry_home(tmp_path, monkeypatch, one_torch_thread):
     monkeypatch.setenv("PATHOSEG_HOME", str(tmp_path / "home"))
-    torch.set_num_threads(1)
 
 
 @pytest.fixture
-def strong_folder(tmp_path, shared_data):
-    """Three real 144x144 MoNuSeg crops (declared 0.5 µm/px) in images/ + instance_masks/."""
-    root = tmp_path / "strong"
-    (root / "images").mkdir(parents=True)
-    (root / "instance_masks").mkdir()
-    mon = shared_data / "monuseg_train"
-    for i, stem in enumerate(MONUSEG):
-        img = np.asarray(Image.open(mon / "images" / f"{stem}.png").convert("RGB"))[300:444, 300:444]
-        mpath = mon / "instance_masks" / f"{stem}.png"
-        if not mpath.is_file():
-            mpath = mon / "instance_masks_reconstructed" / f"{stem}.png"
-        lab = np.asarray(Image.open(mpath))[300:444, 300:444].astype(np.uint16)
-        Image.fromarray(img).save(root / "images" / f"crop{i}.png")
-        Image.fromarray(lab).save(root / "instance_masks" / f"crop{i}.png")
-    return root
+def strong_folder(make_strong_folder):
+    """Three real 144x144 MoNuSeg crops (declared 0.5 µm/px)."""
+    return make_strong_folder(144)
 
 
 @pytest.fixture
@@ -57,7 +44,7 @@ def project(tmp_path, shared_data):
     """A review project with 3 tiles: one accepted, one rejected, one pending."""
     from napari_pathoseg.pseudolabels import ReviewProject
 
-    src = shared_data / "monuseg_train" / "images" / f"{MONUSEG[1]}.png"
+    src = shared_data / "monuseg_train" / "images" / f"{UNLABELLED_SOURCE}.png"
     img = np.asarray(Image.open(src).convert("RGB"))
     proj = ReviewProject.create(tmp_path / "review", source=src.parent, source_kind="folder",
                                 model="teacher", tile_size=128, mpp=0.5)

@@ -6,35 +6,18 @@ import threading
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 pytestmark = pytest.mark.gui
 
-STEMS = ("TCGA-18-5592-01Z-00-DX1", "TCGA-21-5784-01Z-00-DX1", "TCGA-38-6178-01Z-00-DX1")
-
 
 @pytest.fixture(autouse=True)
-def _env(tmp_path, monkeypatch):
+def _env(tmp_path, monkeypatch, one_torch_thread):
     monkeypatch.setenv("PATHOSEG_HOME", str(tmp_path / "home"))
-    torch.set_num_threads(1)
 
 
 @pytest.fixture
-def strong_folder(tmp_path, shared_data):
-    root = tmp_path / "strong"
-    (root / "images").mkdir(parents=True)
-    (root / "instance_masks").mkdir()
-    mon = shared_data / "monuseg_train"
-    for i, stem in enumerate(STEMS):
-        img = np.asarray(Image.open(mon / "images" / f"{stem}.png").convert("RGB"))[300:428, 300:428]
-        mpath = mon / "instance_masks" / f"{stem}.png"
-        if not mpath.is_file():
-            mpath = mon / "instance_masks_reconstructed" / f"{stem}.png"
-        lab = np.asarray(Image.open(mpath))[300:428, 300:428].astype(np.uint16)
-        Image.fromarray(img).save(root / "images" / f"c{i}.png")
-        Image.fromarray(lab).save(root / "instance_masks" / f"c{i}.png")
-    return root
+def strong_folder(make_strong_folder):
+    return make_strong_folder(128)
 
 
 @pytest.fixture

@@ -28,13 +28,7 @@ from napari_pathoseg.models.m2 import (
 from napari_pathoseg.models.registry import NucleusModel, list_models, load_model, register_model
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is fastest and immune to busy shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(preset: str = "attcycle-lite", **kw) -> M2Config:

@@ -32,13 +32,7 @@ from napari_pathoseg.training.datasets import (
 from napari_pathoseg.training.loop import DoneEvent, EpochEvent, StepEvent, run_training, train_m2
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is fastest and immune to busy shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = dataclasses.replace(
     PRESETS["attcycle-lite"], widths=(4, 8, 16), disc_width=4, disc_layers=2, tile_size=16, gan_every=2
