@@ -2,7 +2,8 @@
 
 :func:`write_pyramid_tiff` writes a generic pyramidal TIFF (one top-level page per
 level, ``SubfileType=reduced`` for levels > 0, resolution tags in pixels/cm) that both
-OpenSlide (``generic-tiff``) and tifffile read. :func:`make_large_slide` fills a slide of
+OpenSlide (``generic-tiff``) and tifffile read, through
+:func:`napari_pathoseg.pyramid_tiff.write_tiled_pyramid`. :func:`make_large_slide` fills a slide of
 any size (say 50,000 x 50,000) with real H&E pixels from the bundled sample, mirrored
 so that neighbouring tiles join, for memory and speed benchmarks.
 
@@ -21,33 +22,18 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
 from .errors import PathosegError
+from .pyramid_tiff import write_tiled_pyramid
 
 __all__ = ["write_pyramid_tiff", "make_large_slide"]
 
 logger = logging.getLogger(__name__)
 
 TileSource = Callable[[int, int, int, int, int], np.ndarray]
-
-
-def _array_source(image: np.ndarray) -> TileSource:
-    from skimage.transform import downscale_local_mean
-
-    cache: dict[int, np.ndarray] = {0: image}
-
-    def src(level: int, row: int, col: int, h: int, w: int) -> np.ndarray:
-        if level not in cache:
-            f = 2**level
-            cache[level] = np.clip(
-                downscale_local_mean(image.astype(np.float32), (f, f, 1)) + 0.5, 0, 255
-            ).astype(np.uint8)
-        return cache[level][row : row + h, col : col + w]
-
-    return src
 
 
 def write_pyramid_tiff(
@@ -69,11 +55,12 @@ def write_pyramid_tiff(
     path : path-like
         Output file (written to a temp file, then renamed).
     image : (rows, cols, 3) uint8, optional
-        The level-0 image; coarser levels are 2x means of it.
+        The level-0 image; coarser levels are successive 2x means of it.
     shape : (rows, cols), optional
         Level-0 size when ``source`` gives the pixels.
     source : callable, optional
-        ``source(level, row, col, h, w) -> (h, w, 3) uint8`` in that level's pixels.
+        ``source(level, row, col, h, w) -> (h, w, 3) uint8`` in that level's pixels, for
+        every level (level k is ``ceil(rows / 2**k)`` x ``ceil(cols / 2**k)``).
     levels : int, optional
         Number of levels (default: until the longest side is <= 1024).
     tile : int
@@ -87,67 +74,29 @@ def write_pyramid_tiff(
     -------
     Path
     """
-    import tifffile
-
     if image is not None:
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise PathosegError(f"expected a (rows, cols, 3) uint8 image, got {image.shape} {image.dtype}")
         shape = image.shape[:2]
-        source = _array_source(image)
+
+        def source(level: int, row: int, col: int, h: int, w: int) -> np.ndarray:
+            return image[row : row + h, col : col + w]
+
     if source is None or shape is None:
         raise PathosegError("give either image, or shape and source")
-    if tile % 16:
-        raise PathosegError(f"tile must be a multiple of 16, got {tile}")
-    rows, cols = int(shape[0]), int(shape[1])
-    if levels is None:
-        levels = 1
-        while max(rows, cols) / 2 ** (levels - 1) > 1024:
-            levels += 1
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    comp_args: dict = {}
-    if compression == "jpeg":
-        comp_args = {"compression": "jpeg", "compressionargs": {"level": quality}}
-    elif compression:
-        comp_args = {"compression": compression}
-    try:
-        with tifffile.TiffWriter(tmp, bigtiff=rows * cols * 3 > 2**31) as tw:
-            for lv in range(levels):
-                f = 2**lv
-                lr, lc = max(1, rows // f), max(1, cols // f)
-
-                def tiles(lv: int = lv, lr: int = lr, lc: int = lc) -> Iterator[np.ndarray]:
-                    for r in range(0, lr, tile):
-                        for c in range(0, lc, tile):
-                            h, w = min(tile, lr - r), min(tile, lc - c)
-                            t = np.asarray(source(lv, r, c, h, w), dtype=np.uint8)
-                            if t.shape[:2] != (tile, tile):
-                                pad = np.full((tile, tile, 3), 255, np.uint8)
-                                pad[: t.shape[0], : t.shape[1]] = t[:tile, :tile]
-                                t = pad
-                            yield t
-
-                res = {}
-                if mpp:
-                    px_per_cm = 1e4 / (mpp * f)
-                    res = {"resolution": (px_per_cm, px_per_cm), "resolutionunit": "CENTIMETER"}
-                tw.write(
-                    tiles(),
-                    shape=(lr, lc, 3),
-                    dtype=np.uint8,
-                    tile=(tile, tile),
-                    photometric="rgb",
-                    subfiletype=0 if lv == 0 else 1,
-                    metadata=None,
-                    **res,
-                    **comp_args,
-                )
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    write_tiled_pyramid(
+        path,
+        source,
+        shape=(int(shape[0]), int(shape[1])),
+        derive_levels=image is not None,
+        n_levels=levels,
+        tile=tile,
+        mpp=mpp,
+        compression=compression,
+        quality=quality,
+    )
+    return Path(path)
 
 
 def make_large_slide(

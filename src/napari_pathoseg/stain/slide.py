@@ -31,8 +31,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -43,7 +41,8 @@ from typing import Any, Callable
 import dask.array as da
 import numpy as np
 
-from ..errors import CancelledError, PathosegError, StainError
+from ..errors import PathosegError, StainError
+from ..pyramid_tiff import PyramidProgress, write_tiled_pyramid
 from ..slide import Slide
 from .deconvolution import deconvolve, stain_basis, stain_index
 from .normalizers import StainNormalizer, StainParams
@@ -393,62 +392,6 @@ class WriteResult:
         }
 
 
-def _downsample2(block: np.ndarray) -> np.ndarray:
-    """2x2 mean of a (r, c, 3) uint8 block; an odd last row/column is replicated."""
-    r, c = block.shape[:2]
-    if r % 2 or c % 2:
-        block = np.pad(block, ((0, r % 2), (0, c % 2), (0, 0)), mode="edge")
-    b = block.astype(np.uint16)
-    s = b[0::2, 0::2] + b[1::2, 0::2] + b[0::2, 1::2] + b[1::2, 1::2]
-    return ((s + 2) // 4).astype(np.uint8)
-
-
-class _QuarterStore:
-    """A level being built from 2x2-averaged tiles of the level above it, on disk.
-
-    Each tile ``(a, b)`` of the finer level, once averaged, is a quarter
-    (``tile/2`` square) of a tile of this level; quarters are fixed-size records at
-    ``(a * n_cols + b) * record`` in a scratch file (``os.pwrite`` / ``os.pread``: no
-    memory map, so memory use stays a few tiles whatever the slide size).
-    """
-
-    def __init__(self, path: Path, *, fine_tiles: tuple[int, int], tile: int) -> None:
-        self.half = tile // 2
-        self.tile = tile
-        self.n_rows, self.n_cols = fine_tiles
-        self.record = self.half * self.half * 3
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-
-    def put(self, a: int, b: int, quarter: np.ndarray) -> None:
-        """Store the averaged fine tile ``(a, b)`` (at most ``tile/2`` square)."""
-        buf = np.full((self.half, self.half, 3), 255, np.uint8)
-        buf[: quarter.shape[0], : quarter.shape[1]] = quarter
-        os.pwrite(self.fd, buf.tobytes(), (a * self.n_cols + b) * self.record)
-
-    def get(self, row: int, col: int, height: int, width: int) -> np.ndarray:
-        """The ``(height, width, 3)`` tile of this level whose corner is ``(row, col)``."""
-        out = np.full((self.tile, self.tile, 3), 255, np.uint8)
-        h = self.half
-        for qr in (0, 1):
-            for qc in (0, 1):
-                a, b = 2 * (row // self.tile) + qr, 2 * (col // self.tile) + qc
-                if a < self.n_rows and b < self.n_cols:
-                    raw = os.pread(self.fd, self.record, (a * self.n_cols + b) * self.record)
-                    out[qr * h : (qr + 1) * h, qc * h : (qc + 1) * h] = np.frombuffer(raw, np.uint8).reshape(h, h, 3)
-        return out[:height, :width]
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-def _is_cancelled(cancel: Callable[[], bool] | threading.Event | None) -> bool:
-    if cancel is None:
-        return False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set()
-    return bool(cancel())
-
-
 def write_normalized_tiff(
     slide: Slide,
     normalizer: StainNormalizer,
@@ -502,16 +445,12 @@ def write_normalized_tiff(
     -------
     WriteResult
     """
-    import tifffile
-
     t_start = time.perf_counter()
     out_path = Path(out_path)
     if tile_size % 16 or tile_size < 16:
         raise StainError(f"tile_size must be a positive multiple of 16, got {tile_size}")
     if compression not in ("jpeg", "zlib", None, "none"):
         raise StainError(f"compression must be 'jpeg', 'zlib' or None, got {compression!r}")
-    if compression == "none":
-        compression = None
     if not 0 <= level < slide.level_count:
         raise StainError(f"{slide.metadata.path}: level {level} does not exist (0..{slide.level_count - 1})")
     if not out_path.parent.is_dir():
@@ -520,85 +459,34 @@ def write_normalized_tiff(
         source = estimate_slide_stain(slide, normalizer)
     cmap = normalizer.colour_map(source)
     cmap.build_lut()
-
-    rows, cols = slide.pyramid[level].shape[:2]
-    shapes = [(rows, cols)]
-    while (n_levels is None and max(shapes[-1]) > 1024) or (n_levels is not None and len(shapes) < n_levels):
-        r, c = shapes[-1]
-        if r < 2 and c < 2:
-            break
-        shapes.append(((r + 1) // 2, (c + 1) // 2))
-    total = sum(math.ceil(r / tile_size) * math.ceil(c / tile_size) for r, c in shapes)
     mpp = slide.level_mpp(level)
-    comp: dict[str, Any] = {}
-    if compression == "jpeg":
-        comp = {"compression": "jpeg", "compressionargs": {"level": int(quality)}}
-    elif compression == "zlib":
-        comp = {"compression": "zlib"}
 
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    work = Path(tempfile.mkdtemp(prefix=".stain-pyramid-", dir=out_path.parent))
-    done = 0
-    stores: list[_QuarterStore] = []
+    def read(_k: int, row: int, col: int, height: int, width: int) -> np.ndarray:
+        return cmap(slide.read_region(level=level, row=row, col=col, height=height, width=width))
+
+    def report(p: PyramidProgress) -> None:
+        if progress is not None:
+            progress(WriteProgress(done=p.done, total=p.total, level=p.level, message=f"level {p.level}: tile {p.row},{p.col}"))
+
     try:
-        with tifffile.TiffWriter(tmp, bigtiff=rows * cols * 3 > 2**31) as tw:
-            for k, (lr, lc) in enumerate(shapes):
-                current = stores[-1] if stores else None  # source of this level (k >= 1)
-                nxt = None
-                if k + 1 < len(shapes):
-                    grid = (math.ceil(lr / tile_size), math.ceil(lc / tile_size))
-                    nxt = _QuarterStore(work / f"level{k + 1}.raw", fine_tiles=grid, tile=tile_size)
-                    stores.append(nxt)
-
-                def tiles(k: int = k, lr: int = lr, lc: int = lc, current: _QuarterStore | None = current, nxt: _QuarterStore | None = nxt):
-                    nonlocal done
-                    for r in range(0, lr, tile_size):
-                        for c in range(0, lc, tile_size):
-                            if _is_cancelled(cancel):
-                                raise CancelledError(f"writing {out_path} was cancelled; no file was written")
-                            h, w = min(tile_size, lr - r), min(tile_size, lc - c)
-                            if current is None:
-                                block = cmap(slide.read_region(level=level, row=r, col=c, height=h, width=w))
-                            else:
-                                block = current.get(r, c, h, w)
-                            if nxt is not None:
-                                nxt.put(r // tile_size, c // tile_size, _downsample2(block))
-                            if block.shape[:2] != (tile_size, tile_size):
-                                pad = np.full((tile_size, tile_size, 3), 255, np.uint8)
-                                pad[:h, :w] = block
-                                block = pad
-                            done += 1
-                            if progress is not None:
-                                progress(WriteProgress(done=done, total=total, level=k, message=f"level {k}: tile {r},{c}"))
-                            yield block
-
-                res: dict[str, Any] = {}
-                if mpp:
-                    px_per_cm = 1e4 / (mpp * 2**k)
-                    res = {"resolution": (px_per_cm, px_per_cm), "resolutionunit": "CENTIMETER"}
-                tw.write(
-                    tiles(),
-                    shape=(lr, lc, 3),
-                    dtype=np.uint8,
-                    tile=(tile_size, tile_size),
-                    photometric="rgb",
-                    subfiletype=0 if k == 0 else 1,
-                    metadata=None,
-                    software="napari-pathoseg stain normalisation",
-                    **res,
-                    **comp,
-                )
-        os.replace(tmp, out_path)
+        shapes = write_tiled_pyramid(
+            out_path,
+            read,
+            shape=slide.pyramid[level].shape[:2],
+            n_levels=n_levels,
+            tile=tile_size,
+            mpp=mpp,
+            compression=compression,
+            quality=quality,
+            software="napari-pathoseg stain normalisation",
+            progress=report,
+            cancel=cancel,
+        )
     except PathosegError:
         raise
     except OSError as exc:
         raise StainError(f"{out_path}: writing the TIFF failed ({exc})") from exc
-    finally:
-        for store in stores:
-            store.close()
-        if tmp.exists():
-            tmp.unlink()
-        shutil.rmtree(work, ignore_errors=True)
+    done = sum(math.ceil(r / tile_size) * math.ceil(c / tile_size) for r, c in shapes)
     seconds = time.perf_counter() - t_start
     logger.info("wrote %s: %d levels, %d tiles in %.1f s", out_path, len(shapes), done, seconds)
     return WriteResult(path=out_path, levels=shapes, tiles=done, seconds=seconds, source=source, mpp=mpp)
