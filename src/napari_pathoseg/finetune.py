@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from napari_pathoseg.errors import CheckpointError, PathosegError
+from napari_pathoseg.events import run_to_end
 
 __all__ = [
     "FinetuneConfig",
@@ -702,14 +703,7 @@ def run_finetune(
     **kwargs: Any,
 ) -> FinetuneDone:
     """Run :func:`iter_finetune` to the end (headless); ``progress(event)`` sees every event."""
-    result = None
-    for ev in iter_finetune(config, cancel=cancel, **kwargs):
-        if progress is not None:
-            progress(ev)
-        if isinstance(ev, FinetuneDone):
-            result = ev
-    assert result is not None
-    return result
+    return run_to_end(iter_finetune(config, cancel=cancel, **kwargs), FinetuneDone, progress=progress)
 
 
 def parse_strong(folders: Sequence[str] | str) -> tuple[str, ...]:

@@ -38,6 +38,7 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 
 from .errors import CancelledError, PathosegError
+from .events import run_to_end
 from .slide import Slide, open_slide
 from .tiling import Stitcher, tissue_mask
 
@@ -360,14 +361,11 @@ def _paste_owned(
 
 def segment_nuclei(slide: Slide, model: Any, **kwargs: Any) -> NucleiResult:
     """Run :func:`iter_segment_nuclei` to the end and return its result."""
-    result = None
-    for ev in iter_segment_nuclei(slide, model, **kwargs):
+    def log(ev: Any) -> None:
         if isinstance(ev, Progress):
             logger.info("nuclei: %d/%d tiles, %s", ev.done, ev.total, ev.message)
-        else:
-            result = ev
-    assert result is not None
-    return result
+
+    return run_to_end(iter_segment_nuclei(slide, model, **kwargs), NucleiResult, progress=log)
 
 
 def upsample_to_level0(result: NucleiResult, *, rows: slice | None = None) -> Iterator[tuple[int, np.ndarray]]:

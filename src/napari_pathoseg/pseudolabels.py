@@ -44,6 +44,7 @@ from skimage.segmentation import relabel_sequential, watershed
 from skimage.transform import resize
 
 from napari_pathoseg.errors import CancelledError, PathosegError
+from napari_pathoseg.events import run_to_end
 
 __all__ = [
     "FORMAT_NAME",
@@ -1290,11 +1291,8 @@ def run_pseudolabels(
 
     ``kwargs`` are passed on; ``progress`` is called with each progress event.
     """
-    result = None
-    for event in generate_pseudolabels(source, out, **kwargs):
-        if isinstance(event, GenerationDone):
-            result = event.project
-        elif progress is not None:
+    def report(event: Any) -> None:
+        if progress is not None and not isinstance(event, GenerationDone):
             progress(event)
-    assert result is not None
-    return result
+
+    return run_to_end(generate_pseudolabels(source, out, **kwargs), GenerationDone, progress=report).project

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from napari_pathoseg.errors import PathosegError
+from napari_pathoseg.events import run_to_end
 from napari_pathoseg.instances import boundary_watershed, distance_watershed
 from napari_pathoseg.metrics import instance_metrics
 from napari_pathoseg.models.checkpoint import (
@@ -460,11 +461,4 @@ def run_training(
     **kwargs: Any,
 ) -> DoneEvent:
     """Run :func:`train_m2` to the end; ``progress(event)`` sees every event."""
-    done: DoneEvent | None = None
-    for ev in train_m2(config, data, **kwargs):
-        if progress is not None:
-            progress(ev)
-        if isinstance(ev, DoneEvent):
-            done = ev
-    assert done is not None
-    return done
+    return run_to_end(train_m2(config, data, **kwargs), DoneEvent, progress=progress)
