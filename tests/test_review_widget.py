@@ -186,6 +186,24 @@ def test_generate_in_background_and_stop(widget, folder, tmp_path, qtbot):
     assert widget.table.rowCount() == 6 and widget.project.root.name == "gen2"
 
 
+def test_failed_generation_is_reported_once_and_the_dock_recovers(widget, folder, tmp_path, qtbot, monkeypatch):
+    from napari_pathoseg.errors import CheckpointError
+
+    shown = []
+    monkeypatch.setattr("napari_pathoseg._widgets._common.show_error", shown.append)
+
+    def loader(name):
+        raise CheckpointError(f"{name}: checkpoint does not match the model")
+
+    widget.model_loader = loader
+    worker = widget.generate(folder, tmp_path / "gen", model_name="broken")
+    with qtbot.waitSignal(worker.finished, timeout=10000):
+        pass
+    qtbot.wait(50)  # an error re-raised on the GUI thread would surface here
+    assert shown == ["broken: checkpoint does not match the model"]
+    assert widget.generate_btn.isEnabled() and not widget.stop_btn.isEnabled()
+
+
 def test_bad_project_shows_error(widget, tmp_path, monkeypatch):
     import napari_pathoseg._widgets.review as review
 

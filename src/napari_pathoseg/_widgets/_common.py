@@ -1,16 +1,69 @@
-"""What every dock shares: how an error from the core reaches the user."""
+"""What every dock shares.
+
+* how an error from the core reaches the user (:func:`report_error`, :func:`show_worker_error`);
+* building the layout (:func:`hbox`, :func:`vbox`, :func:`form`, :func:`status_label`,
+  :func:`stop_button`);
+* the layer choices (:func:`layer_named`, :func:`watch_layer_list`, :func:`refill_combo`,
+  :func:`docked_widgets`);
+* file dialogs that fill a line edit (:func:`ask_open_file`, :func:`ask_directory`);
+* the wiring of a background worker (:func:`connect_worker`, :func:`request_stop`,
+  :func:`show_progress`, :func:`idle_progress`).
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar, Union
 
 from napari.utils.notifications import show_error
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLayout,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
 
 from ..errors import PathosegError
 
-__all__ = ["report_error"]
+if TYPE_CHECKING:
+    import napari
+
+__all__ = [
+    "ask_directory",
+    "ask_open_file",
+    "connect_worker",
+    "docked_widgets",
+    "form",
+    "hbox",
+    "idle_progress",
+    "layer_named",
+    "refill_combo",
+    "report_error",
+    "request_stop",
+    "show_progress",
+    "show_worker_error",
+    "status_label",
+    "stop_button",
+    "vbox",
+    "watch_layer_list",
+]
 
 logger = logging.getLogger(__name__)
+
+#: A widget or a layout, optionally with its stretch factor: ``(item, stretch)``.
+LayoutItem = Union[QWidget, QLayout, tuple[Union[QWidget, QLayout], int]]
+W = TypeVar("W")
+
+
+# ---------------------------------------------------------------------- errors
 
 
 def report_error(exc: BaseException, *, action: str) -> str:
@@ -27,3 +80,178 @@ def report_error(exc: BaseException, *, action: str) -> str:
         text = f"{action} failed: {type(exc).__name__}: {exc}"
     show_error(text)
     return text
+
+
+def show_worker_error(exc: BaseException, *, action: str, status: QLabel, progress: QProgressBar | None = None) -> str:
+    """Report a worker's error (:func:`report_error`) and write it on ``status``.
+
+    ``progress``, when given, is set back to idle first. Returns the text shown.
+    """
+    if progress is not None:
+        idle_progress(progress)
+    text = report_error(exc, action=action)
+    status.setText(text)
+    return text
+
+
+# ---------------------------------------------------------------------- layout
+
+
+def _add(layout: QHBoxLayout | QVBoxLayout, item: LayoutItem) -> None:
+    target, stretch = item if isinstance(item, tuple) else (item, 0)
+    if isinstance(target, QLayout):
+        layout.addLayout(target, stretch)
+    else:
+        layout.addWidget(target, stretch)
+
+
+def hbox(*items: LayoutItem) -> QHBoxLayout:
+    """A row of widgets / layouts, left to right; ``(item, stretch)`` gives an item a stretch."""
+    row = QHBoxLayout()
+    for item in items:
+        _add(row, item)
+    return row
+
+
+def vbox(parent: QWidget, *items: LayoutItem, stretch_end: bool = False) -> QVBoxLayout:
+    """The top-level column of ``parent``; ``stretch_end`` pushes the items to the top."""
+    column = QVBoxLayout(parent)
+    for item in items:
+        _add(column, item)
+    if stretch_end:
+        column.addStretch(1)
+    return column
+
+
+def form(*rows: tuple[str, QWidget | QLayout]) -> QFormLayout:
+    """A two-column form of ``(label, field)`` rows (a field may be a layout, e.g. :func:`hbox`)."""
+    layout = QFormLayout()
+    for label, field in rows:
+        layout.addRow(label, field)
+    return layout
+
+
+def status_label(text: str = "") -> QLabel:
+    """The word-wrapped status line under a dock's controls."""
+    label = QLabel(text)
+    label.setWordWrap(True)
+    return label
+
+
+def stop_button() -> QPushButton:
+    """A "Stop" button, disabled until a worker runs."""
+    button = QPushButton("Stop")
+    button.setEnabled(False)
+    return button
+
+
+# ---------------------------------------------------------------------- layers
+
+
+def layer_named(viewer: "napari.Viewer", name: str) -> Any | None:
+    """The layer of ``viewer`` called ``name``, or None (also for an empty name)."""
+    return viewer.layers[name] if name and name in viewer.layers else None
+
+
+def watch_layer_list(viewer: "napari.Viewer", callback: Callable[..., Any]) -> None:
+    """Call ``callback(event)`` whenever a layer is added to or removed from ``viewer``."""
+    viewer.layers.events.inserted.connect(callback)
+    viewer.layers.events.removed.connect(callback)
+
+
+def refill_combo(combo: QComboBox, items: Sequence[str], *, current: str | None = None, fallback: int = 0) -> None:
+    """Replace the items of ``combo`` without emitting its signals.
+
+    ``current`` (default: the text chosen now) stays chosen when it is still offered;
+    otherwise item ``fallback`` is chosen.
+    """
+    if current is None:
+        current = combo.currentText()
+    was_blocked = combo.blockSignals(True)
+    try:
+        combo.clear()
+        combo.addItems(list(items))
+        index = combo.findText(current) if current else -1
+        combo.setCurrentIndex(index if index >= 0 else fallback)
+    finally:
+        combo.blockSignals(was_blocked)
+
+
+def docked_widgets(viewer: "napari.Viewer", cls: type[W]) -> list[W]:
+    """The dock widgets of ``viewer``'s window that are instances of ``cls``."""
+    window = getattr(viewer, "window", None)
+    docks = getattr(window, "dock_widgets", None) or getattr(window, "_dock_widgets", {}) or {}
+    found = []
+    for dock in list(docks.values()):
+        widget = dock.widget() if hasattr(dock, "widget") and not isinstance(dock, cls) else dock
+        if isinstance(widget, cls):
+            found.append(widget)
+    return found
+
+
+# ---------------------------------------------------------------------- file dialogs
+
+
+def ask_open_file(parent: QWidget, caption: str, pattern: str = "", *, into: QLineEdit | None = None) -> str:
+    """Ask for an existing file; the path chosen ("" when cancelled) also fills ``into``."""
+    path, _ = QFileDialog.getOpenFileName(parent, caption, "", pattern)
+    if path and into is not None:
+        into.setText(path)
+    return path
+
+
+def ask_directory(parent: QWidget, caption: str, *, into: QLineEdit | None = None) -> str:
+    """Ask for a folder; the path chosen ("" when cancelled) also fills ``into``."""
+    path = QFileDialog.getExistingDirectory(parent, caption)
+    if path and into is not None:
+        into.setText(path)
+    return path
+
+
+# ---------------------------------------------------------------------- workers
+
+
+def connect_worker(worker: W, **slots: Callable[..., Any] | None) -> W:
+    """Connect ``signal=callback`` pairs (``yielded``, ``returned``, ``errored``, ``finished``...).
+
+    A callback of None is skipped. Returns ``worker``, not started: the dock records it as
+    running, updates its buttons, then calls ``worker.start()``.
+    """
+    for signal, slot in slots.items():
+        if slot is not None:
+            getattr(worker, signal).connect(slot)
+    return worker
+
+
+def request_stop(
+    cancel: threading.Event | None,
+    *,
+    status: QLabel,
+    message: str = "stopping…",
+    stop_button: QPushButton | None = None,
+) -> bool:
+    """Set the cancel token of a running job and say so; False when nothing runs.
+
+    The worker checks the token between batches and ends on its own; ``stop_button``, when
+    given, is disabled so Stop is not pressed twice.
+    """
+    if cancel is None:
+        return False
+    cancel.set()
+    status.setText(message)
+    if stop_button is not None:
+        stop_button.setEnabled(False)
+    return True
+
+
+def show_progress(bar: QProgressBar, done: int, total: int | None) -> None:
+    """Show ``done`` of ``total`` on ``bar``; while the total is unknown (0 or None) it is left as is."""
+    if total:
+        bar.setRange(0, total)
+        bar.setValue(done)
+
+
+def idle_progress(bar: QProgressBar, value: int = 0) -> None:
+    """Show a determinate bar at rest: empty (``value=0``) or full (``value=1``)."""
+    bar.setRange(0, 1)
+    bar.setValue(value)

@@ -25,7 +25,6 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QGridLayout,
     QGroupBox,
-    QHBoxLayout,
     QHeaderView,
     QLabel,
     QLineEdit,
@@ -33,12 +32,25 @@ from qtpy.QtWidgets import (
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
-    QVBoxLayout,
     QWidget,
 )
 from qtpy.QtCore import Qt
 
-from ._common import report_error
+from ._common import (
+    ask_open_file,
+    connect_worker,
+    hbox,
+    idle_progress,
+    layer_named,
+    refill_combo,
+    request_stop,
+    show_progress,
+    show_worker_error,
+    status_label,
+    stop_button,
+    vbox,
+    watch_layer_list,
+)
 from ..errors import CancelledError
 from ..export.coords import slide_metadata_from_layer, transform_from_layer
 from ..export.geojson import (
@@ -71,7 +83,7 @@ _MEASURE_LABELS = {
 }
 
 
-@thread_worker
+@thread_worker(ignore_errors=True)  # errors go to ExportWidget._on_error
 def _export_worker(jobs: list[tuple[str, str, Any, dict]], cancel: threading.Event) -> Iterator[Any]:
     """Run the export jobs one after the other, yielding their progress and results."""
     for index, (kind, path, data, kwargs) in enumerate(jobs):
@@ -87,7 +99,7 @@ def _export_worker(jobs: list[tuple[str, str, Any, dict]], cancel: threading.Eve
             gen.close()
 
 
-@thread_worker
+@thread_worker(ignore_errors=True)  # errors go to ExportWidget._on_error
 def _import_worker(path: str, slide_metadata: Any) -> list:
     return geojson_layer_data(path, slide_metadata=slide_metadata)
 
@@ -137,43 +149,35 @@ class ExportWidget(QWidget):
         self.out_edit = QLineEdit()
         self.out_edit.setPlaceholderText("output .geojson (one file per layer when several are checked)")
         self.browse_btn = QPushButton("Browse…")
-        out_row = QHBoxLayout()
-        out_row.addWidget(self.out_edit)
-        out_row.addWidget(self.browse_btn)
 
         self.export_btn = QPushButton("Export")
-        self.stop_btn = QPushButton("Stop")
-        self.stop_btn.setEnabled(False)
+        self.stop_btn = stop_button()
         self.import_btn = QPushButton("Open GeoJSON over slide…")
-        btn_row = QHBoxLayout()
-        btn_row.addWidget(self.export_btn)
-        btn_row.addWidget(self.stop_btn)
         self.progress = QProgressBar()
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        idle_progress(self.progress)
+        self.status = status_label()
 
-        form = QGridLayout()
-        form.addWidget(QLabel("Slide"), 0, 0)
-        form.addWidget(self.slide_combo, 0, 1)
-        form.addWidget(QLabel("Probability"), 1, 0)
-        form.addWidget(self.prob_combo, 1, 1)
-        form.addWidget(QLabel("Object type"), 2, 0)
-        form.addWidget(self.type_combo, 2, 1)
+        choices = QGridLayout()
+        for row, (label, combo) in enumerate(
+            (("Slide", self.slide_combo), ("Probability", self.prob_combo), ("Object type", self.type_combo))
+        ):
+            choices.addWidget(QLabel(label), row, 0)
+            choices.addWidget(combo, row, 1)
 
-        layout = QVBoxLayout(self)
-        layout.addWidget(QLabel("Layers to export (class and colour per layer)"))
-        layout.addWidget(self.table)
-        layout.addLayout(form)
-        layout.addWidget(measure_group)
-        layout.addWidget(self.model_edit)
-        layout.addLayout(out_row)
-        layout.addLayout(btn_row)
-        layout.addWidget(self.progress)
-        layout.addWidget(self.status)
-        layout.addWidget(self.import_btn)
-        layout.addStretch(1)
+        vbox(
+            self,
+            QLabel("Layers to export (class and colour per layer)"),
+            self.table,
+            choices,
+            measure_group,
+            self.model_edit,
+            hbox(self.out_edit, self.browse_btn),
+            hbox(self.export_btn, self.stop_btn),
+            self.progress,
+            self.status,
+            self.import_btn,
+            stretch_end=True,
+        )
 
         self.browse_btn.clicked.connect(self._on_browse)
         self.export_btn.clicked.connect(self._on_export)
@@ -181,8 +185,7 @@ class ExportWidget(QWidget):
         self.import_btn.clicked.connect(self._on_import_clicked)
         self.table.itemChanged.connect(lambda *_: self._update_enabled())
         self.out_edit.textChanged.connect(lambda *_: self._update_enabled())
-        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
-            event.connect(self._on_layers_changed)
+        watch_layer_list(self.viewer, self._on_layers_changed)
         self.refresh_layers()
 
     # ------------------------------------------------------------------ layers
@@ -216,18 +219,11 @@ class ExportWidget(QWidget):
             self.table.setCellWidget(row, 2, btn)
             self._paint_color(ly.name, name)
         self.table.blockSignals(False)
-        for combo, layers in (
-            (self.slide_combo, self._slide_layers()),
-            (self.prob_combo, [ly for ly in self.viewer.layers if ly._type_string == "image" and ly.ndim == 2 and not ly.rgb]),
-        ):
-            current = combo.currentText()
-            combo.blockSignals(True)
-            combo.clear()
-            combo.addItem(_NO_LAYER)
-            combo.addItems([ly.name for ly in layers])
-            idx = combo.findText(current)
-            combo.setCurrentIndex(idx if idx >= 0 else (1 if combo is self.slide_combo and layers else 0))
-            combo.blockSignals(False)
+        slides = [ly.name for ly in self._slide_layers()]
+        probs = [ly.name for ly in self.viewer.layers if ly._type_string == "image" and ly.ndim == 2 and not ly.rgb]
+        # the first slide is chosen by default; "(none)" is the default probability map
+        refill_combo(self.slide_combo, [_NO_LAYER, *slides], fallback=1 if slides else 0)
+        refill_combo(self.prob_combo, [_NO_LAYER, *probs])
         self._update_enabled()
 
     def _table_state(self) -> list[tuple[str, bool]]:
@@ -312,7 +308,7 @@ class ExportWidget(QWidget):
             self.out_edit.setText(path)
 
     def _layer(self, name: str) -> Layer | None:
-        return self.viewer.layers[name] if name in self.viewer.layers else None
+        return layer_named(self.viewer, name)
 
     def _jobs(self) -> list[tuple[str, str, Any, dict]]:
         out = Path(self.out_edit.text().strip())
@@ -368,10 +364,12 @@ class ExportWidget(QWidget):
         self._results = []
         self._n_jobs = len(jobs)
         self._cancel = threading.Event()
-        # errors go to _on_error (shown with show_error), never re-raised in the GUI thread
-        worker = _export_worker(jobs, self._cancel, _connect={"errored": self._on_error}, _start_thread=False)
-        worker.yielded.connect(self._on_event)
-        worker.finished.connect(self._on_finished)
+        worker = connect_worker(
+            _export_worker(jobs, self._cancel),
+            errored=self._on_error,
+            yielded=self._on_event,
+            finished=self._on_finished,
+        )
         self._worker = worker
         self.progress.setRange(0, 0)
         self.status.setText("exporting…")
@@ -383,28 +381,21 @@ class ExportWidget(QWidget):
         self.export()
 
     def _on_stop(self) -> None:
-        if self._cancel is not None:
-            self._cancel.set()
-            self.status.setText("stopping…")
-            self.stop_btn.setEnabled(False)
+        request_stop(self._cancel, status=self.status, stop_button=self.stop_btn)
 
     def _on_event(self, event: Any) -> None:
         if isinstance(event, CancelledError):
-            self.progress.setRange(0, 1)
-            self.progress.setValue(0)
+            idle_progress(self.progress)
             self.status.setText(str(event))
             show_info(str(event))
             return
         index, ev = event
         if isinstance(ev, ExportProgress):
-            if ev.total:
-                self.progress.setRange(0, ev.total)
-                self.progress.setValue(ev.done)
+            show_progress(self.progress, ev.done, ev.total)
             self.status.setText(f"layer {index + 1}/{self._n_jobs}: {ev.message}")
         elif isinstance(ev, ExportResult):
             self._results.append(ev)
-            self.progress.setRange(0, 1)
-            self.progress.setValue(1)
+            idle_progress(self.progress, 1)
             text = f"{ev.n_objects} objects -> {ev.path.name}"
             if ev.measurements_path:
                 text += f" (+ {ev.measurements_path.name})"
@@ -412,9 +403,7 @@ class ExportWidget(QWidget):
             show_info(f"Exported {text}")
 
     def _on_error(self, exc: Exception) -> None:
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.status.setText(report_error(exc, action="Export"))
+        show_worker_error(exc, action="Export", status=self.status, progress=self.progress)
 
     def _on_finished(self) -> None:
         self._worker = None
@@ -428,7 +417,7 @@ class ExportWidget(QWidget):
 
     # ------------------------------------------------------------------ import
     def _on_import_clicked(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Open QuPath GeoJSON", "", "GeoJSON (*.geojson *.json)")
+        path = ask_open_file(self, "Open QuPath GeoJSON", "GeoJSON (*.geojson *.json)")
         if path:
             self.open_geojson(path)
 
@@ -436,8 +425,9 @@ class ExportWidget(QWidget):
         """Read a GeoJSON file in the background and add its layers over the chosen slide."""
         slide_layer = self._layer(self.slide_combo.currentText())
         meta = slide_metadata_from_layer(slide_layer.metadata) if slide_layer is not None else None
-        worker = _import_worker(str(path), meta, _connect={"errored": self._on_error}, _start_thread=False)
-        worker.returned.connect(self._on_imported)
+        worker = connect_worker(
+            _import_worker(str(path), meta), errored=self._on_error, returned=self._on_imported
+        )
         self.status.setText(f"reading {Path(path).name}…")
         worker.start()
         return worker

@@ -34,19 +34,27 @@ from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
-    QFileDialog,
-    QFormLayout,
-    QHBoxLayout,
-    QLabel,
     QLineEdit,
     QProgressBar,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
-from ._common import report_error
+from ._common import (
+    ask_directory,
+    ask_open_file,
+    connect_worker,
+    docked_widgets,
+    form,
+    hbox,
+    refill_combo,
+    request_stop,
+    show_worker_error,
+    status_label,
+    stop_button,
+    vbox,
+)
 from ..errors import PathosegError
 from ..finetune import FinetuneConfig, FinetuneDone, FinetuneStage, iter_finetune, parse_strong
 from ..training.loop import EpochEvent, StepEvent
@@ -299,48 +307,32 @@ class FinetuneWidget(QWidget):
         self.out_edit.setPlaceholderText("output folder (default: next to the model registry)")
         self.out_btn = QPushButton("Browse…")
         self.start_btn = QPushButton("Start")
-        self.stop_btn = QPushButton("Stop")
-        self.stop_btn.setEnabled(False)
+        self.stop_btn = stop_button()
         self.progress = QProgressBar()
         self.plot = LossPlot()
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.status = status_label()
 
-        form = QFormLayout()
-        row = QHBoxLayout()
-        row.addWidget(self.base_combo, 1)
-        row.addWidget(self.base_btn)
-        form.addRow("Base model", row)
-        form.addRow("Student", self.preset_combo)
-        row = QHBoxLayout()
-        row.addWidget(self.strong_edit, 1)
-        row.addWidget(self.strong_btn)
-        form.addRow("Strong labels", row)
-        form.addRow("their µm/px", self.strong_mpp)
-        row = QHBoxLayout()
-        row.addWidget(self.project_edit, 1)
-        row.addWidget(self.project_btn)
-        row.addWidget(self.review_btn)
-        form.addRow("Pseudo-labels", row)
-        form.addRow("", self.pending_check)
-        form.addRow("Epochs", self.epochs_spin)
-        form.addRow("Steps / epoch", self.steps_spin)
-        form.addRow("Learning rate", self.lr_spin)
-        form.addRow("Model name", self.name_edit)
-        row = QHBoxLayout()
-        row.addWidget(self.out_edit, 1)
-        row.addWidget(self.out_btn)
-        form.addRow("Output", row)
-        lay = QVBoxLayout(self)
-        lay.addLayout(form)
-        row = QHBoxLayout()
-        row.addWidget(self.start_btn)
-        row.addWidget(self.stop_btn)
-        lay.addLayout(row)
-        lay.addWidget(self.progress)
-        lay.addWidget(self.plot)
-        lay.addWidget(self.status)
-        lay.addStretch(1)
+        vbox(
+            self,
+            form(
+                ("Base model", hbox((self.base_combo, 1), self.base_btn)),
+                ("Student", self.preset_combo),
+                ("Strong labels", hbox((self.strong_edit, 1), self.strong_btn)),
+                ("their µm/px", self.strong_mpp),
+                ("Pseudo-labels", hbox((self.project_edit, 1), self.project_btn, self.review_btn)),
+                ("", self.pending_check),
+                ("Epochs", self.epochs_spin),
+                ("Steps / epoch", self.steps_spin),
+                ("Learning rate", self.lr_spin),
+                ("Model name", self.name_edit),
+                ("Output", hbox((self.out_edit, 1), self.out_btn)),
+            ),
+            hbox(self.start_btn, self.stop_btn),
+            self.progress,
+            self.plot,
+            self.status,
+            stretch_end=True,
+        )
 
         self.base_btn.clicked.connect(self._on_browse_base)
         self.strong_btn.clicked.connect(self._on_add_strong)
@@ -372,12 +364,7 @@ class FinetuneWidget(QWidget):
         except PathosegError as exc:
             show_error(str(exc))
             names = []
-        self.base_combo.blockSignals(True)
-        self.base_combo.clear()
-        self.base_combo.addItems(names + list(self._extra_models) + [FRESH])
-        idx = self.base_combo.findText(current) if current else -1
-        self.base_combo.setCurrentIndex(idx if idx >= 0 else 0)
-        self.base_combo.blockSignals(False)
+        refill_combo(self.base_combo, names + list(self._extra_models) + [FRESH], current=current)
 
     def add_base_checkpoint(self, path: str) -> None:
         """Offer a ``.safetensors`` checkpoint as base model and select it."""
@@ -386,34 +373,27 @@ class FinetuneWidget(QWidget):
         self.refresh_models(select=label)
 
     def _on_browse_base(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Base checkpoint", "", "Checkpoints (*.safetensors)")
+        path = ask_open_file(self, "Base checkpoint", "Checkpoints (*.safetensors)")
         if path:
             self.add_base_checkpoint(path)
 
     def _on_add_strong(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Strong-label folder (images/ + instance_masks/)")
+        path = ask_directory(self, "Strong-label folder (images/ + instance_masks/)")
         if path:
             current = parse_strong(self.strong_edit.text())
             self.strong_edit.setText("; ".join(current + (path,)))
 
     def _on_browse_project(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Review project folder")
-        if path:
-            self.project_edit.setText(path)
+        ask_directory(self, "Review project folder", into=self.project_edit)
 
     def _on_browse_out(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Output folder")
-        if path:
-            self.out_edit.setText(path)
+        ask_directory(self, "Output folder", into=self.out_edit)
 
     def _review_dock_project(self) -> Any:
         from .review import ReviewWidget
 
-        window = getattr(self.viewer, "window", None)
-        docks = getattr(window, "dock_widgets", None) or getattr(window, "_dock_widgets", {}) or {}
-        for dock in list(docks.values()):
-            widget = dock.widget() if hasattr(dock, "widget") and not isinstance(dock, ReviewWidget) else dock
-            if isinstance(widget, ReviewWidget) and widget.project is not None:
+        for widget in docked_widgets(self.viewer, ReviewWidget):
+            if widget.project is not None:
                 return widget.project
         return None
 
@@ -495,10 +475,12 @@ class FinetuneWidget(QWidget):
         self.progress.setRange(0, total)
         self.progress.setValue(0)
         self.plot.clear(total)
-        worker = _train_worker(config, self._cancel, self._ended)
-        worker.yielded.connect(self._on_event)
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
+        worker = connect_worker(
+            _train_worker(config, self._cancel, self._ended),
+            yielded=self._on_event,
+            errored=self._on_error,
+            finished=self._on_finished,
+        )
         self.worker = worker
         self.status.setText(f"starting {config.name} ({config.preset})…")
         self._update_enabled()
@@ -510,10 +492,8 @@ class FinetuneWidget(QWidget):
 
     def stop(self) -> None:
         """Ask the worker to finish its step, save a checkpoint and end."""
-        if self._cancel is not None and self.worker is not None:
-            self._cancel.set()
-            self.stop_btn.setEnabled(False)
-            self.status.setText("stopping after the current step (saving a checkpoint)…")
+        request_stop(self._cancel if self.worker is not None else None, status=self.status,
+                     message="stopping after the current step (saving a checkpoint)…", stop_button=self.stop_btn)
         if self._overlay_cancel is not None:
             self._overlay_cancel.set()
 
@@ -568,7 +548,7 @@ class FinetuneWidget(QWidget):
             self.compare_on_view()
 
     def _on_error(self, exc: Exception) -> None:
-        self.status.setText(report_error(exc, action="Fine-tuning"))
+        show_worker_error(exc, action="Fine-tuning", status=self.status)
 
     def _on_finished(self) -> None:
         self.worker = None
@@ -578,15 +558,11 @@ class FinetuneWidget(QWidget):
         """Make the new model selectable in open Nuclei docks."""
         from .nuclei import NucleiWidget
 
-        window = getattr(self.viewer, "window", None)
-        docks = getattr(window, "dock_widgets", None) or getattr(window, "_dock_widgets", {}) or {}
-        for dock in list(docks.values()):
-            widget = dock.widget() if hasattr(dock, "widget") and not isinstance(dock, NucleiWidget) else dock
-            if isinstance(widget, NucleiWidget):
-                try:
-                    widget.refresh_models()
-                except (PathosegError, RuntimeError) as exc:
-                    logger.warning("cannot refresh the Nuclei dock: %s", exc)
+        for widget in docked_widgets(self.viewer, NucleiWidget):
+            try:
+                widget.refresh_models()
+            except (PathosegError, RuntimeError) as exc:
+                logger.warning("cannot refresh the Nuclei dock: %s", exc)
 
     # ================================================================== comparison overlay
     def compare_on_view(self) -> Any:
@@ -612,9 +588,11 @@ class FinetuneWidget(QWidget):
         self._overlay_cancel = threading.Event()
         self._overlay_ended = threading.Event()
         self._cancel_box["overlay"] = self._overlay_cancel
-        worker = _overlay_worker(slide, models, region, self._overlay_cancel, self._overlay_ended)
-        worker.yielded.connect(functools.partial(self._on_overlay, layer))
-        worker.errored.connect(self._on_error)
+        worker = connect_worker(
+            _overlay_worker(slide, models, region, self._overlay_cancel, self._overlay_ended),
+            yielded=functools.partial(self._on_overlay, layer),
+            errored=self._on_error,
+        )
         self.overlay_worker = worker
         worker.start()
         return worker

@@ -11,20 +11,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtWidgets import (
-    QComboBox,
-    QDoubleSpinBox,
-    QFileDialog,
-    QFormLayout,
-    QHBoxLayout,
-    QLabel,
-    QProgressBar,
-    QPushButton,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QProgressBar, QPushButton, QWidget
 
-from ._common import report_error
+from ._common import (
+    ask_open_file,
+    connect_worker,
+    form,
+    hbox,
+    layer_named,
+    refill_combo,
+    request_stop,
+    show_worker_error,
+    status_label,
+    stop_button,
+    vbox,
+    watch_layer_list,
+)
 from ..errors import CancelledError, PathosegError
 from ..nuclei import NucleiResult, Progress, iter_segment_nuclei
 from .slide import slide_layers, slide_of_layer
@@ -103,38 +105,31 @@ class NucleiWidget(QWidget):
         self.mpp_spin.setSpecialValueText("from slide")
         self.mpp_spin.setToolTip("µm per pixel of the image; 'from slide' uses the slide's own")
         self.run_btn = QPushButton("Segment nuclei")
-        self.stop_btn = QPushButton("Stop")
-        self.stop_btn.setEnabled(False)
+        self.stop_btn = stop_button()
         self.progress = QProgressBar()
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.status = status_label()
 
-        form = QFormLayout()
-        form.addRow("Slide", self.layer_combo)
-        mrow = QHBoxLayout()
-        mrow.addWidget(self.model_combo, 1)
-        mrow.addWidget(self.model_btn)
-        form.addRow("Model", mrow)
-        form.addRow("Region", self.region_combo)
-        form.addRow("Rectangle layer", self.shapes_combo)
-        form.addRow("µm/px", self.mpp_spin)
-        lay = QVBoxLayout(self)
-        lay.addLayout(form)
-        brow = QHBoxLayout()
-        brow.addWidget(self.run_btn)
-        brow.addWidget(self.stop_btn)
-        lay.addLayout(brow)
-        lay.addWidget(self.progress)
-        lay.addWidget(self.status)
-        lay.addStretch(1)
+        vbox(
+            self,
+            form(
+                ("Slide", self.layer_combo),
+                ("Model", hbox((self.model_combo, 1), self.model_btn)),
+                ("Region", self.region_combo),
+                ("Rectangle layer", self.shapes_combo),
+                ("µm/px", self.mpp_spin),
+            ),
+            hbox(self.run_btn, self.stop_btn),
+            self.progress,
+            self.status,
+            stretch_end=True,
+        )
 
         self.run_btn.clicked.connect(self._on_run)
         self.stop_btn.clicked.connect(self._on_stop)
         self.model_btn.clicked.connect(self._on_browse_model)
         self.layer_combo.currentIndexChanged.connect(self._update_run_state)
         self.region_combo.currentIndexChanged.connect(self._update_run_state)
-        self.viewer.layers.events.inserted.connect(self._refresh)
-        self.viewer.layers.events.removed.connect(self._refresh)
+        watch_layer_list(self.viewer, self._refresh)
         self.refresh_models()
         self._refresh()
 
@@ -151,31 +146,14 @@ class NucleiWidget(QWidget):
             models = []
         for m in models:
             self._models[m["name"]] = m["path"]
-        self.model_combo.blockSignals(True)
-        self.model_combo.clear()
-        self.model_combo.addItems(list(self._models))
-        if current in self._models:
-            self.model_combo.setCurrentText(current)
-        self.model_combo.blockSignals(False)
+        refill_combo(self.model_combo, list(self._models), current=current)
         self._update_run_state()
 
     def _refresh(self, event: Any = None) -> None:
         from napari.layers import Shapes
 
-        cur = self.layer_combo.currentText()
-        names = [ly.name for ly in slide_layers(self.viewer)]
-        self.layer_combo.blockSignals(True)
-        self.layer_combo.clear()
-        self.layer_combo.addItems(names)
-        if cur in names:
-            self.layer_combo.setCurrentText(cur)
-        self.layer_combo.blockSignals(False)
-        scur = self.shapes_combo.currentText()
-        snames = [ly.name for ly in self.viewer.layers if isinstance(ly, Shapes)]
-        self.shapes_combo.clear()
-        self.shapes_combo.addItems(snames)
-        if scur in snames:
-            self.shapes_combo.setCurrentText(scur)
+        refill_combo(self.layer_combo, [ly.name for ly in slide_layers(self.viewer)])
+        refill_combo(self.shapes_combo, [ly.name for ly in self.viewer.layers if isinstance(ly, Shapes)])
         self._update_run_state()
 
     def _update_run_state(self, *args: Any) -> None:
@@ -191,12 +169,11 @@ class NucleiWidget(QWidget):
         self.run_btn.setToolTip(why or "Run in the background; Stop cancels.")
 
     def slide_layer(self):
-        name = self.layer_combo.currentText()
-        return self.viewer.layers[name] if name in self.viewer.layers else None
+        return layer_named(self.viewer, self.layer_combo.currentText())
 
     # ------------------------------------------------------------------ callbacks
     def _on_browse_model(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Nucleus model checkpoint", "", "Checkpoints (*.safetensors)")
+        path = ask_open_file(self, "Nucleus model checkpoint", "Checkpoints (*.safetensors)")
         if path:
             self.add_model_path(path)
 
@@ -214,8 +191,7 @@ class NucleiWidget(QWidget):
         if choice == "Whole slide":
             return None
         if choice == "Drawn rectangle":
-            name = self.shapes_combo.currentText()
-            return shape_region(self.viewer.layers[name] if name in self.viewer.layers else None, layer)
+            return shape_region(layer_named(self.viewer, self.shapes_combo.currentText()), layer)
         return view_region(layer)
 
     def _on_run(self) -> None:
@@ -237,20 +213,20 @@ class NucleiWidget(QWidget):
         work_dir = self._tmp.name if (region is None and self._tmp) else None
         self.progress.setValue(0)
         self.status.setText("loading model…")
-        worker = _segment_worker(slide, model_ref, region=region, mpp=mpp, cancel=self._cancel, work_dir=work_dir)
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(lambda res, _l=layer: self._on_done(_l, res))
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
+        worker = connect_worker(
+            _segment_worker(slide, model_ref, region=region, mpp=mpp, cancel=self._cancel, work_dir=work_dir),
+            yielded=self._on_progress,
+            returned=lambda res, _l=layer: self._on_done(_l, res),
+            errored=self._on_error,
+            finished=self._on_finished,
+        )
         self._worker = worker
         self.stop_btn.setEnabled(True)
         self._update_run_state()
         worker.start()
 
     def _on_stop(self) -> None:
-        if self._cancel is not None:
-            self._cancel.set()
-            self.status.setText("stopping…")
+        request_stop(self._cancel, status=self.status)
 
     def _on_progress(self, ev: Progress) -> None:
         self.progress.setMaximum(max(1, ev.total))
@@ -294,7 +270,7 @@ class NucleiWidget(QWidget):
             self.status.setText(f"stopped: {exc}")
             show_info("Nucleus segmentation stopped.")
         else:
-            self.status.setText(report_error(exc, action="Nucleus segmentation"))
+            show_worker_error(exc, action="Nucleus segmentation", status=self.status)
 
     def _on_finished(self) -> None:
         self._worker = None

@@ -28,9 +28,7 @@ from qtpy.QtCore import QEvent, QObject, Qt, QTimer
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QComboBox,
-    QFileDialog,
     QGroupBox,
-    QHBoxLayout,
     QHeaderView,
     QLabel,
     QLineEdit,
@@ -40,11 +38,22 @@ from qtpy.QtWidgets import (
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
-    QVBoxLayout,
     QWidget,
 )
 
-from ._common import report_error
+from ._common import (
+    ask_directory,
+    ask_open_file,
+    connect_worker,
+    hbox,
+    idle_progress,
+    request_stop,
+    show_progress,
+    show_worker_error,
+    status_label,
+    stop_button,
+    vbox,
+)
 from ..errors import CancelledError, PathosegError
 from ..pseudolabels import (
     GenerationDone,
@@ -94,7 +103,7 @@ def _model_names() -> list[str]:
     return names or ["nuclei-lite"]
 
 
-@thread_worker
+@thread_worker(ignore_errors=True)
 def _generate_worker(source: str, out: str, model_name: str, loader: Callable[[str], Any],
                      max_tiles: int | None, cancel: threading.Event):
     model = loader(model_name)
@@ -159,18 +168,12 @@ class ReviewWidget(QWidget):
         self.project_edit.setPlaceholderText("review project folder")
         self.browse_project_btn = QPushButton("Browse…")
         self.open_btn = QPushButton("Open project")
-        prow = QHBoxLayout()
-        prow.addWidget(self.project_edit)
-        prow.addWidget(self.browse_project_btn)
 
         # --- generation ---
         gen_box = QGroupBox("Generate pseudo-labels")
         self.source_edit = QLineEdit()
         self.source_edit.setPlaceholderText("slide file or folder of tiles (default: open slide)")
         self.browse_source_btn = QPushButton("Browse…")
-        srow = QHBoxLayout()
-        srow.addWidget(self.source_edit)
-        srow.addWidget(self.browse_source_btn)
         self.model_combo = QComboBox()
         self.model_combo.setEditable(True)
         self.model_combo.addItems(_model_names())
@@ -178,37 +181,26 @@ class ReviewWidget(QWidget):
         self.max_tiles_spin.setRange(0, 1_000_000)
         self.max_tiles_spin.setSpecialValueText("all")
         self.max_tiles_spin.setToolTip("process at most this many tiles (0 = all)")
-        mrow = QHBoxLayout()
-        mrow.addWidget(QLabel("Teacher:"))
-        mrow.addWidget(self.model_combo, 1)
-        mrow.addWidget(QLabel("Max tiles:"))
-        mrow.addWidget(self.max_tiles_spin)
         self.generate_btn = QPushButton("Generate")
         self.generate_btn.setToolTip(
             "run the teacher over the source (default: the open slide) and write a new review "
             "project into the project folder above"
         )
-        self.stop_btn = QPushButton("Stop")
-        self.stop_btn.setEnabled(False)
-        brow = QHBoxLayout()
-        brow.addWidget(self.generate_btn)
-        brow.addWidget(self.stop_btn)
+        self.stop_btn = stop_button()
         self.progress = QProgressBar()
         self.progress.setValue(0)
-        glay = QVBoxLayout(gen_box)
-        glay.addLayout(srow)
-        glay.addLayout(mrow)
-        glay.addLayout(brow)
-        glay.addWidget(self.progress)
+        vbox(
+            gen_box,
+            hbox(self.source_edit, self.browse_source_btn),
+            hbox(QLabel("Teacher:"), (self.model_combo, 1), QLabel("Max tiles:"), self.max_tiles_spin),
+            hbox(self.generate_btn, self.stop_btn),
+            self.progress,
+        )
 
         # --- filter + table ---
         self.threshold_slider = QSlider(Qt.Horizontal)
         self.threshold_slider.setRange(0, _SLIDER_STEPS)
         self.threshold_label = QLabel("score ≥ 0.500")
-        trow = QHBoxLayout()
-        trow.addWidget(QLabel("Keep:"))
-        trow.addWidget(self.threshold_slider, 1)
-        trow.addWidget(self.threshold_label)
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(list(COLUMNS))
         self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
@@ -223,32 +215,25 @@ class ReviewWidget(QWidget):
         self.accept_btn = QPushButton("Accept (A)")
         self.reject_btn = QPushButton("Reject (R)")
         self.pending_btn = QPushButton("Reset")
-        arow = QHBoxLayout()
-        arow.addWidget(self.accept_btn)
-        arow.addWidget(self.reject_btn)
-        arow.addWidget(self.pending_btn)
         self.split_btn = QPushButton("Split selected")
         self.split_btn.setToolTip("split the selected label (watershed of its distance transform)")
         self.merge_edit = QLineEdit()
         self.merge_edit.setPlaceholderText("ids, e.g. 3, 7 (default: last two selected)")
         self.merge_btn = QPushButton("Merge")
-        erow = QHBoxLayout()
-        erow.addWidget(self.split_btn)
-        erow.addWidget(self.merge_edit, 1)
-        erow.addWidget(self.merge_btn)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.status = status_label()
 
-        lay = QVBoxLayout(self)
-        lay.addLayout(prow)
-        lay.addWidget(self.open_btn)
-        lay.addWidget(gen_box)
-        lay.addLayout(trow)
-        lay.addWidget(self.table, 1)
-        lay.addWidget(self.counts_label)
-        lay.addLayout(arow)
-        lay.addLayout(erow)
-        lay.addWidget(self.status)
+        vbox(
+            self,
+            hbox(self.project_edit, self.browse_project_btn),
+            self.open_btn,
+            gen_box,
+            hbox(QLabel("Keep:"), (self.threshold_slider, 1), self.threshold_label),
+            (self.table, 1),
+            self.counts_label,
+            hbox(self.accept_btn, self.reject_btn, self.pending_btn),
+            hbox(self.split_btn, (self.merge_edit, 1), self.merge_btn),
+            self.status,
+        )
 
         self._save_timer = QTimer(self)
         self._save_timer.setSingleShot(True)
@@ -326,9 +311,8 @@ class ReviewWidget(QWidget):
             self._mask_layer = None
 
     def _on_browse_project(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Review project folder")
+        path = ask_directory(self, "Review project folder", into=self.project_edit)
         if path:
-            self.project_edit.setText(path)
             self.open_project(path)
 
     def _on_open_clicked(self) -> None:
@@ -340,11 +324,8 @@ class ReviewWidget(QWidget):
 
     # ================================================================== generation
     def _on_browse_source(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Slide to pseudo-label")
-        if not path:
-            path = QFileDialog.getExistingDirectory(self, "...or a folder of tiles")
-        if path:
-            self.source_edit.setText(path)
+        if not ask_open_file(self, "Slide to pseudo-label", into=self.source_edit):
+            ask_directory(self, "...or a folder of tiles", into=self.source_edit)
 
     def generate(self, source: str | Path, out: str | Path, *, model_name: str | None = None,
                  max_tiles: int | None = None):
@@ -353,11 +334,12 @@ class ReviewWidget(QWidget):
         name = model_name or self.model_combo.currentText().strip() or "nuclei-lite"
         self._cancel = threading.Event()
         self._generating_out = str(out)
-        worker = _generate_worker(str(source), str(out), name, self.model_loader,
-                                  max_tiles or None, self._cancel)
-        worker.yielded.connect(self._on_gen_event)
-        worker.errored.connect(self._on_gen_error)
-        worker.finished.connect(self._on_gen_finished)
+        worker = connect_worker(
+            _generate_worker(str(source), str(out), name, self.model_loader, max_tiles or None, self._cancel),
+            yielded=self._on_gen_event,
+            errored=self._on_gen_error,
+            finished=self._on_gen_finished,
+        )
         self._worker = worker
         self.progress.setRange(0, 0)
         self.status.setText(f"generating pseudo-labels with {name}…")
@@ -381,33 +363,25 @@ class ReviewWidget(QWidget):
         self.generate(source, out, max_tiles=self.max_tiles_spin.value() or None)
 
     def _on_stop(self) -> None:
-        if self._cancel is not None:
-            self._cancel.set()
-            self.status.setText("stopping after the current batch…")
-            self.stop_btn.setEnabled(False)
+        request_stop(self._cancel, status=self.status, message="stopping after the current batch…",
+                     stop_button=self.stop_btn)
 
     def _on_gen_event(self, event: Any) -> None:
         if isinstance(event, GenerationProgress):
-            if event.total:
-                self.progress.setRange(0, event.total)
-                self.progress.setValue(event.done)
+            show_progress(self.progress, event.done, event.total)
             self.status.setText(f"{event.done}/{event.total or '?'} tiles, {event.kept} kept")
         elif isinstance(event, CancelledError):
-            self.progress.setRange(0, 1)
-            self.progress.setValue(0)
+            idle_progress(self.progress)
             show_info(str(event))
             out = self.project_edit.text().strip() or self._generating_out
             self.open_project(out)
         elif isinstance(event, GenerationDone):
-            self.progress.setRange(0, 1)
-            self.progress.setValue(1)
+            idle_progress(self.progress, 1)
             self.open_project(event.project.root)
             show_info(f"Pseudo-labels: {event.kept} of {event.processed} tiles kept.")
 
     def _on_gen_error(self, exc: Exception) -> None:
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.status.setText(report_error(exc, action="Pseudo-label generation"))
+        show_worker_error(exc, action="Pseudo-label generation", status=self.status, progress=self.progress)
 
     def _on_gen_finished(self) -> None:
         self._worker = None

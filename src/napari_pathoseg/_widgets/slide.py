@@ -15,17 +15,14 @@ from qtpy.QtGui import QImage, QPixmap
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
-    QFileDialog,
-    QHBoxLayout,
     QLabel,
     QLineEdit,
     QPlainTextEdit,
     QPushButton,
-    QVBoxLayout,
     QWidget,
 )
 
-from ._common import report_error
+from ._common import ask_open_file, connect_worker, hbox, layer_named, refill_combo, report_error, vbox, watch_layer_list
 from .._reader import layer_scale, slide_layer_data
 from ..errors import PathosegError
 from ..slide import SLIDE_EXTENSIONS, Slide, open_slide
@@ -75,9 +72,6 @@ class SlideWidget(QWidget):
         self.path_edit.setPlaceholderText("slide file (.svs, .ndpi, .mrxs, .tif, ...)")
         self.browse_btn = QPushButton("Browse…")
         self.open_btn = QPushButton("Open")
-        row = QHBoxLayout()
-        row.addWidget(self.path_edit)
-        row.addWidget(self.browse_btn)
 
         self.layer_combo = QComboBox()
         self.meta_text = QPlainTextEdit()
@@ -89,48 +83,39 @@ class SlideWidget(QWidget):
         self.mask_check = QCheckBox("Show tissue mask")
         self.status = QLabel("")
 
-        lay = QVBoxLayout(self)
-        lay.addLayout(row)
-        lay.addWidget(self.open_btn)
-        lay.addWidget(QLabel("Slide layer:"))
-        lay.addWidget(self.layer_combo)
-        lay.addWidget(self.thumb)
-        lay.addWidget(self.meta_text)
-        lay.addWidget(self.mask_check)
-        lay.addWidget(self.status)
-        lay.addStretch(1)
+        vbox(
+            self,
+            hbox(self.path_edit, self.browse_btn),
+            self.open_btn,
+            QLabel("Slide layer:"),
+            self.layer_combo,
+            self.thumb,
+            self.meta_text,
+            self.mask_check,
+            self.status,
+            stretch_end=True,
+        )
 
         self.browse_btn.clicked.connect(self._on_browse)
         self.open_btn.clicked.connect(self._on_open)
         self.path_edit.returnPressed.connect(self._on_open)
         self.layer_combo.currentIndexChanged.connect(self._on_layer_changed)
         self.mask_check.toggled.connect(self._on_mask_toggled)
-        self.viewer.layers.events.inserted.connect(self._refresh_layers)
-        self.viewer.layers.events.removed.connect(self._refresh_layers)
+        watch_layer_list(self.viewer, self._refresh_layers)
         self._refresh_layers()
 
     # ------------------------------------------------------------------ helpers
     def current_layer(self):
-        name = self.layer_combo.currentText()
-        return self.viewer.layers[name] if name and name in self.viewer.layers else None
+        return layer_named(self.viewer, self.layer_combo.currentText())
 
     def _refresh_layers(self, event: Any = None) -> None:
-        current = self.layer_combo.currentText()
-        names = [ly.name for ly in slide_layers(self.viewer)]
-        self.layer_combo.blockSignals(True)
-        self.layer_combo.clear()
-        self.layer_combo.addItems(names)
-        if current in names:
-            self.layer_combo.setCurrentText(current)
-        self.layer_combo.blockSignals(False)
+        refill_combo(self.layer_combo, [ly.name for ly in slide_layers(self.viewer)])
         self._on_layer_changed()
 
     # ------------------------------------------------------------------ callbacks
     def _on_browse(self) -> None:
         pattern = "Slides (" + " ".join(f"*{e}" for e in SLIDE_EXTENSIONS) + ");;All files (*)"
-        path, _ = QFileDialog.getOpenFileName(self, "Open slide", "", pattern)
-        if path:
-            self.path_edit.setText(path)
+        if ask_open_file(self, "Open slide", pattern, into=self.path_edit):
             self._on_open()
 
     def _on_open(self) -> None:
@@ -140,10 +125,12 @@ class SlideWidget(QWidget):
             return
         self.open_btn.setEnabled(False)
         self.status.setText(f"opening {Path(path).name}…")
-        worker = _open_worker(path)
-        worker.returned.connect(self._on_opened)
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(lambda: self.open_btn.setEnabled(True))
+        worker = connect_worker(
+            _open_worker(path),
+            returned=self._on_opened,
+            errored=self._on_error,
+            finished=lambda: self.open_btn.setEnabled(True),
+        )
         self._worker = worker
         worker.start()
 

@@ -28,20 +28,22 @@ import numpy as np
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import (
-    QComboBox,
-    QFileDialog,
-    QFormLayout,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QProgressBar,
-    QPushButton,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import QComboBox, QFileDialog, QLabel, QLineEdit, QProgressBar, QPushButton, QWidget
 
-from ._common import report_error
+from ._common import (
+    ask_open_file,
+    connect_worker,
+    form,
+    hbox,
+    idle_progress,
+    layer_named,
+    refill_combo,
+    report_error,
+    status_label,
+    stop_button,
+    vbox,
+    watch_layer_list,
+)
 from ..errors import CancelledError, PathosegError
 from ..slide import Slide
 from ..stain import (
@@ -56,6 +58,7 @@ from ..stain import (
     write_normalized_tiff,
 )
 from ..stain.normalizers import StainNormalizer, StainParams
+from .slide import slide_of_layer
 
 if TYPE_CHECKING:
     import napari
@@ -110,11 +113,6 @@ def shape_rect(shapes: Any, layer: Any) -> tuple[float, float, float, float]:
     return r - 0.5, c - 0.5, h, w
 
 
-def _slide_of(layer: Any) -> Slide | None:
-    s = getattr(layer, "metadata", {}).get("pathoseg_slide")
-    return s if isinstance(s, Slide) else None
-
-
 class _Signals(QObject):
     progress = Signal(int, int)
 
@@ -144,19 +142,10 @@ class StainWidget(QWidget):
         self.path_edit = QLineEdit()
         self.path_edit.setPlaceholderText("reference image, or saved normaliser .json")
         self.browse_btn = QPushButton("Browse…")
-        path_row = QHBoxLayout()
-        path_row.addWidget(self.path_edit)
-        path_row.addWidget(self.browse_btn)
+        path_row = hbox(self.path_edit, self.browse_btn)
         self._path_row = QWidget()
         self._path_row.setLayout(path_row)
         path_row.setContentsMargins(0, 0, 0, 0)
-
-        form = QFormLayout()
-        form.addRow("Slide layer", self.layer_combo)
-        form.addRow("Method", self.method_combo)
-        form.addRow("Target", self.target_combo)
-        form.addRow("Shapes layer", self.shapes_combo)
-        form.addRow("File", self._path_row)
 
         self.fit_btn = QPushButton("Fit target")
         self.target_label = QLabel("no target fitted")
@@ -166,32 +155,29 @@ class StainWidget(QWidget):
         self.deconv_btn = QPushButton("Add H / E layers")
         self.save_btn = QPushButton("Save normaliser…")
         self.export_btn = QPushButton("Export TIFF…")
-        self.stop_btn = QPushButton("Stop")
+        self.stop_btn = stop_button()
         self.progress = QProgressBar()
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        idle_progress(self.progress)
+        self.status = status_label()
 
-        lay = QVBoxLayout(self)
-        lay.addLayout(form)
-        lay.addWidget(self.fit_btn)
-        lay.addWidget(self.target_label)
-        row = QHBoxLayout()
-        row.addWidget(self.preview_btn)
-        row.addWidget(self.add_btn)
-        lay.addLayout(row)
-        row = QHBoxLayout()
-        row.addWidget(self.deconv_btn)
-        row.addWidget(self.save_btn)
-        lay.addLayout(row)
-        lay.addWidget(self.export_btn)
-        row = QHBoxLayout()
-        row.addWidget(self.progress)
-        row.addWidget(self.stop_btn)
-        lay.addLayout(row)
-        lay.addWidget(self.status)
-        lay.addStretch(1)
+        vbox(
+            self,
+            form(
+                ("Slide layer", self.layer_combo),
+                ("Method", self.method_combo),
+                ("Target", self.target_combo),
+                ("Shapes layer", self.shapes_combo),
+                ("File", self._path_row),
+            ),
+            self.fit_btn,
+            self.target_label,
+            hbox(self.preview_btn, self.add_btn),
+            hbox(self.deconv_btn, self.save_btn),
+            self.export_btn,
+            hbox(self.progress, self.stop_btn),
+            self.status,
+            stretch_end=True,
+        )
 
         self.browse_btn.clicked.connect(self._on_browse)
         self.fit_btn.clicked.connect(self._on_fit)
@@ -205,8 +191,7 @@ class StainWidget(QWidget):
         self.method_combo.currentIndexChanged.connect(self._on_method_changed)
         self.layer_combo.currentIndexChanged.connect(self._update_state)
         self._signals.progress.connect(self._on_progress)
-        self.viewer.layers.events.inserted.connect(self._refresh_layers)
-        self.viewer.layers.events.removed.connect(self._refresh_layers)
+        watch_layer_list(self.viewer, self._refresh_layers)
         self._refresh_layers()
 
     # ------------------------------------------------------------------ layers
@@ -217,36 +202,26 @@ class StainWidget(QWidget):
         for ly in self.viewer.layers:
             if not isinstance(ly, Image) or ly.metadata.get("pathoseg_stain_output"):
                 continue
-            if _slide_of(ly) is not None or (ly.rgb and np.dtype(ly.dtype) == np.uint8):
+            if slide_of_layer(ly) is not None or (ly.rgb and np.dtype(ly.dtype) == np.uint8):
                 out.append(ly)
         return out
 
     def _refresh_layers(self, event: Any = None) -> None:
         from napari.layers import Shapes
 
-        for combo, names in (
-            (self.layer_combo, [ly.name for ly in self._image_layers()]),
-            (self.shapes_combo, [ly.name for ly in self.viewer.layers if isinstance(ly, Shapes)]),
-        ):
-            current = combo.currentText()
-            combo.blockSignals(True)
-            combo.clear()
-            combo.addItems(names)
-            if current in names:
-                combo.setCurrentText(current)
-            combo.blockSignals(False)
+        refill_combo(self.layer_combo, [ly.name for ly in self._image_layers()])
+        refill_combo(self.shapes_combo, [ly.name for ly in self.viewer.layers if isinstance(ly, Shapes)])
         self._update_state()
 
     def current_layer(self) -> Any:
-        name = self.layer_combo.currentText()
-        return self.viewer.layers[name] if name and name in self.viewer.layers else None
+        return layer_named(self.viewer, self.layer_combo.currentText())
 
     def current_slide(self) -> Slide:
         """The slide behind the chosen layer (an RGB array layer is wrapped once)."""
         layer = self.current_layer()
         if layer is None:
             raise PathosegError("Choose a slide layer first (open a slide with the Slide dock or File > Open).")
-        slide = _slide_of(layer)
+        slide = slide_of_layer(layer)
         if slide is not None:
             return slide
         key = id(layer.data)
@@ -338,14 +313,11 @@ class StainWidget(QWidget):
             if self._worker is worker:
                 self._worker = None
                 self._cancel = None
-                self.progress.setRange(0, 1)
-                self.progress.setValue(0)
+                idle_progress(self.progress)
                 self.status.setText("")
                 self._update_state()
 
-        worker.returned.connect(done)
-        worker.errored.connect(failed)
-        worker.finished.connect(finished)
+        connect_worker(worker, returned=done, errored=failed, finished=finished)
         self._update_state()
         worker.start()
 
@@ -358,8 +330,7 @@ class StainWidget(QWidget):
         self._worker = None  # any result that still arrives is ignored
         self._cancel = None
         worker.quit()
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
+        idle_progress(self.progress)
         self.status.setText("stopped")
         self._update_state()
 
@@ -373,9 +344,8 @@ class StainWidget(QWidget):
             pattern = "Stain normaliser (*.json);;All files (*)"
         else:
             pattern = "Images and slides (*.png *.jpg *.jpeg *.tif *.tiff *.svs *.ndpi *.mrxs *.scn);;All files (*)"
-        path, _ = QFileDialog.getOpenFileName(self, "Choose the target", "", pattern)
+        path = ask_open_file(self, "Choose the target", pattern, into=self.path_edit)
         if path:
-            self.path_edit.setText(path)
             if path.lower().endswith(".json"):
                 self.target_combo.setCurrentText(TARGET_JSON)
 
@@ -461,14 +431,21 @@ class StainWidget(QWidget):
         layer = self.current_layer()
         return layer, self.current_slide(), self.normalizer
 
-    # ------------------------------------------------------------------ outputs
-    def _on_preview(self) -> None:
+    def _require_or_show(self) -> tuple[Any, Slide, StainNormalizer] | None:
+        """:meth:`_require`, or None after showing why it cannot run."""
         try:
-            layer, slide, norm = self._require()
-            r, c, h, w = view_rect(self.viewer, layer)
+            return self._require()
         except PathosegError as exc:
             show_error(str(exc))
+            return None
+
+    # ------------------------------------------------------------------ outputs
+    def _on_preview(self) -> None:
+        required = self._require_or_show()
+        if required is None:
             return
+        layer, slide, norm = required
+        r, c, h, w = view_rect(self.viewer, layer)
         source = self._source_job(slide, norm)
 
         def job() -> tuple[np.ndarray, tuple[float, float, float, float]]:
@@ -500,11 +477,10 @@ class StainWidget(QWidget):
         self._start(job, show, "normalising the view…")
 
     def _on_add_normalized(self) -> None:
-        try:
-            layer, slide, norm = self._require()
-        except PathosegError as exc:
-            show_error(str(exc))
+        required = self._require_or_show()
+        if required is None:
             return
+        layer, slide, norm = required
         source = self._source_job(slide, norm)
 
         def job() -> list:
@@ -590,11 +566,10 @@ class StainWidget(QWidget):
 
     def export_to(self, path: str | Path, *, compression: str | None = "jpeg") -> None:
         """Write the normalised slide to ``path`` in the background (progress bar, Stop)."""
-        try:
-            layer, slide, norm = self._require()
-        except PathosegError as exc:
-            show_error(str(exc))
+        required = self._require_or_show()
+        if required is None:
             return
+        _layer, slide, norm = required
         source = self._source_job(slide, norm)
         cancel = threading.Event()
         signals = self._signals
