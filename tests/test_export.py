@@ -627,3 +627,95 @@ def test_standard_library_json_writes_the_same_document(tmp_path, monkeypatch):
     for fa, fb in zip(a, b):
         fa.pop("id"), fb.pop("id")
         assert fa == fb
+
+
+# ---------------------------------------------------------------------------- output files
+def test_measurements_path_decides_where_the_table_goes(tmp_path):
+    lab = np.zeros((30, 30), np.int32)
+    lab[2:8, 2:9] = 1
+    lab[15:25, 12:20] = 2
+    square = np.array([[0, 0], [0, 10], [10, 10], [10, 0]], float)
+    # labels: default True -> OUT.csv only when something is measured; False -> none; a path -> there
+    assert run_export_labels(tmp_path / "a.geojson", lab, measure=[]).measurements_path is None
+    assert run_export_labels(tmp_path / "b.geojson", lab, measure=["area"]).measurements_path == tmp_path / "b.csv"
+    assert run_export_labels(tmp_path / "c.geojson", lab, measure=["area"], measurements_path=False).measurements_path is None
+    (tmp_path / "t").mkdir()
+    res = run_export_labels(tmp_path / "d.geojson", lab, measure=[], measurements_path=tmp_path / "t" / "d.tsv")
+    assert res.measurements_path == tmp_path / "t" / "d.tsv"
+    # shapes: the same rules with measure=True/False
+    assert run_export_shapes(tmp_path / "e.geojson", [square], measure=False).measurements_path is None
+    assert run_export_shapes(tmp_path / "f.geojson", [square]).measurements_path == tmp_path / "f.csv"
+    assert run_export_shapes(tmp_path / "g.geojson", [square], measurements_path=None).measurements_path is None
+    res = run_export_shapes(tmp_path / "h.geojson", [square], measure=False, measurements_path=tmp_path / "h_table.csv")
+    assert res.measurements_path == tmp_path / "h_table.csv"
+    with open(res.measurements_path, newline="", encoding="utf-8") as fh:
+        assert next(csv.reader(fh)) == ["id", "index", "class", "centroid_x", "centroid_y"]
+    written = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+    assert written == sorted(["a.geojson", "b.geojson", "b.csv", "c.geojson", "d.geojson", "d.tsv", "e.geojson",
+                              "f.geojson", "f.csv", "g.geojson", "h.geojson", "h_table.csv"])
+    # a table in a folder that does not exist: a clear error naming it, and nothing written
+    for run, arg in ((run_export_labels, lab), (run_export_shapes, [square])):
+        with pytest.raises(ExportError, match="no_such_folder.*does not exist"):
+            run(tmp_path / "z.geojson", arg, measurements_path=tmp_path / "no_such_folder" / "z.csv")
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == written
+
+
+def test_failed_or_cancelled_exports_leave_neither_geojson_nor_table(tmp_path):
+    lab = np.zeros((64, 64), np.int32)
+    lab[2:6, 2:6] = 1
+    lab[30:60, 30:60] = 2  # too large for max_object_pixels, met after the table was opened
+    with pytest.raises(ExportError, match="max_object_pixels"):
+        run_export_labels(tmp_path / "x.geojson", lab, measure=["area"], chunk_size=16, halo=0, max_object_pixels=100)
+    squares = [np.array([[0, 0], [0, 5], [5, 5], [5, 0]], float) + k for k in range(1001)]
+    with pytest.raises(CancelledError):
+        run_export_shapes(tmp_path / "y.geojson", squares, cancel=lambda: True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_finite_measurements_are_left_out_of_features_and_empty_in_the_table(tmp_path):
+    lab = np.zeros((20, 20), np.int32)
+    lab[2:6, 2:6] = 1
+    lab[10:14, 10:16] = 2
+    prob = np.full(lab.shape, 0.75)
+    prob[3, 3] = np.nan  # object 1's confidence is NaN
+    res = run_export_labels(tmp_path / "n.geojson", lab, probability=prob, measure=["area", "confidence"])
+    ids = label_of_id(res.measurements_path)
+    feats = {ids[f["id"]]: f["properties"]["measurements"] for f in check_qupath_rules(res.path)["features"]}
+    assert feats[1] == {"Area px^2": 16.0}
+    assert feats[2] == {"Area px^2": 24.0, "Confidence": 0.75}
+    with open(res.measurements_path, newline="", encoding="utf-8") as fh:
+        rows = {int(r["label"]): r for r in csv.DictReader(fh)}
+    assert rows[1]["Confidence"] == "" and float(rows[2]["Confidence"]) == 0.75
+
+
+def test_csv_table_writer_commits_or_aborts_atomically(tmp_path):
+    from napari_pathoseg.export.measurements import CsvTableWriter
+
+    writer = CsvTableWriter(tmp_path / "t.csv", ["a", "b"])
+    writer.write_rows([[1, float("nan")], ["x", 2.5]])
+    assert not (tmp_path / "t.csv").exists() and len(list(tmp_path.glob(".t.csv.*.tmp"))) == 1
+    assert writer.commit() == tmp_path / "t.csv"
+    assert (tmp_path / "t.csv").read_text(encoding="utf-8").splitlines() == ["a,b", "1,", "x,2.5"]
+    assert writer.n_rows == 2
+    aborted = CsvTableWriter(tmp_path / "u.csv", ["a"])
+    aborted.write_rows([[1]])
+    aborted.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]
+
+
+def test_cli_refuses_a_level_the_slide_does_not_have(tmp_path, make_pyramid_tiff, capsys):
+    from napari_pathoseg.cli import main
+
+    rgb = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    slide_path = make_pyramid_tiff(tmp_path / "slide.tif", rgb, levels=2)
+    lab = np.zeros((512, 512), np.int32)
+    lab[10:20, 10:20] = 1
+    np.save(tmp_path / "labels.npy", lab)
+    assert main(["export", str(tmp_path / "labels.npy"), "--slide", str(slide_path), "--out", str(tmp_path / "o.geojson"),
+                 "--level", "5"]) == 2
+    assert f"--level 5 does not exist in {slide_path} (levels 0..1)" in capsys.readouterr().err
+    run_export_labels(tmp_path / "ok.geojson", lab, measure=[])
+    assert main(["import", str(tmp_path / "ok.geojson"), "--slide", str(slide_path), "--out", str(tmp_path / "b.tif"),
+                 "--level", "-1"]) == 2
+    assert f"--level -1 does not exist in {slide_path} (levels 0..1)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.npy", "ok.geojson", "slide.tif"]

@@ -78,6 +78,18 @@ def _infer_level(slide: Any, shape: tuple[int, int], path: Path) -> int:
     )
 
 
+def _check_level(slide: Any, level: int, slide_path: str) -> None:
+    """Refuse a ``--level`` the slide does not have."""
+    if not 0 <= level < slide.level_count:
+        raise ExportError(f"--level {level} does not exist in {slide_path} (levels 0..{slide.level_count - 1})")
+
+
+def _print_json(result: dict[str, Any]) -> None:
+    """A command's result on stdout, as indented JSON."""
+    json.dump(result, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from ..slide import open_slide
 
@@ -86,8 +98,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     prob = load_labels_float(args.probability) if args.probability else None
     with open_slide(args.slide) as slide:
         level = args.level if args.level is not None else _infer_level(slide, labels.shape, labels_path)
-        if not 0 <= level < slide.level_count:
-            raise ExportError(f"--level {level} does not exist in {args.slide} (levels 0..{slide.level_count - 1})")
+        _check_level(slide, level, args.slide)
         measure = None
         if args.no_measure:
             measure = []
@@ -112,8 +123,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         )
     out = res.to_dict()
     out.update({"labels": str(labels_path), "slide": str(args.slide), "level": level})
-    json.dump(out, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    _print_json(out)
     return 0
 
 
@@ -141,8 +151,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
     with open_slide(args.slide) as slide:
         meta = slide.metadata
-        if not 0 <= args.level < slide.level_count:
-            raise ExportError(f"--level {args.level} does not exist in {args.slide} (levels 0..{slide.level_count - 1})")
+        _check_level(slide, args.level, args.slide)
         objects = read_geojson(args.geojson, slide_metadata=meta, repair=args.repair)
         if args.object_type:
             objects = [o for o in objects if o.object_type == args.object_type]
@@ -162,8 +171,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
         "n_objects": len(objects),
         "classes": counts,
     }
-    json.dump(result, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    _print_json(result)
     return 0
 
 

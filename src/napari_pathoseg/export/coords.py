@@ -31,6 +31,11 @@ __all__ = [
 ]
 
 
+def _float_pair(value: Any) -> tuple[float, float]:
+    """``(a, b)`` floats from a pair or one number (used for both)."""
+    return tuple(float(v) for v in np.broadcast_to(np.asarray(value, float), (2,)))  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class LevelTransform:
     """Affine map between an array at some level and QuPath level-0 ``(x, y)``.
@@ -57,15 +62,15 @@ class LevelTransform:
     bounds: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
-        ds = tuple(float(v) for v in np.broadcast_to(np.asarray(self.downsample, float), (2,)))
+        ds = _float_pair(self.downsample)
         if not all(np.isfinite(ds)) or min(ds) <= 0:
             raise PathosegError(
                 f"downsample must be positive and finite, got {self.downsample!r}; "
                 "pass the level's down-sample factor relative to level 0 (1 for level 0)"
             )
         object.__setattr__(self, "downsample", ds)
-        object.__setattr__(self, "origin", tuple(float(v) for v in np.broadcast_to(np.asarray(self.origin, float), (2,))))
-        object.__setattr__(self, "bounds", tuple(float(v) for v in np.broadcast_to(np.asarray(self.bounds, float), (2,))))
+        object.__setattr__(self, "origin", _float_pair(self.origin))
+        object.__setattr__(self, "bounds", _float_pair(self.bounds))
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -100,8 +105,7 @@ class LevelTransform:
                     f"(levels 0..{len(levels) - 1}); pass --level within that range"
                 )
             downsample = float(levels[level])
-        bounds = (float(meta.get("bounds_y") or 0), float(meta.get("bounds_x") or 0))
-        return cls(downsample=downsample, origin=origin, bounds=bounds)  # type: ignore[arg-type]
+        return cls(downsample=downsample, origin=origin, bounds=_bounds(meta))  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ conversions
     def continuous_to_xy(self, rc: np.ndarray) -> np.ndarray:
@@ -178,6 +182,11 @@ def metadata_as_dict(metadata: Any | None) -> dict[str, Any]:
     )
 
 
+def _bounds(meta: Mapping[str, Any]) -> tuple[float, float]:
+    """OpenSlide bounds offset ``(bounds_y, bounds_x)`` in level-0 pixels (0 when absent)."""
+    return (float(meta.get("bounds_y") or 0), float(meta.get("bounds_x") or 0))
+
+
 def _world_mpp(meta: Mapping[str, Any]) -> tuple[float, float]:
     """µm per level-0 pixel ``(rows, cols)`` of the slide layer (1 when unknown, as the reader does)."""
     my = meta.get("mpp_y") or meta.get("mpp_x") or 1.0
@@ -215,8 +224,7 @@ def transform_from_layer(
     d = s / mpp
     # level-0 continuous X = (i * s + t) / mpp + 0.5 = (i + 0.5 + o) * d
     o = (t / mpp + 0.5) / d - 0.5
-    bounds = (float(meta.get("bounds_y") or 0), float(meta.get("bounds_x") or 0))
-    return LevelTransform(downsample=tuple(d), origin=tuple(o), bounds=bounds)  # type: ignore[arg-type]
+    return LevelTransform(downsample=tuple(d), origin=tuple(o), bounds=_bounds(meta))  # type: ignore[arg-type]
 
 
 def layer_placement(transform: LevelTransform, slide_metadata: Any | None = None) -> dict[str, tuple[float, float]]:

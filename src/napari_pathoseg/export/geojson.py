@@ -34,9 +34,10 @@ import shapely
 from scipy import ndimage as ndi
 from shapely.geometry import mapping, shape as shapely_shape
 
-from ..errors import CancelledError, GeoJSONError, PathosegError
+from ..errors import CancelledError, GeoJSONError
+from ._atomic import AtomicFile, ExportError
 from ._trace import TracedRings, trace_labels
-from .coords import LevelTransform, metadata_as_dict
+from .coords import LevelTransform, _world_mpp, metadata_as_dict
 from .measurements import CsvTableWriter, geometry_measurements, measure_window, measurement_names
 
 __all__ = [
@@ -87,10 +88,6 @@ DEFAULT_CLASS_COLORS: dict[str, tuple[int, int, int]] = {
 
 #: Default limit of one object's bounding box, in pixels of its level.
 MAX_OBJECT_PIXELS = 64_000_000
-
-
-class ExportError(PathosegError):
-    """Objects cannot be exported as asked (bad labels, object too large, bad options)."""
 
 
 # ---------------------------------------------------------------------------- classes
@@ -193,17 +190,11 @@ class ExportResult:
 
 
 # ---------------------------------------------------------------------------- writer
-class _FeatureCollectionWriter:
+class _FeatureCollectionWriter(AtomicFile):
     """Writes a FeatureCollection feature by feature to a temp file, then moves it into place."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        parent = path.parent if str(path.parent) else Path(".")
-        if not parent.is_dir():
-            raise ExportError(f"cannot write {path}: the folder {parent} does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-        self._tmp = Path(tmp)
-        self._fh = os.fdopen(fd, "wb")
+        super().__init__(path, mode="wb")
         self._fh.write(b'{"type":"FeatureCollection","features":[\n')
         self.n = 0
 
@@ -217,15 +208,32 @@ class _FeatureCollectionWriter:
 
     def commit(self) -> Path:
         self._fh.write(b"\n]}\n")
-        self._fh.close()
-        os.replace(self._tmp, self.path)
-        return self.path
+        return super().commit()
 
-    def abort(self) -> None:
-        try:
-            self._fh.close()
-        finally:
-            self._tmp.unlink(missing_ok=True)
+
+def _csv_destination(path: Path, measurements_path: str | os.PathLike | None | bool, measured: bool) -> Path | None:
+    """Where an export's CSV table goes (None: no table).
+
+    ``measurements_path`` True (the default) puts ``OUT.csv`` beside ``OUT.geojson`` when
+    something is ``measured``; None or False writes no table; a path is used as it is.
+    """
+    if measurements_path is True:
+        return path.with_suffix(".csv") if measured else None
+    if measurements_path in (None, False):
+        return None
+    return Path(measurements_path)  # type: ignore[arg-type]
+
+
+def _commit_outputs(writer: _FeatureCollectionWriter, table: CsvTableWriter | None) -> tuple[Path, Path | None]:
+    """Move the GeoJSON and the CSV table (if any) into place; returns both paths."""
+    return writer.commit(), (table.commit() if table is not None else None)
+
+
+def _abort_outputs(writer: _FeatureCollectionWriter, table: CsvTableWriter | None) -> None:
+    """Delete the temporary GeoJSON and CSV table (if any) of a failed or cancelled export."""
+    writer.abort()
+    if table is not None:
+        table.abort()
 
 
 def _uuid_strings(n: int) -> list[bytes]:
@@ -419,7 +427,12 @@ def _single_part(geom: Any) -> Any:
 
 
 def _snap(geom: Any, decimals: int) -> Any:
-    """Geometry on the ``10**-decimals`` grid it will be written with, still valid (slivers dropped)."""
+    """Geometry on the ``10**-decimals`` grid it will be written with, still valid (slivers dropped).
+
+    An empty geometry is returned as it is.
+    """
+    if geom.is_empty:
+        return geom
     snapped = shapely.set_precision(geom, 10.0**-decimals)
     if snapped.geom_type in ("MultiPolygon", "GeometryCollection") and not snapped.is_empty:
         parts = [p for p in shapely.get_parts(snapped) if p.geom_type == "Polygon" and p.area > 0]
@@ -602,6 +615,15 @@ def _rgb_window(slide: Any, transform: LevelTransform, r0: int, c0: int, h: int,
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
+def _label_class(
+    label: int, default_cls: Classification | None, classes: Mapping[int, Any] | None
+) -> Classification | None:
+    """Class of one label: its entry in ``classes`` (None there means unclassified), else the default."""
+    if classes is not None and label in classes:
+        return Classification.of(classes[label])
+    return default_cls
+
+
 def _check_probability(probability: Any, shape: tuple[int, int]) -> Any:
     if probability is None:
         return None
@@ -709,8 +731,7 @@ def iter_export_labels(
     if transform is None:
         transform = LevelTransform.for_slide(meta or None, level=level, downsample=downsample, origin=origin)
     calibrated = bool(meta.get("mpp_x") or meta.get("mpp_y"))
-    mpp_y = float(meta.get("mpp_y") or meta.get("mpp_x") or 1.0)
-    mpp_x = float(meta.get("mpp_x") or meta.get("mpp_y") or 1.0)
+    mpp_y, mpp_x = _world_mpp(meta)
     pixel_size = (mpp_y * transform.downsample[0], mpp_x * transform.downsample[1]) if calibrated else transform.downsample
     probability = _check_probability(probability, labels.shape)
     if measure is None:
@@ -731,9 +752,7 @@ def iter_export_labels(
     base_meta = dict(metadata or {})
 
     def prefix_for(label: int) -> bytes:
-        cls = default_cls
-        if classes is not None and label in classes:
-            cls = Classification.of(classes[label])
+        cls = _label_class(label, default_cls, classes)
         om = object_metadata.get(label) if object_metadata else None
         key = (cls, None if om is None else tuple(sorted(om.items())))
         text = cls_cache.get(key)
@@ -746,12 +765,7 @@ def iter_export_labels(
                 cls_cache[key] = text
         return text
 
-    if measurements_path is True:  # the default: a table beside the GeoJSON when something is measured
-        csv_path: Path | None = path.with_suffix(".csv") if measure else None
-    elif measurements_path in (None, False):
-        csv_path = None
-    else:
-        csv_path = Path(measurements_path)  # type: ignore[arg-type]
+    csv_path = _csv_destination(path, measurements_path, bool(measure))
 
     yield ExportProgress(0, 0, "finding objects")
     gids, gbox = _global_boxes(labels, chunk_size)
@@ -813,12 +827,9 @@ def iter_export_labels(
                     done += n_written
                     skipped += n_skip
                 yield ExportProgress(done + skipped, total, f"{done} of {total} objects")
-        out_path = writer.commit()
-        csv_out = table.commit() if table is not None else None
+        out_path, csv_out = _commit_outputs(writer, table)
     except BaseException:
-        writer.abort()
-        if table is not None:
-            table.abort()
+        _abort_outputs(writer, table)
         raise
     result = ExportResult(out_path, done, skipped, csv_out, time.perf_counter() - t0)
     logger.info("exported %d objects in %.2f s", done, result.seconds)
@@ -923,8 +934,7 @@ def _export_window(
             n_skip += 1
             continue
         if not valid[k]:
-            fixed = _repair(geoms[k])
-            fixed = _snap(fixed, decimals) if not fixed.is_empty else fixed
+            fixed = _snap(_repair(geoms[k]), decimals)
             if fixed.is_empty:
                 logger.warning("object %d has no valid outline; skipped", label)
                 n_skip += 1
@@ -937,19 +947,13 @@ def _export_window(
             rs = [coords[offs[j] : offs[j + 1]] for j in range(lo[k], hi[k])]
             outer = [bool(rings.area[j] > 0) for j in range(lo[k], hi[k])]
             geom_text = _geometry_text_from_rings(rs, outer)
+        mtext = None
         if meas_rows is not None:
-            if finite[k]:
-                mtext = _dumps(dict(zip(meas_names, meas_rows[k])))
-            else:
-                mtext = _dumps({nm: v for nm, v in zip(meas_names, meas_rows[k]) if math.isfinite(v)})
-            props = prefix_for(label) + b',"measurements":' + mtext + b"}"
-        else:
-            props = prefix_for(label) + b"}"
-        texts.append(b'{"type":"Feature","id":"' + uids[k] + b'","geometry":' + geom_text + b',"properties":' + props + b"}")
+            values = dict(zip(meas_names, meas_rows[k]))
+            mtext = _dumps(values) if finite[k] else _measurements_text(values)
+        texts.append(_feature_text(uids[k], geom_text, prefix_for(label), mtext))
         if table is not None:
-            cls = default_cls
-            if classes is not None and label in classes:
-                cls = Classification.of(classes[label])
+            cls = _label_class(label, default_cls, classes)
             rows_out.append(
                 [uids[k].decode(), label, cls.name if cls else "", float(cxy[k, 0]), float(cxy[k, 1])] + (meas_rows[k] if meas_rows else [])
             )
@@ -1058,13 +1062,7 @@ def iter_export_shapes(
     mpp = meta.get("mpp_x") or meta.get("mpp_y")
     if meta.get("mpp_x") and meta.get("mpp_y"):
         mpp = (float(meta["mpp_x"]) + float(meta["mpp_y"])) / 2.0
-    csv_path: Path | None
-    if measurements_path is True:
-        csv_path = path.with_suffix(".csv") if measure else None
-    elif measurements_path in (None, False):
-        csv_path = None
-    else:
-        csv_path = Path(measurements_path)  # type: ignore[arg-type]
+    csv_path = _csv_destination(path, measurements_path, measure)
     writer = _FeatureCollectionWriter(path)
     table = None
     try:
@@ -1073,7 +1071,7 @@ def iter_export_shapes(
         skipped = 0
         texts = []
         for k, geom in enumerate(geoms):
-            geom = _snap(geom, decimals) if not geom.is_empty else geom
+            geom = _snap(geom, decimals)
             if geom.is_empty:
                 logger.warning("shape %d is degenerate (no area or length) and was skipped", k)
                 skipped += 1
@@ -1098,12 +1096,9 @@ def iter_export_shapes(
             mcols = list(dict.fromkeys(name for *_, m in rows for name in m))
             table = CsvTableWriter(csv_path, ["id", "index", "class", "centroid_x", "centroid_y"] + mcols)
             table.write_rows([list(r[:5]) + [r[5].get(c, float("nan")) for c in mcols] for r in rows])
-        out = writer.commit()
-        csv_out = table.commit() if table is not None else None
+        out, csv_out = _commit_outputs(writer, table)
     except BaseException:
-        writer.abort()
-        if table is not None:
-            table.abort()
+        _abort_outputs(writer, table)
         raise
     yield ExportProgress(n, n, f"{n - skipped} shapes written")
     yield ExportResult(out, n - skipped, skipped, csv_out, time.perf_counter() - t0)

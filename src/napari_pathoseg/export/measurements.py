@@ -13,11 +13,9 @@ are the mean haematoxylin and eosin optical densities from colour deconvolution
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -26,6 +24,7 @@ import shapely
 from scipy import ndimage as ndi
 
 from ..errors import PathosegError
+from ._atomic import AtomicFile
 
 __all__ = [
     "MEASUREMENTS",
@@ -303,8 +302,10 @@ def geometry_measurements(geometry: Any, *, pixel_size: float | None) -> dict[st
     return {names["area"]: float(geometry.area * s * s), names["perimeter"]: float(geometry.length * s)}
 
 
-class CsvTableWriter:
+class CsvTableWriter(AtomicFile):
     """Stream rows to a CSV file atomically (temp file in the same folder, then ``os.replace``).
+
+    :meth:`commit` moves the finished table into place; :meth:`abort` deletes it.
 
     Parameters
     ----------
@@ -315,11 +316,8 @@ class CsvTableWriter:
     """
 
     def __init__(self, path: str | os.PathLike, columns: Sequence[str]) -> None:
-        self.path = Path(path)
         self.columns = list(columns)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent or ".")
-        self._tmp = Path(tmp)
-        self._fh = io.open(fd, "w", newline="", encoding="utf-8")
+        super().__init__(Path(path), mode="w", newline="", encoding="utf-8")
         self._writer = csv.writer(self._fh)
         self._writer.writerow(self.columns)
         self.n_rows = 0
@@ -329,19 +327,6 @@ class CsvTableWriter:
         for row in rows:
             self._writer.writerow(["" if isinstance(v, float) and v != v else v for v in row])
             self.n_rows += 1
-
-    def commit(self) -> Path:
-        """Close and move the file into place."""
-        self._fh.close()
-        os.replace(self._tmp, self.path)
-        return self.path
-
-    def abort(self) -> None:
-        """Close and delete the temporary file."""
-        try:
-            self._fh.close()
-        finally:
-            self._tmp.unlink(missing_ok=True)
 
 
 def write_measurements_csv(path: str | os.PathLike, table: Mapping[str, Sequence[Any]]) -> Path:
