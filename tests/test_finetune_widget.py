@@ -75,6 +75,12 @@ def test_train_in_background_register_and_overlay(dock, qtbot, strong_folder, tm
     assert labels.data.shape == (256, 256)
     np.testing.assert_allclose(labels.scale, slide_layer.scale)
     np.testing.assert_allclose(labels.translate, slide_layer.translate)
+    # the overlay is the registered model, and the status keeps the run's result beside the counts
+    assert labels.metadata["model"] == "dock-student"
+    text = dock.status.text()
+    assert text.startswith("done: best val AJI") and "registered as 'dock-student'" in text
+    n_nuclei = len(np.unique(labels.data[labels.data > 0]))
+    assert f"dock-student nuclei: {n_nuclei} nuclei" in text
 
 
 def test_stop_leaves_a_checkpoint_and_start_resumes(dock, qtbot, strong_folder, tmp_path):

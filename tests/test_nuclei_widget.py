@@ -7,6 +7,8 @@ import threading
 import numpy as np
 import pytest
 
+from napari_pathoseg.errors import PathosegError
+
 pytestmark = pytest.mark.gui
 
 
@@ -63,12 +65,19 @@ def test_current_view_region(viewer_with_slide, qtbot):
     viewer = viewer_with_slide
     viewer.window.show()
     layer = viewer.layers[0]
-    viewer.camera.center = (1000 * layer.scale[0], 800 * layer.scale[1])
-    viewer.camera.zoom = 8.0
-    qtbot.waitUntil(lambda: view_region(layer)[2] < 2000, timeout=5000)
-    x, y, w, h = view_region(layer)
-    assert 0 <= x <= 800 <= x + w and 0 <= y <= 1000 <= y + h
-    assert w < 2220 and h < 2967
+    cam = viewer.scene.camera
+    cam.center = (1000 * layer.scale[0], 800 * layer.scale[1])
+    cam.zoom = 8.0
+    qtbot.waitUntil(lambda: view_region(layer, viewer)[2] < 2000, timeout=5000)
+    x, y, w, h = view_region(layer, viewer)
+    # exactly the canvas at that zoom (not the file tiles napari loaded around it)
+    canvas_h, canvas_w = (float(v) / 8.0 / float(s) for v, s in zip(viewer.canvas.size, layer.scale[-2:]))
+    assert abs(w - canvas_w) <= 2 and abs(h - canvas_h) <= 2
+    assert abs(x + w / 2 - 800) <= 2 and abs(y + h / 2 - 1000) <= 2
+    # panned off the slide: a clear error, not an empty region
+    cam.center = (-5000 * layer.scale[0], -5000 * layer.scale[1])
+    with pytest.raises(PathosegError, match="not in view"):
+        view_region(layer, viewer)
 
 
 def test_stop_cancels_whole_slide_run(viewer_with_slide, qtbot, monkeypatch):

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
+from qtpy.QtCore import QPoint, Qt
 from skimage.color import rgb2hed
 from skimage.filters import threshold_otsu
 from skimage.measure import label as cc_label
@@ -196,12 +197,35 @@ def test_failed_generation_is_reported_once_and_the_dock_recovers(widget, folder
         raise CheckpointError(f"{name}: checkpoint does not match the model")
 
     widget.model_loader = loader
-    worker = widget.generate(folder, tmp_path / "gen", model_name="broken")
-    with qtbot.waitSignal(worker.finished, timeout=10000):
-        pass
-    qtbot.wait(50)  # an error re-raised on the GUI thread would surface here
+    widget.generate(folder, tmp_path / "gen", model_name="broken")
+    # the worker fails at once: wait for its report rather than for a signal that may be past
+    qtbot.waitUntil(lambda: bool(shown) and widget.generate_btn.isEnabled(), timeout=10000)
+    qtbot.wait(100)  # an error re-raised on the GUI thread would surface here
     assert shown == ["broken: checkpoint does not match the model"]
     assert widget.generate_btn.isEnabled() and not widget.stop_btn.isEnabled()
+
+
+def test_table_sorts_by_any_column_numerically_and_rows_keep_their_tile(widget, project_path, qtbot):
+    proj = widget.open_project(project_path)
+    by_score = widget.visible_tiles()
+    assert by_score == [r.tile_id for r in proj.tiles(sort_by="score", descending=True, min_score=widget.threshold)]
+    header = widget.table.horizontalHeader()
+    nuclei_col = 2
+    qtbot.mouseClick(header.viewport(), Qt.LeftButton, pos=QPoint(header.sectionViewportPosition(nuclei_col) + 5, 5))
+    counts = [proj.record(t).n_nuclei for t in widget.visible_tiles()]
+    assert counts == sorted(counts) or counts == sorted(counts, reverse=True)
+    assert len(set(counts)) > 1 and sorted(widget.visible_tiles()) == sorted(by_score)
+    # numbers sort as numbers: the cells hold ints, not text
+    assert isinstance(widget.table.item(0, nuclei_col).data(Qt.DisplayRole), int)
+    # the row clicked is the tile shown, and accepting keeps every row's cells together
+    widget.table.selectRow(1)
+    tid = widget.visible_tiles()[1]
+    assert widget.current_tile == tid
+    widget.accept_btn.click()
+    assert proj.record(tid).state == "accepted"
+    row = widget.visible_tiles().index(tid)
+    assert widget.table.item(row, 3).text() == "accepted"
+    assert widget.table.item(row, 2).data(Qt.DisplayRole) == proj.record(tid).n_nuclei
 
 
 def test_bad_project_shows_error(widget, tmp_path, monkeypatch):
@@ -229,10 +253,15 @@ def test_slide_project_jumps_camera_to_the_tile(widget, tmp_path, make_pyramid_t
     rec = proj.tiles(sort_by="score")[1]
     widget.select_tile(rec.tile_id)
     sy, sx = slide_layer.scale[-2:]
-    assert np.allclose(widget.viewer.camera.center[-2:],
+    assert np.allclose(widget.viewer.scene.camera.center[-2:],
                        ((rec.y + rec.height / 2) * sy, (rec.x + rec.width / 2) * sx))
     mask_layer = widget.viewer.layers["review mask"]
     assert np.allclose(mask_layer.scale, (sy, sx))
+    # the mask is in the slide's physical units, so the scale bar keeps reading µm
+    assert tuple(str(u) for u in mask_layer.units) == tuple(str(u) for u in slide_layer.units[-2:])
+    assert "micrometer" in str(mask_layer.units[0])
+    widget.select_tile(proj.tiles(sort_by="score")[2].tile_id)  # the layer is reused, units kept
+    assert widget.viewer.layers["review mask"] is mask_layer and "micrometer" in str(mask_layer.units[0])
     assert "review tile" not in widget.viewer.layers
 
 

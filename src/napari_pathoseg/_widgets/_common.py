@@ -7,13 +7,17 @@
   :func:`docked_widgets`);
 * file dialogs that fill a line edit (:func:`ask_open_file`, :func:`ask_directory`);
 * the wiring of a background worker (:func:`connect_worker`, :func:`request_stop`,
-  :func:`show_progress`, :func:`idle_progress`).
+  :func:`show_progress`, :func:`idle_progress`);
+* where the user looks: the camera (:func:`camera`), the part of a slide layer on screen
+  (:func:`view_rect`) and a drawn box over it (:func:`shape_rect`), in level-0 pixels.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+
+import numpy as np
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar, Union
 
 from napari.utils.notifications import show_error
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ask_directory",
     "ask_open_file",
+    "camera",
     "connect_worker",
     "docked_widgets",
     "form",
@@ -48,11 +53,13 @@ __all__ = [
     "refill_combo",
     "report_error",
     "request_stop",
+    "shape_rect",
     "show_progress",
     "show_worker_error",
     "status_label",
     "stop_button",
     "vbox",
+    "view_rect",
     "watch_layer_list",
 ]
 
@@ -255,3 +262,51 @@ def idle_progress(bar: QProgressBar, value: int = 0) -> None:
     """Show a determinate bar at rest: empty (``value=0``) or full (``value=1``)."""
     bar.setRange(0, 1)
     bar.setValue(value)
+
+
+# ---------------------------------------------------------------------- where the user looks
+
+
+def camera(viewer: "napari.Viewer") -> Any:
+    """The viewer's camera (``viewer.scene.camera`` since napari 0.9, ``viewer.camera`` before)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
+def _level0_box(layer: Any, world_corners: np.ndarray) -> tuple[float, float, float, float]:
+    """(row, col, height, width) in level-0 pixels of a world-space box over ``layer``."""
+    pts = np.array([layer.world_to_data(p) for p in world_corners], dtype=float)[:, -2:]
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    # data coordinates are pixel centres: the box spans half a pixel further each side
+    return float(lo[0] + 0.5), float(lo[1] + 0.5), float(hi[0] - lo[0]), float(hi[1] - lo[1])
+
+
+def view_rect(viewer: "napari.Viewer", layer: Any) -> tuple[float, float, float, float]:
+    """The part of ``layer`` the canvas shows: (row, col, height, width) in level-0 pixels.
+
+    Computed from the camera (centre, zoom) and the canvas size, so it is the area on
+    screen, not the tiles napari loaded around it; not clipped to the layer.
+    """
+    cam = camera(viewer)
+    center = np.asarray(cam.center, float)[-2:]
+    half = np.asarray(viewer.canvas.size, float) / (2.0 * float(cam.zoom))
+    ndim = viewer.dims.ndim
+    corners = []
+    for dr in (-1, 1):
+        for dc in (-1, 1):
+            p = np.array(viewer.dims.point, float)[:ndim]
+            p[-2:] = center + np.array([dr, dc]) * half
+            corners.append(p)
+    return _level0_box(layer, np.array(corners))
+
+
+def shape_rect(shapes: Any, layer: Any) -> tuple[float, float, float, float]:
+    """Bounding box of the selected (else the last) shape, in ``layer``'s level-0 pixels."""
+    if len(shapes.data) == 0:
+        raise PathosegError(f"Shapes layer {shapes.name!r} is empty: draw a rectangle on the tissue first")
+    idx = sorted(shapes.selected_data)[-1] if shapes.selected_data else len(shapes.data) - 1
+    verts = np.asarray(shapes.data[idx], float)
+    world = np.array([shapes.data_to_world(v) for v in verts])
+    r, c, h, w = _level0_box(layer, world)
+    # shape vertices lie on pixel edges, not centres
+    return r - 0.5, c - 0.5, h, w

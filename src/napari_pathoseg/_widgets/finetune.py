@@ -210,7 +210,8 @@ class LossPlot(QWidget):
                 p.setBrush(self.AJI_COLOR)
                 for q in pts:
                     p.drawEllipse(q, 3, 3)
-                p.drawText(left + 4, top + 12, f"val AJI {self.epochs[-1][1]:.3f}")
+                last, best = self.epochs[-1][1], max(v for _, v in self.epochs)
+                p.drawText(left + 4, top + 12, f"val AJI {last:.3f} (best {best:.3f})")
         finally:
             p.end()
 
@@ -260,6 +261,9 @@ class FinetuneWidget(QWidget):
         self.last_done: FinetuneDone | None = None
         self.overlay_layers: list[str] = []
         self.compare_models: list[str] = []
+        #: the finished run's status text, and the nuclei each compared model finds in the view
+        self.done_message = ""
+        self.overlay_counts: dict[str, int] = {}
         self._cancel: threading.Event | None = None
         self._ended: threading.Event | None = None
         self._overlay_cancel: threading.Event | None = None
@@ -542,6 +546,8 @@ class FinetuneWidget(QWidget):
             msg += f"; registered as {done.registered['name']!r}"
             self._refresh_nuclei_docks(done.registered["name"])
             self.refresh_models()
+        self.done_message = msg
+        self.overlay_counts = {}
         self.status.setText(msg)
         show_info(f"Fine-tuning finished: {msg}")
         if done.registered is not None:
@@ -577,11 +583,12 @@ class FinetuneWidget(QWidget):
         layer = layers[0]
         slide = layer.metadata["pathoseg_slide"]
         try:
-            region = compare_region(view_region(layer))
-        except (ValueError, IndexError, AttributeError) as exc:
+            region = compare_region(view_region(layer, self.viewer))
+        except (PathosegError, ValueError, IndexError, AttributeError) as exc:
             logger.warning("cannot read the view region: %s", exc)
             return None
-        models = [(f"{cfg.name} nuclei", str(done.best_checkpoint))]
+        # the new model by its registered name, so its layers and results carry that name
+        models = [(f"{cfg.name} nuclei", str(done.registered["name"]))]
         if cfg.base:
             models.append((f"{Path(cfg.base).stem} nuclei (base)", cfg.base))
         self.compare_models = [label for label, _ in models]
@@ -611,7 +618,10 @@ class FinetuneWidget(QWidget):
         if ev.label not in self.overlay_layers:
             self.overlay_layers.append(ev.label)
         self.viewer.layers.selection.active = slide_layer
-        self.status.setText(f"{ev.label}: {ev.result.n_nuclei} nuclei in the view")
+        # keep the run's result on the status line; add each model's count in the view
+        self.overlay_counts[ev.label] = ev.result.n_nuclei
+        counts = ", ".join(f"{label}: {n} nuclei" for label, n in self.overlay_counts.items())
+        self.status.setText(f"{self.done_message} · in the view: {counts}")
 
     # ================================================================== Qt
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)

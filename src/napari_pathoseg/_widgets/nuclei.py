@@ -25,6 +25,7 @@ from ._common import (
     status_label,
     stop_button,
     vbox,
+    view_rect,
     watch_layer_list,
 )
 from ..errors import CancelledError, PathosegError
@@ -41,16 +42,15 @@ logger = logging.getLogger(__name__)
 REGIONS = ("Current view", "Drawn rectangle", "Whole slide")
 
 
-def view_region(layer: Any) -> tuple[int, int, int, int]:
-    """Level-0 (x, y, w, h) of the part of ``layer`` (a slide image layer) on screen."""
-    corners = np.asarray(layer.corner_pixels, dtype=float)  # (2, ndim) at the displayed level
-    if getattr(layer, "multiscale", False):
-        corners = corners * np.asarray(layer.downsample_factors[layer.data_level])
-    (r0, c0), (r1, c1) = corners[0, -2:], corners[1, -2:]
+def view_region(layer: Any, viewer: Any) -> tuple[int, int, int, int]:
+    """Level-0 (x, y, w, h) of the part of ``layer`` (a slide image layer) on screen, clipped to it."""
+    r, c, h, w = view_rect(viewer, layer)
     rows, cols = layer.level_shapes[0][:2] if getattr(layer, "multiscale", False) else layer.data.shape[:2]
-    r0, c0 = max(0, int(r0)), max(0, int(c0))
-    r1, c1 = min(int(rows), int(np.ceil(r1)) + 1), min(int(cols), int(np.ceil(c1)) + 1)
-    return (c0, r0, max(1, c1 - c0), max(1, r1 - r0))
+    r0, c0 = max(0, int(np.floor(r))), max(0, int(np.floor(c)))
+    r1, c1 = min(int(rows), int(np.ceil(r + h))), min(int(cols), int(np.ceil(c + w)))
+    if r1 <= r0 or c1 <= c0:
+        raise PathosegError("The slide is not in view: pan or zoom to it, or choose another region.")
+    return (c0, r0, c1 - c0, r1 - r0)
 
 
 def shape_region(shapes_layer: Any, slide_layer: Any) -> tuple[int, int, int, int]:
@@ -192,7 +192,7 @@ class NucleiWidget(QWidget):
             return None
         if choice == "Drawn rectangle":
             return shape_region(layer_named(self.viewer, self.shapes_combo.currentText()), layer)
-        return view_region(layer)
+        return view_region(layer, self.viewer)
 
     def _on_run(self) -> None:
         layer = self.slide_layer()

@@ -44,6 +44,7 @@ from qtpy.QtWidgets import (
 from ._common import (
     ask_directory,
     ask_open_file,
+    camera,
     connect_worker,
     hbox,
     idle_progress,
@@ -208,6 +209,10 @@ class ReviewWidget(QWidget):
         self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.table.verticalHeader().setVisible(False)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
+        # click a header to sort (e.g. by nuclei: the most confident tiles are often near-empty);
+        # the default is by score, highest first; A / R / the next-tile step follow the table's order
+        self.table.setSortingEnabled(True)
+        self.table.sortByColumn(COLUMNS.index("score"), Qt.DescendingOrder)
         self.table.setMinimumHeight(180)
         self.counts_label = QLabel("no project")
 
@@ -420,27 +425,31 @@ class ReviewWidget(QWidget):
         return [self.table.item(r, 0).text() for r in range(self.table.rowCount())]
 
     def refresh_table(self) -> None:
-        """Refill the table with the kept tiles, sorted by score (highest first)."""
+        """Refill the table with the kept tiles, in the order of the sorted column (default: score, highest first)."""
         proj = self.project
         self.table.blockSignals(True)
+        self.table.setSortingEnabled(False)  # rows must not move while they are filled
         self.table.setRowCount(0)
         if proj is not None:
             recs = proj.tiles(sort_by="score", descending=True, min_score=self.threshold)
             self.table.setRowCount(len(recs))
             for r, rec in enumerate(recs):
                 self._fill_row(r, rec)
-            if self.current_tile is not None:
-                row = self._row_of(self.current_tile)
-                if row is not None:
-                    self.table.selectRow(row)
+        self.table.setSortingEnabled(True)
+        if proj is not None and self.current_tile is not None:
+            row = self._row_of(self.current_tile)
+            if row is not None:
+                self.table.selectRow(row)
         self.table.blockSignals(False)
         self._update_counts()
 
     def _fill_row(self, row: int, rec: Any) -> None:
-        values = (rec.tile_id, f"{rec.score:.4f}", str(rec.n_nuclei), rec.state,
-                  "yes" if rec.edited else "", str(rec.x), str(rec.y))
+        # numbers are stored as numbers, so sorting by a column sorts them numerically
+        values = (rec.tile_id, round(float(rec.score), 4), int(rec.n_nuclei), rec.state,
+                  "yes" if rec.edited else "", int(rec.x), int(rec.y))
         for c, v in enumerate(values):
-            item = QTableWidgetItem(v)
+            item = QTableWidgetItem()
+            item.setData(Qt.DisplayRole, v)
             if c in (1, 2, 5, 6):
                 item.setTextAlignment(int(Qt.AlignRight | Qt.AlignVCenter))
             self.table.setItem(row, c, item)
@@ -455,7 +464,10 @@ class ReviewWidget(QWidget):
         row = self._row_of(tile_id)
         if row is not None and self.project is not None:
             self.table.blockSignals(True)
+            sorting = self.table.isSortingEnabled()
+            self.table.setSortingEnabled(False)  # keep the row in place while its cells change
             self._fill_row(row, self.project.record(tile_id))
+            self.table.setSortingEnabled(sorting)
             self.table.blockSignals(False)
 
     def _update_counts(self) -> None:
@@ -539,30 +551,37 @@ class ReviewWidget(QWidget):
                 self.viewer.layers.remove(IMAGE_LAYER)
             extent = (rec.height * sy, rec.width * sx)
             corner = (ty + rec.y * sy, tx + rec.x * sx)
+            slide_units = getattr(self._slide_layer, "units", None)
+            units = tuple(str(u) for u in slide_units[-2:]) if slide_units is not None else None
         else:
-            scale, translate = (1.0, 1.0), (0.0, 0.0)
+            scale, translate, units = (1.0, 1.0), (0.0, 0.0), None
             if IMAGE_LAYER in self.viewer.layers:
                 self.viewer.layers[IMAGE_LAYER].data = image
             else:
                 self.viewer.add_image(image, name=IMAGE_LAYER, rgb=True)
             extent = (float(mask.shape[0]), float(mask.shape[1]))
             corner = (0.0, 0.0)
-        self._set_mask_layer(mask, scale=scale, translate=translate)
+        self._set_mask_layer(mask, scale=scale, translate=translate, units=units)
         self._jump(corner, extent)
         self.status.setText(f"tile {tile_id}: score {rec.score:.4f}, {rec.n_nuclei} nuclei, {rec.state}")
         self._update_enabled()
 
-    def _set_mask_layer(self, mask: np.ndarray, *, scale, translate) -> None:
+    def _set_mask_layer(self, mask: np.ndarray, *, scale, translate, units=None) -> None:
+        """Show ``mask`` in the editable Labels layer; ``units`` are the slide layer's (µm), so
+        napari's scale bar stays in physical units."""
         layer = self._mask_layer
+        extra = {"units": units} if units is not None else {}
         if layer is None or layer not in self.viewer.layers:
             layer = self.viewer.add_labels(mask, name=MASK_LAYER, scale=scale, translate=translate,
-                                           opacity=0.5)
+                                           opacity=0.5, **extra)
             layer.events.paint.connect(self._on_mask_edited)
             layer.events.data.connect(self._on_mask_edited)
             layer.events.selected_label.connect(self._on_selected_label)
             self._mask_layer = layer
         else:
             layer.events.data.disconnect(self._on_mask_edited)
+            if units is not None:
+                layer.units = units
             layer.scale = scale
             layer.translate = translate
             layer.data = mask
@@ -573,7 +592,7 @@ class ReviewWidget(QWidget):
         self.viewer.layers.selection.active = layer
 
     def _jump(self, corner: tuple[float, float], extent: tuple[float, float]) -> None:
-        cam = self.viewer.camera
+        cam = camera(self.viewer)
         cam.center = (corner[0] + extent[0] / 2, corner[1] + extent[1] / 2)
         size = getattr(self.viewer.canvas, "size", None) if hasattr(self.viewer, "canvas") else None
         side = float(min(size)) if size else 600.0

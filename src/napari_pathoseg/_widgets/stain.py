@@ -39,9 +39,11 @@ from ._common import (
     layer_named,
     refill_combo,
     report_error,
+    shape_rect,
     status_label,
     stop_button,
     vbox,
+    view_rect,
     watch_layer_list,
 )
 from ..errors import CancelledError, PathosegError
@@ -74,43 +76,6 @@ TARGET_JSON = "Saved normaliser (.json)"
 TARGET_MODES = (TARGET_RECT, TARGET_VIEW, TARGET_FILE, TARGET_JSON)
 #: Longest side (pixels) of a target region or preview read from the slide.
 MAX_SIDE = 2048
-
-
-# ---------------------------------------------------------------------- geometry
-
-
-def _level0_box(layer: Any, world_corners: np.ndarray) -> tuple[float, float, float, float]:
-    """(row, col, height, width) in level-0 pixels of a world-space box over ``layer``."""
-    pts = np.array([layer.world_to_data(p) for p in world_corners], dtype=float)[:, -2:]
-    lo, hi = pts.min(axis=0), pts.max(axis=0)
-    # data coordinates are pixel centres: the box spans half a pixel further each side
-    return float(lo[0] + 0.5), float(lo[1] + 0.5), float(hi[0] - lo[0]), float(hi[1] - lo[1])
-
-
-def view_rect(viewer: "napari.Viewer", layer: Any) -> tuple[float, float, float, float]:
-    """The part of ``layer`` the canvas shows: (row, col, height, width) in level-0 pixels."""
-    center = np.asarray(viewer.camera.center, float)[-2:]
-    half = np.asarray(viewer.canvas.size, float) / (2.0 * float(viewer.camera.zoom))
-    ndim = viewer.dims.ndim
-    corners = []
-    for dr in (-1, 1):
-        for dc in (-1, 1):
-            p = np.array(viewer.dims.point, float)[:ndim]
-            p[-2:] = center + np.array([dr, dc]) * half
-            corners.append(p)
-    return _level0_box(layer, np.array(corners))
-
-
-def shape_rect(shapes: Any, layer: Any) -> tuple[float, float, float, float]:
-    """Bounding box of the selected (else the last) shape, in ``layer``'s level-0 pixels."""
-    if len(shapes.data) == 0:
-        raise PathosegError(f"Shapes layer {shapes.name!r} is empty: draw a rectangle on the tissue first")
-    idx = sorted(shapes.selected_data)[-1] if shapes.selected_data else len(shapes.data) - 1
-    verts = np.asarray(shapes.data[idx], float)
-    world = np.array([shapes.data_to_world(v) for v in verts])
-    r, c, h, w = _level0_box(layer, world)
-    # shape vertices lie on pixel edges, not centres
-    return r - 0.5, c - 0.5, h, w
 
 
 class _Signals(QObject):
