@@ -80,7 +80,7 @@ def test_demo_gui_opens_slide_with_all_docks(qtbot, sample_svs):
     viewer = launch_viewer(sample_svs, run=False)
     try:
         assert viewer.layers[0].metadata["slide"]["format"] == "aperio"
-        docks = set(viewer.window._dock_widgets)
+        docks = set(viewer.window.dock_widgets)
         for name in ("Slide", "Stain", "Nuclei", "Review", "Fine-tune", "Export"):
             assert any(name in d for d in docks), (name, docks)
     finally:

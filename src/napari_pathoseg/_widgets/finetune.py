@@ -22,6 +22,7 @@ import functools
 import logging
 import math
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -348,11 +349,10 @@ class FinetuneWidget(QWidget):
         for edit in (self.strong_edit, self.project_edit, self.name_edit):
             edit.textChanged.connect(self._update_enabled)
 
-        # stop cleanly when napari closes (or the dock is deleted)
+        # stop cleanly when napari closes (the filter goes on the top-level window once a run
+        # starts, when the dock is surely inside it) or when the dock is deleted
         self._close_filter = _CloseFilter(self.shutdown)
-        qt_window = getattr(getattr(self.viewer, "window", None), "_qt_window", None)
-        if qt_window is not None:
-            qt_window.installEventFilter(self._close_filter)
+        self._watched_window: Any = None  # weakref to the window watched (no strong ref: no leak)
         self.destroyed.connect(functools.partial(_shutdown_on_destroy, self._cancel_box))
         self.refresh_models()
         self._update_enabled()
@@ -471,6 +471,7 @@ class FinetuneWidget(QWidget):
             self.status.setText(str(exc))
             return None
         self._config = config
+        self._watch_window()
         self._cancel = threading.Event()
         self._ended = threading.Event()
         self._cancel_box["train"] = self._cancel
@@ -490,6 +491,16 @@ class FinetuneWidget(QWidget):
         self._update_enabled()
         worker.start()
         return worker
+
+    def _watch_window(self) -> None:
+        """Watch the napari window this dock sits in for Close (once per window)."""
+        top = self.window()
+        watched = self._watched_window() if self._watched_window is not None else None
+        if top is not self and top is not watched:
+            if watched is not None:
+                watched.removeEventFilter(self._close_filter)
+            top.installEventFilter(self._close_filter)
+            self._watched_window = weakref.ref(top)
 
     def _on_start(self) -> None:
         self.start()
