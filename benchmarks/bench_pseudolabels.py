@@ -5,7 +5,8 @@ Measured on the held-out test images of the shipped split
 (``src/napari_pathoseg/models/weights/nuclei-lite.split.json``: MoNuSeg + CPM-15):
 
 (a) the teacher (``--teacher``, default the shipped ``nuclei-lite``);
-(b) the student (``--student`` preset, fresh) trained on the split's strong labels only;
+(b) the student (``--student`` preset; fresh, or with ``--init teacher`` fine-tuned from the
+    teacher's weights) trained on the split's strong labels only;
 (c) the same student, same seed and step budget, on strong labels + the teacher's
     pseudo-labels of unlabelled tiles kept at the middle confidence threshold;
 (d) (c) at each of the ``--thresholds`` (tile score = mean per-pixel confidence max(p, 1-p)).
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: 1 epoch of 4 steps, 3 test images, 8 tiles/source")
     p.add_argument("--teacher", default="nuclei-lite", help="teacher model name or .safetensors checkpoint")
     p.add_argument("--student", default="transcycle-lite", help="student preset")
+    p.add_argument("--init", choices=("fresh", "teacher"), default="fresh",
+                   help="student weights: fresh, or the teacher's (fine-tuning; the student preset must be the teacher's)")
     p.add_argument("--data", default=str(DATA), help="shared data folder")
     p.add_argument("--split", default=str(SPLIT))
     p.add_argument("--epochs", type=int, default=None, help="student epochs (full default 4)")
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                         "steps_per_epoch": teacher.meta.get("steps_per_epoch"),
                         "val_aji": teacher.meta.get("val_metrics", {}).get("best_aji")},
             "student": {"preset": args.student, "epochs": epochs, "steps_per_epoch": steps,
-                        "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "init": "fresh"},
+                        "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "init": args.init},
             "test_images": test_names,
             "torch_threads": args.threads,
         }
@@ -146,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             "score_max": round(float(scores.max()), 4), "seconds": round(gen["seconds"], 1),
         }
 
-        base_cfg = dict(base=None, preset=args.student, strong=(str(data_root),), split=args.split,
+        if args.init == "teacher" and teacher.config.preset != args.student:
+            raise SystemExit(f"--init teacher needs --student {teacher.config.preset} (the teacher's preset)")
+        base_cfg = dict(base=str(teacher.path) if args.init == "teacher" else None, preset=args.student, strong=(str(data_root),), split=args.split,
                         epochs=epochs, steps_per_epoch=steps, batch_size=args.batch_size, lr=args.lr,
                         seed=args.seed, device="cpu", register=False)
         strong = build_finetune_data(FinetuneConfig(out_dir=str(work / "tmp"), **base_cfg), mpp=0.5)
