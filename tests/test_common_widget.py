@@ -152,3 +152,21 @@ def test_worker_wiring(common, qtbot, monkeypatch):
         worker.start()
     qtbot.waitUntil(lambda: got["finished"] == 1, timeout=10_000)
     assert got["yielded"] == [0, 1, 2] and got["returned"] == ["done"]
+
+
+def test_grid_placement_puts_coarse_pixels_exactly_over_the_slide(common, make_napari_viewer):
+    viewer = make_napari_viewer()
+    slide = viewer.add_image(np.zeros((64, 80, 3), np.uint8), rgb=True, scale=(0.5, 0.25),
+                             translate=(10.0, 20.0), units=("micrometer", "micrometer"))
+    # an 8x-coarser array whose pixel (0, 0) covers level-0 rows 16..24, cols 8..16
+    place = common.grid_placement(slide, row=16, col=8, downsample=8)
+    labels = viewer.add_labels(np.ones((2, 3), np.uint8), **place)
+    assert "micrometer" in str(labels.units[0])
+    # the world position of the coarse pixel's centre is the centre of the level-0 block
+    np.testing.assert_allclose(labels.data_to_world((0, 0)), slide.data_to_world((16 + 3.5, 8 + 3.5)))
+    np.testing.assert_allclose(labels.data_to_world((1, 2)), slide.data_to_world((24 + 3.5, 24 + 3.5)))
+    # anisotropic downsample (a review tile of 128 x 96 level-0 px stored as 64 x 64)
+    place = common.grid_placement(slide, row=0, col=0, downsample=(2.0, 1.5))
+    assert place["scale"] == (1.0, 0.375)
+    lab2 = viewer.add_labels(np.ones((64, 64), np.uint8), **place)
+    np.testing.assert_allclose(lab2.data_to_world((0, 0)), slide.data_to_world((0.5, 0.25)))

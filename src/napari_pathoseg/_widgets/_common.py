@@ -9,7 +9,8 @@
 * the wiring of a background worker (:func:`connect_worker`, :func:`request_stop`,
   :func:`show_progress`, :func:`idle_progress`);
 * where the user looks: the camera (:func:`camera`), the part of a slide layer on screen
-  (:func:`view_rect`) and a drawn box over it (:func:`shape_rect`), in level-0 pixels.
+  (:func:`view_rect`) and a drawn box over it (:func:`shape_rect`), in level-0 pixels; and
+  where a coarser result goes over the slide (:func:`grid_placement`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ __all__ = [
     "connect_worker",
     "docked_widgets",
     "form",
+    "grid_placement",
     "hbox",
     "idle_progress",
     "layer_named",
@@ -310,3 +312,25 @@ def shape_rect(shapes: Any, layer: Any) -> tuple[float, float, float, float]:
     r, c, h, w = _level0_box(layer, world)
     # shape vertices lie on pixel edges, not centres
     return r - 0.5, c - 0.5, h, w
+
+
+def grid_placement(
+    slide_layer: Any, *, row: float = 0.0, col: float = 0.0, downsample: float | tuple[float, float] = 1.0
+) -> dict[str, Any]:
+    """``scale``, ``translate`` (and ``units``) that put an array exactly over ``slide_layer``.
+
+    The array's pixel (0, 0) covers level-0 pixels ``row .. row + ds`` x ``col .. col + ds``:
+    napari places a pixel's centre at ``translate``, so it goes to the centre of that block.
+    Pass the result to ``viewer.add_labels(..., **placement)``.
+    """
+    ds_r, ds_c = (float(downsample), float(downsample)) if np.isscalar(downsample) else map(float, downsample)
+    sy, sx = (float(v) for v in slide_layer.scale[-2:])
+    ty, tx = (float(v) for v in slide_layer.translate[-2:])
+    out: dict[str, Any] = {
+        "scale": (sy * ds_r, sx * ds_c),
+        "translate": (ty + (row + (ds_r - 1) / 2) * sy, tx + (col + (ds_c - 1) / 2) * sx),
+    }
+    units = getattr(slide_layer, "units", None)
+    if units is not None:
+        out["units"] = tuple(str(u) for u in units[-2:])
+    return out

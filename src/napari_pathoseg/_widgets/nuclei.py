@@ -17,6 +17,7 @@ from ._common import (
     ask_open_file,
     connect_worker,
     form,
+    grid_placement,
     hbox,
     layer_named,
     refill_combo,
@@ -67,18 +68,8 @@ def shape_region(shapes_layer: Any, slide_layer: Any) -> tuple[int, int, int, in
 
 def place_result(slide_layer: Any, result: NucleiResult) -> dict[str, Any]:
     """Scale and translate that put a result (model grid) exactly over ``slide_layer``."""
-    sy, sx = (float(v) for v in slide_layer.scale[-2:])
-    ty, tx = (float(v) for v in slide_layer.translate[-2:])
     x, y, _, _ = result.region
-    f = result.scale
-    out: dict[str, Any] = {
-        "scale": (sy * f, sx * f),
-        "translate": (ty + y * sy + (f - 1) / 2 * sy, tx + x * sx + (f - 1) / 2 * sx),
-    }
-    units = getattr(slide_layer, "units", None)
-    if units is not None:
-        out["units"] = tuple(str(u) for u in units[-2:])
-    return out
+    return grid_placement(slide_layer, row=y, col=x, downsample=result.scale)
 
 
 class NucleiWidget(QWidget):

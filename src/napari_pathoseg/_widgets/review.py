@@ -46,6 +46,7 @@ from ._common import (
     ask_open_file,
     camera,
     connect_worker,
+    grid_placement,
     hbox,
     idle_progress,
     request_stop,
@@ -542,17 +543,14 @@ class ReviewWidget(QWidget):
         if self._slide_layer is not None:
             sy, sx = (float(v) for v in self._slide_layer.scale[-2:])
             ty, tx = (float(v) for v in self._slide_layer.translate[-2:])
-            ds_r = rec.height / mask.shape[0]
-            ds_c = rec.width / mask.shape[1]
-            scale = (sy * ds_r, sx * ds_c)
-            # a mask pixel covers ds level-0 pixels: centre it on them
-            translate = (ty + (rec.y + (ds_r - 1) / 2) * sy, tx + (rec.x + (ds_c - 1) / 2) * sx)
+            # a mask pixel covers ds level-0 pixels: centred on them, in the slide's units
+            place = grid_placement(self._slide_layer, row=rec.y, col=rec.x,
+                                   downsample=(rec.height / mask.shape[0], rec.width / mask.shape[1]))
+            scale, translate, units = place["scale"], place["translate"], place.get("units")
             if IMAGE_LAYER in self.viewer.layers:
                 self.viewer.layers.remove(IMAGE_LAYER)
             extent = (rec.height * sy, rec.width * sx)
             corner = (ty + rec.y * sy, tx + rec.x * sx)
-            slide_units = getattr(self._slide_layer, "units", None)
-            units = tuple(str(u) for u in slide_units[-2:]) if slide_units is not None else None
         else:
             scale, translate, units = (1.0, 1.0), (0.0, 0.0), None
             if IMAGE_LAYER in self.viewer.layers:

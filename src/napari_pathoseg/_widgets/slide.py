@@ -22,8 +22,18 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import ask_open_file, connect_worker, hbox, layer_named, refill_combo, report_error, vbox, watch_layer_list
-from .._reader import layer_scale, slide_layer_data
+from ._common import (
+    ask_open_file,
+    connect_worker,
+    grid_placement,
+    hbox,
+    layer_named,
+    refill_combo,
+    report_error,
+    vbox,
+    watch_layer_list,
+)
+from .._reader import slide_layer_data
 from ..errors import PathosegError
 from ..slide import SLIDE_EXTENSIONS, Slide, open_slide
 from ..tiling import tissue_mask
@@ -182,16 +192,8 @@ class SlideWidget(QWidget):
         except PathosegError as exc:
             show_error(str(exc))
             return
-        sy, sx = layer_scale(slide)
-        self.viewer.add_labels(
-            mask.astype(np.uint8),
-            name=name,
-            scale=(sy * ds, sx * ds),
-            # a mask pixel covers ds level-0 pixels: centre it on them
-            translate=(layer.translate[0] + (ds - 1) / 2 * sy, layer.translate[1] + (ds - 1) / 2 * sx),
-            opacity=0.35,
-            units=tuple(str(u) for u in layer.units[-2:]),
-        )
+        # a mask pixel covers ds level-0 pixels: centred on them
+        self.viewer.add_labels(mask.astype(np.uint8), name=name, opacity=0.35, **grid_placement(layer, downsample=ds))
 
 
 @thread_worker(ignore_errors=True)  # errors go to SlideWidget._on_error
