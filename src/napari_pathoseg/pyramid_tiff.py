@@ -32,7 +32,7 @@ import numpy as np
 from .errors import CancelledError, PathosegError
 from .slide import _downsample2
 
-__all__ = ["PyramidProgress", "level_shapes", "write_tiled_pyramid"]
+__all__ = ["PyramidProgress", "check_options", "level_shapes", "write_tiled_pyramid"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,24 @@ class _QuarterStore:
         os.close(self.fd)
 
 
+def check_options(*, tile: int, compression: str | None) -> str | None:
+    """Check the tile side and compression of a pyramid to write; returns the compression
+    (``"none"`` read as None). Callers with slow work before writing call it first, to fail fast.
+
+    Raises
+    ------
+    PathosegError
+        ``tile`` is not a positive multiple of 16, or ``compression`` is not known.
+    """
+    if tile % 16 or tile < 16:
+        raise PathosegError(f"tile must be a positive multiple of 16, got {tile}")
+    if compression == "none":
+        compression = None
+    if compression not in ("jpeg", "zlib", None):
+        raise PathosegError(f"compression must be 'jpeg', 'zlib' or None, got {compression!r}")
+    return compression
+
+
 def _is_cancelled(cancel: Callable[[], bool] | threading.Event | None) -> bool:
     if cancel is None:
         return False
@@ -168,12 +186,7 @@ def write_tiled_pyramid(
     import tifffile
 
     path = Path(path)
-    if tile % 16 or tile < 16:
-        raise PathosegError(f"tile must be a positive multiple of 16, got {tile}")
-    if compression == "none":
-        compression = None
-    if compression not in ("jpeg", "zlib", None):
-        raise PathosegError(f"compression must be 'jpeg', 'zlib' or None, got {compression!r}")
+    compression = check_options(tile=tile, compression=compression)
     rows, cols = int(shape[0]), int(shape[1])
     if rows < 1 or cols < 1:
         raise PathosegError(f"{path}: cannot write an empty image of {rows} x {cols} px")

@@ -42,7 +42,7 @@ import dask.array as da
 import numpy as np
 
 from ..errors import PathosegError, StainError
-from ..pyramid_tiff import PyramidProgress, write_tiled_pyramid
+from ..pyramid_tiff import PyramidProgress, check_options, write_tiled_pyramid
 from ..slide import Slide
 from .deconvolution import deconvolve, stain_basis, stain_index
 from .normalizers import StainNormalizer, StainParams
@@ -447,10 +447,10 @@ def write_normalized_tiff(
     """
     t_start = time.perf_counter()
     out_path = Path(out_path)
-    if tile_size % 16 or tile_size < 16:
-        raise StainError(f"tile_size must be a positive multiple of 16, got {tile_size}")
-    if compression not in ("jpeg", "zlib", None, "none"):
-        raise StainError(f"compression must be 'jpeg', 'zlib' or None, got {compression!r}")
+    try:  # fail before the slow stain estimate
+        compression = check_options(tile=tile_size, compression=compression)
+    except PathosegError as exc:
+        raise StainError(f"{out_path}: {exc}") from exc
     if not 0 <= level < slide.level_count:
         raise StainError(f"{slide.metadata.path}: level {level} does not exist (0..{slide.level_count - 1})")
     if not out_path.parent.is_dir():
