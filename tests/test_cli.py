@@ -52,6 +52,18 @@ def test_console_script_runs(sample_svs):
     assert json.loads(out.stdout)["format"] == "aperio"
 
 
+def test_closed_pipe_ends_quietly(sample_svs):
+    """`pathoseg info SLIDE | head -1`: the reader leaves early; no traceback on stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "napari_pathoseg.cli", "info", str(sample_svs)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # before the command has printed anything
+    _, err = proc.communicate(timeout=120)
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+    assert proc.returncode in (0, 141)
+
+
 def test_demo_headless_without_nuclei(tmp_path, capsys):
     assert main(["demo", "--headless", "--no-nuclei", "--out", str(tmp_path / "demo")]) == 0
     d = json.loads(capsys.readouterr().out)
