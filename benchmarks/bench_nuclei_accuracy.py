@@ -21,10 +21,10 @@ import zlib
 import numpy as np
 
 from napari_pathoseg.models.registry import load_model
-from napari_pathoseg.training._cli import DEFAULT_DATA, SHIPPED_SPLIT
+from napari_pathoseg.cli.train import DEFAULT_DATA, SHIPPED_SPLIT
 from napari_pathoseg.training.augment import hed_perturb
-from napari_pathoseg.training.datasets import load_nuclei_originals, load_split
-from napari_pathoseg.training.evaluate import evaluate_items
+from napari_pathoseg.methods.nuclei.datasets import load_nuclei_originals, load_split
+from napari_pathoseg.methods.nuclei.evaluate import evaluate_items
 
 
 def main(argv: list[str] | None = None) -> int:

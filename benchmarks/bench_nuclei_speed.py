@@ -2,7 +2,7 @@
 
 Runs the shipped model (or ``--model``) on a region of the bundled sample slide:
 
-* ``end_to_end``: :func:`napari_pathoseg.nuclei.segment_nuclei` (read, resample, network,
+* ``end_to_end``: :func:`napari_pathoseg.methods.nuclei.segment.segment_nuclei` (read, resample, network,
   instances, stitching, normalised image);
 * ``network_only``: ``model.predict`` on exactly the same tiles (read beforehand), same batch
   size, same run.
@@ -31,8 +31,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     from napari_pathoseg.models.registry import load_model
-    from napari_pathoseg.nuclei import _read_resampled, segment_nuclei
-    from napari_pathoseg.slide import open_slide, sample_slide_path
+    from napari_pathoseg.methods.nuclei.segment import _read_resampled, segment_nuclei
+    from napari_pathoseg.wsi.slide import open_slide, sample_slide_path
 
     model = load_model(args.model)
     region = tuple(int(v) for v in args.region.split(","))

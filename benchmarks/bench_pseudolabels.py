@@ -52,7 +52,7 @@ def _metrics(res: dict) -> dict:
 
 
 def _evaluate(model, items) -> dict:
-    from napari_pathoseg.training.evaluate import evaluate_items
+    from napari_pathoseg.methods.nuclei.evaluate import evaluate_items
 
     t0 = time.perf_counter()
     res = evaluate_items(model, items, per_image=True)
@@ -64,8 +64,8 @@ def _evaluate(model, items) -> dict:
 
 def _generate(teacher, out: Path, *, max_tiles: int | None, data: Path) -> dict:
     """Pseudo-label the unlabelled sources into two review projects (threshold 0: keep all)."""
-    from napari_pathoseg.pseudolabels import run_pseudolabels
-    from napari_pathoseg.slide import sample_slide_path
+    from napari_pathoseg.review.project import run_pseudolabels
+    from napari_pathoseg.wsi.slide import sample_slide_path
 
     t0 = time.perf_counter()
     common = dict(predict=teacher.predict, to_instances=teacher.to_instances, model_name=teacher.name,
@@ -103,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from napari_pathoseg.finetune import FinetuneConfig, FinetuneDone, build_finetune_data, iter_finetune, load_pseudo_items
-    from napari_pathoseg.finetune import FinetuneData
+    from napari_pathoseg.methods.nuclei.finetune import FinetuneConfig, FinetuneDone, build_finetune_data, iter_finetune, load_pseudo_items
+    from napari_pathoseg.methods.nuclei.finetune import FinetuneData
     from napari_pathoseg.models.registry import load_model
-    from napari_pathoseg.training.datasets import M2Data, load_nuclei_originals, load_split
-    from napari_pathoseg.training.loop import EpochEvent
+    from napari_pathoseg.methods.nuclei.datasets import M2Data, load_nuclei_originals, load_split
+    from napari_pathoseg.methods.nuclei.train import EpochEvent
 
     torch.set_num_threads(args.threads)
     epochs = args.epochs or (1 if args.quick else 4)

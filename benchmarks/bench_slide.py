@@ -39,7 +39,7 @@ def _pct(values, q):
 def random_tiles(path: str, n: int = 500, seed: int = 0, view: int = 1024, n_views: int = 40) -> dict:
     import openslide
 
-    from napari_pathoseg.slide import open_slide
+    from napari_pathoseg.wsi.slide import open_slide
 
     s = open_slide(path)
     osr = openslide.OpenSlide(path)
@@ -126,7 +126,7 @@ def random_tiles(path: str, n: int = 500, seed: int = 0, view: int = 1024, n_vie
 
 def pan_latency(path: str, level: int, steps: int = 60) -> dict:
     """Pan a 1024x1024 viewport diagonally; time every newly visible chunk fetch."""
-    from napari_pathoseg.slide import open_slide
+    from napari_pathoseg.wsi.slide import open_slide
 
     s = open_slide(path)
     lv = s.pyramid[level]
@@ -174,7 +174,7 @@ def _peak_rss_mb() -> float:
 
 
 def _read_all_child(path: str) -> None:
-    from napari_pathoseg.slide import open_slide
+    from napari_pathoseg.wsi.slide import open_slide
 
     s = open_slide(path)
     lv = s.pyramid[0]
@@ -205,8 +205,8 @@ def main() -> None:
     if args.child_read_all:
         _read_all_child(args.child_read_all)
         return
-    from napari_pathoseg.slide import sample_slide_path
-    from napari_pathoseg.synth import make_large_slide
+    from napari_pathoseg.wsi.slide import sample_slide_path
+    from napari_pathoseg.wsi.synth import make_large_slide
 
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)

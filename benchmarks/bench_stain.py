@@ -22,7 +22,7 @@ chunk_latency
     bundled CMU-1-Small-Region.svs (including the slide read), and of the raw pyramid.
 write
     ``pathoseg normalize`` (JPEG pyramidal TIFF) on synthetic 12000² and 24000² slides
-    (real H&E pixels, :func:`napari_pathoseg.synth.make_large_slide`): MPix/s and the
+    (real H&E pixels, :func:`napari_pathoseg.wsi.synth.make_large_slide`): MPix/s and the
     child process's peak resident memory, which must not grow with the slide.
 quality
     On MoNuSeg (30 images, 7 organs), Kather 2016 texture tiles (163, not normalised)
@@ -179,7 +179,7 @@ def bench_speed(sizes: list[int], repeat: int, slow_repeat: int) -> dict[str, An
 
 
 def bench_chunks(n: int = 40) -> dict[str, Any]:
-    from napari_pathoseg.slide import open_slide, sample_slide_path
+    from napari_pathoseg.wsi.slide import open_slide, sample_slide_path
     from napari_pathoseg.stain import estimate_slide_stain, get_normalizer, normalized_pyramid
 
     target = _read_rgb(sorted((DATA / "monuseg_train" / "images").glob("*.png"))[0])
@@ -230,7 +230,7 @@ def bench_write(sizes: list[int]) -> dict[str, Any]:
     import subprocess
     import tempfile
 
-    from napari_pathoseg.synth import make_large_slide
+    from napari_pathoseg.wsi.synth import make_large_slide
 
     target = sorted((DATA / "monuseg_train" / "images").glob("*.png"))[9]
     out: dict[str, Any] = {}
@@ -240,7 +240,7 @@ def bench_write(sizes: list[int]) -> dict[str, Any]:
             dst = Path(tmp) / f"norm{size}.tif"
             # VmHWM is this process's own peak (ru_maxrss would inherit the parent's over exec)
             code = (
-                "import sys; from napari_pathoseg.cli import main; "
+                "import sys; from napari_pathoseg.cli.main import main; "
                 f"rc = main(['normalize', {str(src)!r}, '--target', {str(target)!r}, '--out', {str(dst)!r}]); "
                 "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
                 "print('MAXRSS', hwm, file=sys.stderr); sys.exit(rc)"
@@ -393,7 +393,7 @@ def _save_png(img: np.ndarray, path: Path) -> dict[str, Any]:
 
 def make_figures(folder: Path) -> dict[str, Any]:
     """Before/after pictures for docs/stain.md (PNG, 256 colours, < 300 KB each)."""
-    from napari_pathoseg.slide import open_slide, sample_slide_path
+    from napari_pathoseg.wsi.slide import open_slide, sample_slide_path
     from napari_pathoseg.stain import estimate_slide_stain, get_normalizer, normalized_pyramid
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -460,7 +460,7 @@ def screenshot_dock(folder: Path) -> dict[str, Any]:
 
     import napari_pathoseg._widgets.stain as dock_mod
     from napari_pathoseg._reader import slide_layer_data
-    from napari_pathoseg.slide import open_slide, sample_slide_path
+    from napari_pathoseg.wsi.slide import open_slide, sample_slide_path
 
     dock_mod.show_info = lambda msg: None  # no toasts in the picture
     viewer = napari.Viewer(show=True)

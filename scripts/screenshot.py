@@ -17,7 +17,7 @@ from qtpy.QtWidgets import QApplication, QDockWidget
 from napari_pathoseg._widgets.launch import launch_viewer
 from napari_pathoseg._widgets.nuclei import place_result
 from napari_pathoseg.models.registry import load_model
-from napari_pathoseg.nuclei import segment_nuclei
+from napari_pathoseg.methods.nuclei.segment import segment_nuclei
 
 
 def _settle(n: int = 30) -> None:

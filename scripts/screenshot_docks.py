@@ -149,8 +149,8 @@ def make_strong_folder(root: Path, *, monuseg: Path, size: int = CROP) -> Path:
 def make_review_project(out: Path) -> Any:
     """Pseudo-label the bundled sample slide with the shipped teacher (as ``pathoseg pseudolabel``)."""
     from napari_pathoseg.models.registry import load_model
-    from napari_pathoseg.pseudolabels import run_pseudolabels
-    from napari_pathoseg.slide import sample_slide_path
+    from napari_pathoseg.review.project import run_pseudolabels
+    from napari_pathoseg.wsi.slide import sample_slide_path
 
     model = load_model("nuclei-lite")
     project = run_pseudolabels(
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     import napari
     import torch
 
-    from napari_pathoseg.slide import sample_slide_path
+    from napari_pathoseg.wsi.slide import sample_slide_path
 
     torch.set_num_threads(args.threads)
     t_start = time.monotonic()

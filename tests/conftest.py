@@ -30,7 +30,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def sample_svs() -> Path:
     """The bundled CMU-1-Small-Region.svs (2220 x 2967, 0.499 µm/px)."""
-    from napari_pathoseg.slide import sample_slide_path
+    from napari_pathoseg.wsi.slide import sample_slide_path
 
     return sample_slide_path()
 
@@ -38,7 +38,7 @@ def sample_svs() -> Path:
 @pytest.fixture
 def make_pyramid_tiff(tmp_path):
     """Callable writing a tiled pyramidal TIFF: ``(path, image, *, levels=3, tile=256, mpp=0.5)``."""
-    from napari_pathoseg.synth import write_pyramid_tiff
+    from napari_pathoseg.wsi.synth import write_pyramid_tiff
 
     def make(path, image, *, levels=3, tile=256, mpp=0.5, compression="jpeg"):
         path = Path(path)
@@ -52,7 +52,7 @@ def make_pyramid_tiff(tmp_path):
 @pytest.fixture(scope="session")
 def he_image() -> np.ndarray:
     """A real 1024 x 1024 H&E crop of the bundled sample (uint8 RGB)."""
-    from napari_pathoseg.slide import open_slide, sample_slide_path
+    from napari_pathoseg.wsi.slide import open_slide, sample_slide_path
 
     with open_slide(sample_slide_path()) as s:
         return s.read_region(level=0, row=1920, col=768, height=1024, width=1024)

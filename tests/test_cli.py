@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from napari_pathoseg.cli import main
+from napari_pathoseg.cli.main import main
 
 
 def test_info_json(sample_svs, capsys):
@@ -46,7 +46,7 @@ def test_bad_slide_exit_code(tmp_path, capsys):
 
 def test_console_script_runs(sample_svs):
     out = subprocess.run(
-        [sys.executable, "-m", "napari_pathoseg.cli", "info", str(sample_svs)],
+        [sys.executable, "-m", "napari_pathoseg.cli.main", "info", str(sample_svs)],
         capture_output=True, text=True, check=True,
     )
     assert json.loads(out.stdout)["format"] == "aperio"
@@ -55,7 +55,7 @@ def test_console_script_runs(sample_svs):
 def test_closed_pipe_ends_quietly(sample_svs):
     """`pathoseg info SLIDE | head -1`: the reader leaves early; no traceback on stderr."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "napari_pathoseg.cli", "info", str(sample_svs)],
+        [sys.executable, "-m", "napari_pathoseg.cli.main", "info", str(sample_svs)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     proc.stdout.close()  # before the command has printed anything

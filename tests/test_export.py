@@ -290,7 +290,7 @@ def test_measurements_match_regionprops_on_real_nuclei(shared_data):
 def test_stain_and_confidence_measurements(shared_data, tmp_path):
     from skimage.color import rgb2hed
 
-    from napari_pathoseg.slide import Slide
+    from napari_pathoseg.wsi.slide import Slide
 
     image_id = MONUSEG[0]
     rgb = np.asarray(Image.open(shared_data / "monuseg_train" / "images" / f"{image_id}.png").convert("RGB"))
@@ -563,7 +563,7 @@ def test_napari_writers_round_trip(tmp_path):
 
 # ---------------------------------------------------------------------------- CLI
 def test_cli_export_and_import(shared_data, tmp_path, make_pyramid_tiff, capsys):
-    from napari_pathoseg.cli import main
+    from napari_pathoseg.cli.main import main
 
     image_id = MONUSEG[0]
     rgb = np.asarray(Image.open(shared_data / "monuseg_train" / "images" / f"{image_id}.png").convert("RGB"))
@@ -603,7 +603,7 @@ def test_cli_export_and_import(shared_data, tmp_path, make_pyramid_tiff, capsys)
 
 def test_export_core_does_not_import_napari():
     code = (
-        "import sys; import napari_pathoseg.export, napari_pathoseg.export.napari_io, napari_pathoseg.export._cli; "
+        "import sys; import napari_pathoseg.export, napari_pathoseg.export.napari_io, napari_pathoseg.cli.export; "
         "bad = [m for m in ('napari', 'qtpy', 'magicgui', 'PyQt5') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -704,7 +704,7 @@ def test_csv_table_writer_commits_or_aborts_atomically(tmp_path):
 
 
 def test_cli_refuses_a_level_the_slide_does_not_have(tmp_path, make_pyramid_tiff, capsys):
-    from napari_pathoseg.cli import main
+    from napari_pathoseg.cli.main import main
 
     rgb = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
     slide_path = make_pyramid_tiff(tmp_path / "slide.tif", rgb, levels=2)

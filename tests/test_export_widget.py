@@ -25,7 +25,7 @@ def _nuclei(n_side: int = 6, size: int = 240) -> np.ndarray:
 
 def _slide_layer(viewer, rgb, mpp=0.5):
     from napari_pathoseg._reader import slide_layer_data
-    from napari_pathoseg.slide import Slide
+    from napari_pathoseg.wsi.slide import Slide
 
     data, kwargs, _ = slide_layer_data(Slide.from_array(rgb, mpp=mpp, name="he"), name="slide")
     return viewer.add_image(data, **kwargs)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from napari_pathoseg.errors import CheckpointError, PathosegError
-from napari_pathoseg.finetune import (
+from napari_pathoseg.methods.nuclei.finetune import (
     FinetuneConfig,
     FinetuneDone,
     FinetuneError,
@@ -23,7 +23,7 @@ from napari_pathoseg.finetune import (
     run_finetune,
 )
 from napari_pathoseg.models.checkpoint import load_checkpoint, read_header, save_checkpoint
-from napari_pathoseg.training.loop import EpochEvent, StepEvent
+from napari_pathoseg.methods.nuclei.train import EpochEvent, StepEvent
 
 UNLABELLED_SOURCE = "TCGA-21-5784-01Z-00-DX1"  # a MoNuSeg image, used here as an unlabelled tile source
 
@@ -42,7 +42,7 @@ def strong_folder(make_strong_folder):
 @pytest.fixture
 def project(tmp_path, shared_data):
     """A review project with 3 tiles: one accepted, one rejected, one pending."""
-    from napari_pathoseg.pseudolabels import ReviewProject
+    from napari_pathoseg.review.project import ReviewProject
 
     src = shared_data / "monuseg_train" / "images" / f"{UNLABELLED_SOURCE}.png"
     img = np.asarray(Image.open(src).convert("RGB"))
@@ -178,7 +178,7 @@ def test_run_stop_resume_register(tmp_path, strong_folder, project):
 
 def test_student_starts_from_matching_base(tmp_path, strong_folder):
     """A base of the student's architecture initialises it; another preset refuses to resume."""
-    from napari_pathoseg.models.m2 import M2Model, get_preset
+    from napari_pathoseg.methods.nuclei.attcycle import M2Model, get_preset
 
     cfg_m2 = get_preset("attcycle-lite")
     torch.manual_seed(123)
@@ -218,7 +218,7 @@ def test_bad_base_is_refused(tmp_path, strong_folder):
 def test_cli_finetune(tmp_path, strong_folder, capsys):
     import argparse
 
-    from napari_pathoseg.finetune import add_commands
+    from napari_pathoseg.cli.finetune import add_commands
 
     parser = argparse.ArgumentParser(prog="pathoseg")
     add_commands(parser.add_subparsers(dest="command"))

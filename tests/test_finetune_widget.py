@@ -23,7 +23,7 @@ def strong_folder(make_strong_folder):
 @pytest.fixture
 def dock(make_napari_viewer, qtbot, he_image):
     from napari_pathoseg._widgets.finetune import FinetuneWidget
-    from napari_pathoseg.slide import Slide
+    from napari_pathoseg.wsi.slide import Slide
 
     viewer = make_napari_viewer()
     slide = Slide.from_array(he_image[:256, :256], mpp=0.5, name="crop")
@@ -146,7 +146,7 @@ def test_compare_region_is_the_centre_of_a_large_view():
 def test_uses_the_project_open_in_the_review_dock(dock, tmp_path, monkeypatch):
     import napari_pathoseg._widgets.finetune as mod
     from napari_pathoseg._widgets.review import ReviewWidget
-    from napari_pathoseg.pseudolabels import ReviewProject
+    from napari_pathoseg.review.project import ReviewProject
 
     shown = []
     monkeypatch.setattr(mod, "show_error", shown.append)

@@ -12,12 +12,10 @@ import torch
 from safetensors.torch import save_file
 
 from napari_pathoseg.errors import CheckpointError, PathosegError
-from napari_pathoseg.models import m2
 from napari_pathoseg.models.checkpoint import load_checkpoint, read_header, save_checkpoint
-from napari_pathoseg.models.m2 import (
+from napari_pathoseg.methods.nuclei.attcycle import (
     PRESETS,
     AttentionGate,
-    Discriminator,
     Generator,
     M2Config,
     M2Model,

@@ -9,14 +9,14 @@ import pytest
 from scipy import ndimage as ndi
 
 from napari_pathoseg.errors import CancelledError, PathosegError
-from napari_pathoseg.nuclei import (
+from napari_pathoseg.methods.nuclei.segment import (
     Progress,
     iter_segment_nuclei,
     segment_nuclei,
     write_labels_tiff,
     write_table_csv,
 )
-from napari_pathoseg.slide import Slide, open_slide
+from napari_pathoseg.wsi.slide import Slide, open_slide
 
 
 class HaematoxylinModel:
@@ -141,7 +141,7 @@ def test_bad_input(he_image):
 
 
 def test_cli_nuclei_with_shipped_model(tmp_path, capsys, sample_svs):
-    from napari_pathoseg.cli import main
+    from napari_pathoseg.cli.main import main
     from napari_pathoseg.models.registry import WEIGHTS_DIR
 
     if not (WEIGHTS_DIR / "nuclei-lite.safetensors").exists():
@@ -167,7 +167,7 @@ def test_cli_nuclei_with_shipped_model(tmp_path, capsys, sample_svs):
 def test_cli_nuclei_bad_input(tmp_path, capsys, he_image):
     from PIL import Image
 
-    from napari_pathoseg.cli import main
+    from napari_pathoseg.cli.main import main
 
     Image.fromarray(he_image[:300, :300]).save(tmp_path / "img.png")
     rc = main(["nuclei", str(tmp_path / "img.png"), "--out", str(tmp_path / "l.tif")])

@@ -16,9 +16,9 @@ from skimage.filters import threshold_otsu
 from skimage.measure import label as cc_label
 from skimage.morphology import remove_small_objects
 
-from napari_pathoseg import pseudolabels as pl
+from napari_pathoseg.review import project as pl
 from napari_pathoseg.errors import CancelledError, PathosegError
-from napari_pathoseg.pseudolabels import (
+from napari_pathoseg.review.project import (
     GenerationDone,
     GenerationProgress,
     ReviewProject,
@@ -325,7 +325,7 @@ def test_slide_source(tmp_path, make_pyramid_tiff):
 
 
 def test_cli_with_injected_model(tmp_path, image_folder, capsys):
-    from napari_pathoseg.pseudolabels_cli import add_commands, pseudolabel_command
+    from napari_pathoseg.cli.review import add_commands, pseudolabel_command
 
     parser = argparse.ArgumentParser(prog="pathoseg")
     add_commands(parser.add_subparsers(dest="command"))
@@ -343,7 +343,7 @@ def test_cli_with_injected_model(tmp_path, image_folder, capsys):
 
 
 def test_cli_entry_point_reports_errors(tmp_path, capsys):
-    from napari_pathoseg.cli import main
+    from napari_pathoseg.cli.main import main
 
     (tmp_path / "empty").mkdir()
     code = main(["pseudolabel", str(tmp_path / "empty"), "--out", str(tmp_path / "p")])
@@ -364,7 +364,7 @@ def test_training_triples_weights(project):
     assert w.shape == (64, 64) and 0.5 <= w.min() and w.max() <= 1.0
     assert by_id[ids[1]][2] == 1.0
     assert all(t[2] == 1.0 for t in project.training_triples(weight="uniform"))
-    from napari_pathoseg.training.datasets import PseudoLabelDataset
+    from napari_pathoseg.methods.nuclei.datasets import PseudoLabelDataset
 
     ds = PseudoLabelDataset(project.training_triples(), mpp=0.5)
     assert len(ds) == 2
@@ -391,7 +391,7 @@ def test_real_sample_slide(tmp_path, sample_svs):
                             to_instances=teacher.to_instances, tile_size=128, mpp=0.5, max_tiles=3)
     assert len(proj) == 3 and proj.info.source_kind == "slide"
     rec = proj.tiles(sort_by="tile_id", descending=False)[0]
-    from napari_pathoseg.slide import open_slide
+    from napari_pathoseg.wsi.slide import open_slide
 
     with open_slide(sample_svs) as s:
         region = s.read_region(level=0, row=rec.y, col=rec.x, height=rec.height, width=rec.width)
@@ -405,8 +405,8 @@ def test_core_modules_do_not_import_qt_or_napari():
     import sys
 
     code = (
-        "import sys, napari_pathoseg.pseudolabels, napari_pathoseg.pseudolabels_cli, "
-        "napari_pathoseg.models.transcycle; "
+        "import sys, napari_pathoseg.review.project, napari_pathoseg.cli.review, "
+        "napari_pathoseg.methods.nuclei.transcycle; "
         "bad = [m for m in ('napari', 'qtpy', 'PyQt5', 'magicgui') if m in sys.modules]; "
         "sys.exit(1 if bad else 0)"
     )
@@ -417,9 +417,9 @@ def test_generation_with_a_real_nucleus_model(tmp_path, image_folder):
     """The registry's NucleusModel (here an untrained TransCycle-lite student) plugs in as is."""
     import torch
 
-    from napari_pathoseg.models import m2
+    from napari_pathoseg.methods.nuclei import attcycle as m2
     from napari_pathoseg.models.registry import NucleusModel
-    from napari_pathoseg.models.transcycle import TransCycleEncoder  # noqa: F401 (registers)
+    from napari_pathoseg.methods.nuclei.transcycle import TransCycleEncoder  # noqa: F401 (registers)
 
     torch.manual_seed(0)
     cfg = m2.get_preset("transcycle-lite", tile_size=64)

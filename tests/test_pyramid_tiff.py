@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from napari_pathoseg.errors import CancelledError, PathosegError
-from napari_pathoseg.pyramid_tiff import level_shapes, write_tiled_pyramid
-from napari_pathoseg.slide import open_slide
-from napari_pathoseg.synth import write_pyramid_tiff
+from napari_pathoseg.wsi.pyramid_tiff import level_shapes, write_tiled_pyramid
+from napari_pathoseg.wsi.slide import open_slide
+from napari_pathoseg.wsi.synth import write_pyramid_tiff
 
 
 def _image(rows: int, cols: int) -> np.ndarray:

@@ -13,7 +13,7 @@ from skimage.color import rgb2hed
 from skimage.filters import threshold_otsu
 from skimage.measure import label as cc_label
 
-from napari_pathoseg.pseudolabels import ReviewProject, run_pseudolabels
+from napari_pathoseg.review.project import ReviewProject, run_pseudolabels
 
 pytestmark = pytest.mark.gui
 

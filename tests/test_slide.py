@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from napari_pathoseg.errors import SlideError
-from napari_pathoseg.slide import Slide, open_slide
+from napari_pathoseg.wsi.slide import Slide, open_slide
 
 
 def test_sample_svs_metadata(sample_svs):
@@ -210,7 +210,7 @@ def test_uint16_tiff_refused(tmp_path):
 
 
 def test_make_large_slide_is_real_he_and_openslide_readable(tmp_path):
-    from napari_pathoseg.synth import make_large_slide
+    from napari_pathoseg.wsi.synth import make_large_slide
 
     p = make_large_slide(tmp_path / "big.tif", size=3000, mpp=0.25)
     with open_slide(p) as s:

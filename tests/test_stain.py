@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from napari_pathoseg.errors import CancelledError, StainError
-from napari_pathoseg.slide import Slide, open_slide
+from napari_pathoseg.wsi.slide import Slide, open_slide
 from napari_pathoseg.stain import (
     StainAugmenter,
     augment_stain,
@@ -433,7 +433,7 @@ def test_stain_augmentation(he_image):
 
 def test_stain_package_imports_neither_torch_nor_qt():
     code = (
-        "import sys; import napari_pathoseg.stain, napari_pathoseg.stain._cli; "
+        "import sys; import napari_pathoseg.stain, napari_pathoseg.cli.stain; "
         "bad = [m for m in ('torch', 'napari', 'qtpy', 'PyQt5', 'magicgui') if m in sys.modules]; "
         "print(','.join(bad))"
     )
@@ -559,7 +559,7 @@ def test_write_normalized_tiff_cancel_and_errors(tmp_path, make_pyramid_tiff, he
 def test_cli_normalize(tmp_path, make_pyramid_tiff, he_image, monuseg, capsys):
     from PIL import Image
 
-    from napari_pathoseg.cli import main
+    from napari_pathoseg.cli.main import main
 
     slide = make_pyramid_tiff("slide.tif", he_image[:512, :512], levels=2, tile=256)
     ref = tmp_path / "ref.png"

@@ -15,7 +15,7 @@ def slide_viewer(make_napari_viewer, he_image):
     """A viewer with a 1024 x 1024 real H&E slide layer (0.5 µm/px) and the Stain dock."""
     from napari_pathoseg._reader import slide_layer_data
     from napari_pathoseg._widgets.stain import StainWidget
-    from napari_pathoseg.slide import Slide
+    from napari_pathoseg.wsi.slide import Slide
 
     viewer = make_napari_viewer()
     slide = Slide.from_array(he_image, mpp=0.5, name="he.png")
@@ -145,7 +145,7 @@ def test_reference_file_save_and_load_normaliser(qtbot, slide_viewer, errors, tm
 
 def test_export_progress_and_stop(qtbot, slide_viewer, errors, tmp_path, monkeypatch):
     import napari_pathoseg._widgets.stain as mod
-    from napari_pathoseg.slide import open_slide
+    from napari_pathoseg.wsi.slide import open_slide
 
     viewer, widget, slide = slide_viewer
     widget.target_combo.setCurrentText(mod.TARGET_VIEW)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from napari_pathoseg.errors import PathosegError
-from napari_pathoseg.slide import Slide, open_slide
+from napari_pathoseg.wsi.slide import Slide, open_slide
 from napari_pathoseg.tiling import (
     Stitcher,
     choose_level,

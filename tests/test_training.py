@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 
 from napari_pathoseg.errors import PathosegError
-from napari_pathoseg.instances import boundary_watershed, distance_watershed, to_instances
+from napari_pathoseg.methods.nuclei.instances import boundary_watershed, distance_watershed, to_instances
 from napari_pathoseg.models.checkpoint import load_checkpoint
-from napari_pathoseg.models.m2 import PRESETS
+from napari_pathoseg.methods.nuclei.attcycle import PRESETS
 from napari_pathoseg.training import losses as L
 from napari_pathoseg.training.augment import geometric, hed_perturb
-from napari_pathoseg.training.datasets import (
+from napari_pathoseg.methods.nuclei.datasets import (
     CropSampler,
     DataError,
     LabelledImage,
@@ -29,7 +29,7 @@ from napari_pathoseg.training.datasets import (
     split_images,
     split_styles,
 )
-from napari_pathoseg.training.loop import DoneEvent, EpochEvent, StepEvent, run_training, train_m2
+from napari_pathoseg.methods.nuclei.train import DoneEvent, EpochEvent, StepEvent, run_training, train_m2
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -195,7 +195,7 @@ def test_augmentations():
     assert gi[gl > 0].mean() < gi[gl == 0].mean() - 60  # labels follow the (dark) nuclei
     with pytest.raises(PathosegError, match="RGB"):
         hed_perturb(np.zeros((4, 4, 4), np.uint8), rng=rng)
-    from napari_pathoseg.training.datasets import STAIN_AUGMENTATIONS
+    from napari_pathoseg.methods.nuclei.datasets import STAIN_AUGMENTATIONS
 
     for name in ("hed", "stain"):
         a = STAIN_AUGMENTATIONS[name](img, np.random.default_rng(1))
@@ -244,7 +244,7 @@ def test_instances_split_touching_nuclei():
 
 
 def test_cli_parses():
-    from napari_pathoseg.training._cli import add_commands
+    from napari_pathoseg.cli.train import add_commands
 
     parser = argparse.ArgumentParser()
     add_commands(parser.add_subparsers(dest="cmd"))
@@ -256,8 +256,8 @@ def test_cli_parses():
 
 def test_evaluate_folder(tmp_path):
     from napari_pathoseg.models.checkpoint import save_checkpoint
-    from napari_pathoseg.models.m2 import M2Model
-    from napari_pathoseg.training.evaluate import evaluate_folder
+    from napari_pathoseg.methods.nuclei.attcycle import M2Model
+    from napari_pathoseg.methods.nuclei.evaluate import evaluate_folder
 
     torch.manual_seed(0)
     model = M2Model(TINY)
@@ -279,9 +279,9 @@ def test_evaluate_folder(tmp_path):
 
 def test_tune_instances_picks_best_setting(tmp_path):
     from napari_pathoseg.models.checkpoint import save_checkpoint
-    from napari_pathoseg.models.m2 import M2Model
+    from napari_pathoseg.methods.nuclei.attcycle import M2Model
     from napari_pathoseg.models.registry import load_model
-    from napari_pathoseg.training.release import GRID, tune_instances
+    from napari_pathoseg.methods.nuclei.release import GRID, tune_instances
 
     torch.manual_seed(0)
     model = M2Model(TINY)

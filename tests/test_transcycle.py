@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from napari_pathoseg.errors import PathosegError
-from napari_pathoseg.models.transcycle import (
+from napari_pathoseg.methods.nuclei.transcycle import (
     TRANSCYCLE_PRESETS,
     TransCycleEncoder,
     TransCycleEncoderConfig,
@@ -97,7 +97,7 @@ def test_config_validation_and_round_trip():
 
 
 def test_registered_with_m2_and_student_generator_trains():
-    from napari_pathoseg.models import m2
+    from napari_pathoseg.methods.nuclei import attcycle as m2
 
     assert "resnet50_transformer" in m2.encoder_kinds()
     cfg = m2.get_preset("transcycle-lite")

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from .slide import Slide, is_slide_path, open_slide
+from napari_pathoseg.wsi.slide import Slide, is_slide_path, open_slide
 
 __all__ = ["get_reader", "slide_layer_data", "layer_scale"]
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ._reader import slide_layer_data
-from .slide import open_slide, sample_slide_path
+from napari_pathoseg._reader import slide_layer_data
+from napari_pathoseg.wsi.slide import open_slide, sample_slide_path
 
 __all__ = ["cmu_small_region"]
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .slide import open_slide, sample_slide_path
-from .tiling import tile_grid, tissue_mask
+from napari_pathoseg.wsi.slide import open_slide, sample_slide_path
+from napari_pathoseg.tiling import tile_grid, tissue_mask
 
 __all__ = ["run_demo", "save_png", "overlay_outline"]
 
@@ -58,7 +58,7 @@ def run_demo(
     """
     path = Path(slide_path) if slide_path else sample_slide_path()
     if not headless:
-        from ._widgets.launch import launch_viewer
+        from napari_pathoseg._widgets.launch import launch_viewer
 
         launch_viewer(path)
         return {"slide": str(path), "napari": True}
@@ -81,7 +81,7 @@ def run_demo(
             "thumbnail": str(thumb_path),
         }
         if nuclei:
-            from .nuclei import demo_nuclei
+            from napari_pathoseg.methods.nuclei.segment import demo_nuclei
 
             summary["nuclei"] = demo_nuclei(slide, out_dir=out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -8,11 +8,44 @@ drive it to the end with :func:`run_to_end`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, TypeVar
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Protocol, TypeVar
 
-__all__ = ["run_to_end"]
+__all__ = ["run_to_end", "Progress", "CancelToken", "Cancellable"]
 
 T = TypeVar("T")
+
+
+class Cancellable(Protocol):
+    """Anything with ``is_set()``: a :class:`CancelToken`, a :class:`threading.Event`."""
+
+    def is_set(self) -> bool: ...
+
+
+class CancelToken:
+    """A thread-safe cancel flag: the GUI (or Ctrl-C) sets it, the job checks it between steps."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        """Ask the job to stop at its next check."""
+        self._event.set()
+
+    def is_set(self) -> bool:
+        """True once :meth:`set` was called."""
+        return self._event.is_set()
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Progress of a job: ``done`` of ``total`` units (tiles, steps...), in ``stage``."""
+
+    done: int
+    total: int
+    message: str = ""
+    stage: str = ""
 
 
 def run_to_end(events: Iterable[Any], done_type: type[T], *, progress: Callable[[Any], Any] | None = None) -> T:

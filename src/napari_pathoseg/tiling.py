@@ -8,7 +8,7 @@ memory bounded by the tiles (the result can live in a memory-mapped file).
 Examples
 --------
 >>> import numpy as np
->>> from napari_pathoseg.slide import Slide
+>>> from napari_pathoseg.wsi.slide import Slide
 >>> img = np.full((1024, 1024, 3), 240, np.uint8); img[256:768, 256:768] = (150, 80, 160)
 >>> s = Slide.from_array(img, mpp=0.5)
 >>> tiles = tile_grid(s, level=0, size=256, overlap=0)
@@ -28,8 +28,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import PathosegError
-from .slide import Slide
+from napari_pathoseg.errors import PathosegError
+from napari_pathoseg.wsi.slide import Slide
 
 __all__ = [
     "Tile",

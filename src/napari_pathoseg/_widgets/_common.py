@@ -36,7 +36,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..errors import PathosegError
+from napari_pathoseg.errors import PathosegError
 
 if TYPE_CHECKING:
     import napari

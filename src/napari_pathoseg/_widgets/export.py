@@ -36,7 +36,7 @@ from qtpy.QtWidgets import (
 )
 from qtpy.QtCore import Qt
 
-from ._common import (
+from napari_pathoseg._widgets._common import (
     ask_open_file,
     connect_worker,
     hbox,
@@ -51,9 +51,9 @@ from ._common import (
     vbox,
     watch_layer_list,
 )
-from ..errors import CancelledError
-from ..export.coords import slide_metadata_from_layer, transform_from_layer
-from ..export.geojson import (
+from napari_pathoseg.errors import CancelledError
+from napari_pathoseg.export.coords import slide_metadata_from_layer, transform_from_layer
+from napari_pathoseg.export.geojson import (
     Classification,
     ExportProgress,
     ExportResult,
@@ -61,8 +61,8 @@ from ..export.geojson import (
     iter_export_labels,
     iter_export_shapes,
 )
-from ..export.measurements import MEASUREMENTS
-from ..export.napari_io import geojson_layer_data
+from napari_pathoseg.export.measurements import MEASUREMENTS
+from napari_pathoseg.export.napari_io import geojson_layer_data
 
 if TYPE_CHECKING:
     import napari

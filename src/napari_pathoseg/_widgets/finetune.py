@@ -1,6 +1,6 @@
 """The "Fine-tune" dock: train an M2 student in the background and compare it with its teacher.
 
-The dock drives :func:`napari_pathoseg.finetune.iter_finetune` (no computation here):
+The dock drives :func:`napari_pathoseg.methods.nuclei.finetune.iter_finetune` (no computation here):
 
 * base model (registered names + a checkpoint file), student preset, data (strong-label
   folders and/or a review project: the one open in the Review dock or one on disk),
@@ -42,7 +42,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import (
+from napari_pathoseg._widgets._common import (
     ask_directory,
     ask_open_file,
     connect_worker,
@@ -56,11 +56,11 @@ from ._common import (
     stop_button,
     vbox,
 )
-from ..errors import PathosegError
-from ..finetune import FinetuneConfig, FinetuneDone, FinetuneStage, iter_finetune, parse_strong
-from ..training.loop import EpochEvent, StepEvent
-from .nuclei import place_result, view_region
-from .slide import slide_layers
+from napari_pathoseg.errors import PathosegError
+from napari_pathoseg.methods.nuclei.finetune import FinetuneConfig, FinetuneDone, FinetuneStage, iter_finetune, parse_strong
+from napari_pathoseg.methods.nuclei.train import EpochEvent, StepEvent
+from napari_pathoseg._widgets.nuclei import place_result, view_region
+from napari_pathoseg._widgets.slide import slide_layers
 
 if TYPE_CHECKING:
     import napari
@@ -116,8 +116,8 @@ def _train_worker(config: FinetuneConfig, cancel: threading.Event, ended: thread
 @thread_worker(ignore_errors=True)
 def _overlay_worker(slide: Any, models: list[tuple[str, str]], region: tuple[int, int, int, int],
                     cancel: threading.Event, ended: threading.Event):
-    from ..models.registry import load_model
-    from ..nuclei import segment_nuclei
+    from napari_pathoseg.models.registry import load_model
+    from napari_pathoseg.methods.nuclei.segment import segment_nuclei
 
     try:
         for label, ref in models:
@@ -360,7 +360,7 @@ class FinetuneWidget(QWidget):
     # ================================================================== inputs
     def refresh_models(self, select: str | None = None) -> None:
         """Fill the base-model combo from the registry (plus checkpoints chosen on disk)."""
-        from ..models.registry import list_models
+        from napari_pathoseg.models.registry import list_models
 
         current = select or self.base_combo.currentText()
         try:
@@ -394,7 +394,7 @@ class FinetuneWidget(QWidget):
         ask_directory(self, "Output folder", into=self.out_edit)
 
     def _review_dock_project(self) -> Any:
-        from .review import ReviewWidget
+        from napari_pathoseg._widgets.review import ReviewWidget
 
         for widget in docked_widgets(self.viewer, ReviewWidget):
             if widget.project is not None:
@@ -419,7 +419,7 @@ class FinetuneWidget(QWidget):
         text = self.out_edit.text().strip()
         if text:
             return text
-        from ..models.registry import registry_path
+        from napari_pathoseg.models.registry import registry_path
 
         out = registry_path().parent / "finetune" / name
         self.out_edit.setText(str(out))
@@ -573,7 +573,7 @@ class FinetuneWidget(QWidget):
 
     def _refresh_nuclei_docks(self, name: str) -> None:
         """Make the new model selectable in open Nuclei docks."""
-        from .nuclei import NucleiWidget
+        from napari_pathoseg._widgets.nuclei import NucleiWidget
 
         for widget in docked_widgets(self.viewer, NucleiWidget):
             try:

@@ -13,7 +13,7 @@ from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QProgressBar, QPushButton, QWidget
 
-from ._common import (
+from napari_pathoseg._widgets._common import (
     ask_open_file,
     connect_worker,
     form,
@@ -29,9 +29,9 @@ from ._common import (
     view_rect,
     watch_layer_list,
 )
-from ..errors import CancelledError, PathosegError
-from ..nuclei import NucleiResult, Progress, iter_segment_nuclei
-from .slide import slide_layers, slide_of_layer
+from napari_pathoseg.errors import CancelledError, PathosegError
+from napari_pathoseg.methods.nuclei.segment import NucleiResult, Progress, iter_segment_nuclei
+from napari_pathoseg._widgets.slide import slide_layers, slide_of_layer
 
 if TYPE_CHECKING:
     import napari
@@ -127,7 +127,7 @@ class NucleiWidget(QWidget):
     # ------------------------------------------------------------------ state
     def refresh_models(self, select: str | None = None) -> None:
         """Fill the model list from the registry (shipped and user models)."""
-        from ..models.registry import list_models
+        from napari_pathoseg.models.registry import list_models
 
         current = select or self.model_combo.currentText()
         try:
@@ -276,7 +276,7 @@ class NucleiWidget(QWidget):
 
 @thread_worker(ignore_errors=True)  # errors go to NucleiWidget._on_error
 def _segment_worker(slide, model_ref, *, region, mpp, cancel, work_dir):
-    from ..models.registry import load_model
+    from napari_pathoseg.models.registry import load_model
 
     model = load_model(model_ref)
     result = None

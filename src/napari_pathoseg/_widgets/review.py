@@ -1,6 +1,6 @@
 """The "Review" dock: generate, filter, accept / reject and correct teacher pseudo-labels.
 
-The dock drives :mod:`napari_pathoseg.pseudolabels` (no computation here):
+The dock drives :mod:`napari_pathoseg.review.project` (no computation here):
 
 * open a review project folder, or generate one from a slide or an image folder with a
   teacher model (in a ``thread_worker`` with a progress bar and Stop);
@@ -41,7 +41,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import (
+from napari_pathoseg._widgets._common import (
     ask_directory,
     ask_open_file,
     camera,
@@ -56,8 +56,8 @@ from ._common import (
     stop_button,
     vbox,
 )
-from ..errors import CancelledError, PathosegError
-from ..pseudolabels import (
+from napari_pathoseg.errors import CancelledError, PathosegError
+from napari_pathoseg.review.project import (
     GenerationDone,
     GenerationProgress,
     ReviewProject,
@@ -84,7 +84,7 @@ _SLIDER_STEPS = 1000  # slider value v <-> threshold 0.5 + 0.5 * v / _SLIDER_STE
 
 def _default_model_loader(name: str) -> Any:
     try:
-        from ..models.registry import load_model
+        from napari_pathoseg.models.registry import load_model
     except ImportError as exc:
         raise PathosegError(
             f"The model registry is not available ({exc}); install napari-pathoseg completely."
@@ -94,7 +94,7 @@ def _default_model_loader(name: str) -> Any:
 
 def _model_names() -> list[str]:
     try:
-        from ..models.registry import list_models
+        from napari_pathoseg.models.registry import list_models
     except ImportError:
         return ["nuclei-lite"]
     try:
@@ -354,7 +354,7 @@ class ReviewWidget(QWidget):
         return worker
 
     def _on_generate(self) -> None:
-        from .slide import slide_layers
+        from napari_pathoseg._widgets.slide import slide_layers
 
         source = self.source_edit.text().strip()
         if not source:
@@ -500,9 +500,9 @@ class ReviewWidget(QWidget):
 
     # ================================================================== showing a tile
     def _find_or_open_slide_layer(self):
-        from .._reader import slide_layer_data
-        from ..slide import open_slide
-        from .slide import slide_layers
+        from napari_pathoseg._reader import slide_layer_data
+        from napari_pathoseg.wsi.slide import open_slide
+        from napari_pathoseg._widgets.slide import slide_layers
 
         assert self.project is not None
         src = self.project.source_path

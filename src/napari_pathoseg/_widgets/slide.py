@@ -22,7 +22,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import (
+from napari_pathoseg._widgets._common import (
     ask_open_file,
     connect_worker,
     grid_placement,
@@ -33,10 +33,10 @@ from ._common import (
     vbox,
     watch_layer_list,
 )
-from .._reader import slide_layer_data
-from ..errors import PathosegError
-from ..slide import SLIDE_EXTENSIONS, Slide, open_slide
-from ..tiling import tissue_mask
+from napari_pathoseg._reader import slide_layer_data
+from napari_pathoseg.errors import PathosegError
+from napari_pathoseg.wsi.slide import SLIDE_EXTENSIONS, Slide, open_slide
+from napari_pathoseg.tiling import tissue_mask
 
 if TYPE_CHECKING:
     import napari

@@ -30,7 +30,7 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QComboBox, QFileDialog, QLabel, QLineEdit, QProgressBar, QPushButton, QWidget
 
-from ._common import (
+from napari_pathoseg._widgets._common import (
     ask_open_file,
     connect_worker,
     form,
@@ -46,9 +46,9 @@ from ._common import (
     view_rect,
     watch_layer_list,
 )
-from ..errors import CancelledError, PathosegError
-from ..slide import Slide
-from ..stain import (
+from napari_pathoseg.errors import CancelledError, PathosegError
+from napari_pathoseg.wsi.slide import Slide
+from napari_pathoseg.stain import (
     available_normalizers,
     deconvolution_pyramid,
     estimate_slide_stain,
@@ -59,8 +59,8 @@ from ..stain import (
     save_normalizer,
     write_normalized_tiff,
 )
-from ..stain.normalizers import StainNormalizer, StainParams
-from .slide import slide_of_layer
+from napari_pathoseg.stain.normalizers import StainNormalizer, StainParams
+from napari_pathoseg._widgets.slide import slide_of_layer
 
 if TYPE_CHECKING:
     import napari
@@ -329,8 +329,8 @@ class StainWidget(QWidget):
                 raise PathosegError("Choose a reference image file first.")
 
             def from_file() -> StainNormalizer:
-                from ..slide import open_slide
-                from ..stain import fit_to_slide
+                from napari_pathoseg.wsi.slide import open_slide
+                from napari_pathoseg.stain import fit_to_slide
 
                 with open_slide(path) as ref:
                     return fit_to_slide(get_normalizer(method), ref)

@@ -6,8 +6,8 @@ plain functions).
 
 from __future__ import annotations
 
-from .coords import LevelTransform, layer_placement, slide_metadata_from_layer, transform_from_layer
-from .geojson import (
+from napari_pathoseg.export.coords import LevelTransform, layer_placement, slide_metadata_from_layer, transform_from_layer
+from napari_pathoseg.export.geojson import (
     OBJECT_TYPES,
     Classification,
     ExportError,
@@ -25,7 +25,7 @@ from .geojson import (
     shapes_to_geometries,
     write_labels_tiff,
 )
-from .measurements import MEASUREMENTS, measure_labels, write_measurements_csv
+from napari_pathoseg.export.measurements import MEASUREMENTS, measure_labels, write_measurements_csv
 
 __all__ = [
     "OBJECT_TYPES",

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import PathosegError
+from napari_pathoseg.errors import PathosegError
 
 __all__ = ["AtomicFile", "ExportError"]
 

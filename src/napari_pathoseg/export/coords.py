@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import PathosegError
+from napari_pathoseg.errors import PathosegError
 
 __all__ = [
     "LevelTransform",
@@ -169,7 +169,7 @@ class LevelTransform:
 
 
 def metadata_as_dict(metadata: Any | None) -> dict[str, Any]:
-    """A plain dict view of :class:`~napari_pathoseg.slide.SlideMetadata`, its ``to_dict()``, or None."""
+    """A plain dict view of :class:`~napari_pathoseg.wsi.slide.SlideMetadata`, its ``to_dict()``, or None."""
     if metadata is None:
         return {}
     if isinstance(metadata, Mapping):
@@ -248,7 +248,7 @@ def layer_placement(transform: LevelTransform, slide_metadata: Any | None = None
 def slide_metadata_from_layer(layer_metadata: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """Slide metadata found in a napari layer's ``metadata``, or None.
 
-    Looks for ``"pathoseg_slide"`` (a :class:`~napari_pathoseg.slide.Slide`), ``"slide"``
+    Looks for ``"pathoseg_slide"`` (a :class:`~napari_pathoseg.wsi.slide.Slide`), ``"slide"``
     (``SlideMetadata.to_dict()``, as the slide reader stores it) and ``"slide_metadata"``.
     """
     if not layer_metadata:

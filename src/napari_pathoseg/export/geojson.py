@@ -34,11 +34,11 @@ import shapely
 from scipy import ndimage as ndi
 from shapely.geometry import mapping, shape as shapely_shape
 
-from ..errors import CancelledError, GeoJSONError
-from ._atomic import AtomicFile, ExportError
-from ._trace import TracedRings, trace_labels
-from .coords import LevelTransform, _world_mpp, metadata_as_dict
-from .measurements import CsvTableWriter, geometry_measurements, measure_window, measurement_names
+from napari_pathoseg.errors import CancelledError, GeoJSONError
+from napari_pathoseg.export._atomic import AtomicFile, ExportError
+from napari_pathoseg.export._trace import TracedRings, trace_labels
+from napari_pathoseg.export.coords import LevelTransform, _world_mpp, metadata_as_dict
+from napari_pathoseg.export.measurements import CsvTableWriter, geometry_measurements, measure_window, measurement_names
 
 __all__ = [
     "OBJECT_TYPES",

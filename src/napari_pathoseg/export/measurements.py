@@ -23,8 +23,8 @@ import numpy as np
 import shapely
 from scipy import ndimage as ndi
 
-from ..errors import PathosegError
-from ._atomic import AtomicFile
+from napari_pathoseg.errors import PathosegError
+from napari_pathoseg.export._atomic import AtomicFile
 
 __all__ = [
     "MEASUREMENTS",
@@ -207,8 +207,8 @@ def measure_window(
         out["eccentricity"] = ecc
     if "solidity" in measure:
         if convex_area is None:
-            from ._trace import trace_labels
-            from .geojson import rings_to_geometries
+            from napari_pathoseg.export._trace import trace_labels
+            from napari_pathoseg.export.geojson import rings_to_geometries
 
             outlines = rings_to_geometries(trace_labels(window, ids=ids), ids=ids)
             convex_area = shapely.area(shapely.convex_hull(np.asarray(outlines, dtype=object)))

@@ -20,9 +20,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import shapely
 
-from ..errors import PathosegError
-from .coords import LevelTransform, layer_placement, metadata_as_dict, slide_metadata_from_layer, transform_from_layer
-from .geojson import (
+from napari_pathoseg.errors import PathosegError
+from napari_pathoseg.export.coords import LevelTransform, layer_placement, metadata_as_dict, slide_metadata_from_layer, transform_from_layer
+from napari_pathoseg.export.geojson import (
     Classification,
     ExportError,
     GeoJSONObject,
@@ -76,7 +76,7 @@ def _read_paths(path: str | list[str]) -> list[LayerData]:
 
 def _sidecar_slide_metadata(path: Path) -> dict[str, Any] | None:
     """Metadata of a slide beside ``path`` with the same stem, if one opens."""
-    from ..slide import is_slide_path, open_slide
+    from napari_pathoseg.wsi.slide import is_slide_path, open_slide
 
     for cand in sorted(path.parent.glob(path.stem + ".*")):
         if cand == path or not is_slide_path(cand):

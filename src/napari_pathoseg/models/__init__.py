@@ -1,5 +1,5 @@
-"""Neural networks of napari-pathoseg: M2 (AttCycle) networks, checkpoints, model registry."""
+"""Model checkpoints (safetensors + JSON config) and the model registry."""
 
 from __future__ import annotations
 
-__all__ = ["m2", "checkpoint", "registry"]
+__all__ = ["checkpoint", "registry"]

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from napari_pathoseg.errors import CheckpointError, PathosegError
-from napari_pathoseg.instances import to_instances as _to_instances
+from napari_pathoseg.methods.nuclei.instances import to_instances as _to_instances
 from napari_pathoseg.models.checkpoint import load_checkpoint, load_state_strict, read_header
-from napari_pathoseg.models.m2 import Generator, M2Config, select_device
+from napari_pathoseg.methods.nuclei.attcycle import Generator, M2Config, select_device
 
 __all__ = [
     "NucleusModel",
@@ -67,7 +67,7 @@ class NucleusModel:
     instance_method : str
         Instance post-processing chosen on validation (``"boundary"`` or ``"distance"``).
     instance_params : dict
-        Its thresholds tuned on validation (keywords of :func:`napari_pathoseg.instances.to_instances`).
+        Its thresholds tuned on validation (keywords of :func:`napari_pathoseg.methods.nuclei.instances.to_instances`).
     """
 
     def __init__(

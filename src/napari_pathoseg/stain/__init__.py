@@ -13,9 +13,9 @@ Nothing here imports napari or Qt.
 
 from __future__ import annotations
 
-from .augment import StainAugmenter, augment_stain
-from .deconvolution import STAINS, deconvolve, render_stain, stain_channel
-from .normalizers import (
+from napari_pathoseg.stain.augment import StainAugmenter, augment_stain
+from napari_pathoseg.stain.deconvolution import STAINS, deconvolve, render_stain, stain_channel
+from napari_pathoseg.stain.normalizers import (
     NORMALIZERS,
     MacenkoNormalizer,
     ReinhardNormalizer,
@@ -29,7 +29,7 @@ from .normalizers import (
     normalize_tile,
     save_normalizer,
 )
-from .slide import (
+from napari_pathoseg.stain.slide import (
     WriteProgress,
     WriteResult,
     deconvolution_pyramid,

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StainError
+from napari_pathoseg.errors import StainError
 
 __all__ = ["as_rgb_uint8", "od_table", "rgb_to_od", "sample_pixels"]
 

@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StainError
-from ._image import as_rgb_uint8, od_table
-from ._lut import ColourMap, separable_tables
-from .deconvolution import stain_basis
+from napari_pathoseg.errors import StainError
+from napari_pathoseg.stain._image import as_rgb_uint8, od_table
+from napari_pathoseg.stain._lut import ColourMap, separable_tables
+from napari_pathoseg.stain.deconvolution import stain_basis
 
 __all__ = ["StainAugmenter", "augment_stain"]
 

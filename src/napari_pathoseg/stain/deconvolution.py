@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StainError
-from ._image import as_rgb_uint8
+from napari_pathoseg.errors import StainError
+from napari_pathoseg.stain._image import as_rgb_uint8
 
 __all__ = ["STAINS", "stain_basis", "deconvolve", "stain_channel", "stain_index", "render_stain"]
 

@@ -52,9 +52,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import StainError
-from ._image import as_rgb_uint8, rgb_to_od, sample_pixels
-from ._lut import ColourMap, separable_tables
+from napari_pathoseg.errors import StainError
+from napari_pathoseg.stain._image import as_rgb_uint8, rgb_to_od, sample_pixels
+from napari_pathoseg.stain._lut import ColourMap, separable_tables
 
 __all__ = [
     "StainParams",
@@ -631,7 +631,7 @@ class StainNormalizer(ABC):
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description: method, options and fitted target."""
-        from .. import __version__
+        from napari_pathoseg import __version__
 
         return {
             "format": FILE_FORMAT,
@@ -684,7 +684,7 @@ class MacenkoNormalizer(StainNormalizer):
 
     Examples
     --------
-    >>> from napari_pathoseg.slide import open_slide, sample_slide_path
+    >>> from napari_pathoseg.wsi.slide import open_slide, sample_slide_path
     >>> with open_slide(sample_slide_path()) as s:
     ...     ref = s.read_region(level=0, row=1920, col=768, height=512, width=512)
     ...     img = s.read_region(level=0, row=500, col=500, height=512, width=512)

@@ -16,7 +16,7 @@ pixel of every pyramid level:
 
 Examples
 --------
->>> from napari_pathoseg.slide import open_slide, sample_slide_path
+>>> from napari_pathoseg.wsi.slide import open_slide, sample_slide_path
 >>> from napari_pathoseg.stain import get_normalizer
 >>> with open_slide(sample_slide_path()) as slide:
 ...     ref = slide.read_region(level=0, row=1920, col=768, height=512, width=512)
@@ -41,11 +41,11 @@ from typing import Any, Callable
 import dask.array as da
 import numpy as np
 
-from ..errors import PathosegError, StainError
-from ..pyramid_tiff import PyramidProgress, check_options, write_tiled_pyramid
-from ..slide import Slide
-from .deconvolution import deconvolve, stain_basis, stain_index
-from .normalizers import StainNormalizer, StainParams
+from napari_pathoseg.errors import PathosegError, StainError
+from napari_pathoseg.wsi.pyramid_tiff import PyramidProgress, check_options, write_tiled_pyramid
+from napari_pathoseg.wsi.slide import Slide
+from napari_pathoseg.stain.deconvolution import deconvolve, stain_basis, stain_index
+from napari_pathoseg.stain.normalizers import StainNormalizer, StainParams
 
 __all__ = [
     "default_sample_level",
@@ -109,7 +109,7 @@ def sample_tissue(
     StainError
         When the slide has no tissue.
     """
-    from ..tiling import tissue_mask
+    from napari_pathoseg.tiling import tissue_mask
 
     if n_tiles < 1 or tile_size < 16:
         raise StainError(f"n_tiles must be >= 1 and tile_size >= 16, got {n_tiles} and {tile_size}")

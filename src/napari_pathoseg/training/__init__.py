@@ -1,5 +1,5 @@
-"""Training of the nucleus models: data, augmentation, losses, loops (no Qt, no napari)."""
+"""The shared training machinery: augmentation and losses (no Qt, no napari)."""
 
 from __future__ import annotations
 
-__all__ = ["augment", "datasets", "losses", "loop"]
+__all__ = ["augment", "losses"]

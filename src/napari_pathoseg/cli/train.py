@@ -1,6 +1,6 @@
 """``pathoseg train`` and ``pathoseg evaluate nuclei`` subcommands.
 
-Wire with ``napari_pathoseg.training._cli.add_commands(subparsers)``.
+Wire with ``napari_pathoseg.cli.train.add_commands(subparsers)``.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _pseudo_items(project: Path, *, mpp: float):
     teacher-normalised image (pseudo-Y) with the same mask to Y, both weighted
     by the teacher's per-pixel confidence (as in methods.md S3).
     """
-    from napari_pathoseg.finetune import load_pseudo_items
+    from napari_pathoseg.methods.nuclei.finetune import load_pseudo_items
 
     return load_pseudo_items(project, mpp=mpp)
 
@@ -99,8 +99,8 @@ def _adapt_threads(torch) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from napari_pathoseg.models.m2 import get_preset
-    from napari_pathoseg.training.datasets import (
+    from napari_pathoseg.methods.nuclei.attcycle import get_preset
+    from napari_pathoseg.methods.nuclei.datasets import (
         STAIN_AUGMENTATIONS,
         build_m2_data,
         load_nuclei_sources,
@@ -108,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         make_split,
         save_split,
     )
-    from napari_pathoseg.training.loop import train_m2
+    from napari_pathoseg.methods.nuclei.train import train_m2
 
     auto_threads = str(args.threads) == "auto"
     if auto_threads:
@@ -158,7 +158,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _drive(events, *, auto_threads: bool, torch):
-    from napari_pathoseg.training.loop import DoneEvent, EpochEvent, StepEvent
+    from napari_pathoseg.methods.nuclei.train import DoneEvent, EpochEvent, StepEvent
 
     result = None
     last_check = time.monotonic()
@@ -179,7 +179,7 @@ def _drive(events, *, auto_threads: bool, torch):
 
 
 def cmd_evaluate_nuclei(args: argparse.Namespace) -> int:
-    from napari_pathoseg.training.evaluate import evaluate_folder
+    from napari_pathoseg.methods.nuclei.evaluate import evaluate_folder
 
     res = evaluate_folder(
         args.images, args.masks, model=args.model, mpp=args.mpp, method=args.method,

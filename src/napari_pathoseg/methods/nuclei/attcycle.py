@@ -62,7 +62,7 @@ class M2Config:
         Name of the preset the configuration came from.
     encoder : str
         Encoder kind, a key of the encoder registry (``"attunet"`` built in,
-        ``"resnet50_transformer"`` registered by :mod:`napari_pathoseg.models.transcycle`).
+        ``"resnet50_transformer"`` registered by :mod:`napari_pathoseg.methods.nuclei.transcycle`).
     widths : tuple of int
         Channels of the encoder levels, fine to coarse (stride 1, 2, 4, ...).
     decoder_widths : tuple of int or None
@@ -329,9 +329,9 @@ def encoder_kinds() -> list[str]:
 def _load_optional_encoders() -> None:
     if "resnet50_transformer" not in _ENCODERS:
         try:  # registers itself on import
-            import napari_pathoseg.models.transcycle  # noqa: F401
+            import napari_pathoseg.methods.nuclei.transcycle  # noqa: F401
         except ImportError:
-            logger.debug("napari_pathoseg.models.transcycle not available")
+            logger.debug("napari_pathoseg.methods.nuclei.transcycle not available")
 
 
 def build_encoder(config: M2Config) -> nn.Module:

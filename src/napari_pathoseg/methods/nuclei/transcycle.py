@@ -54,7 +54,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Encoder kind under which this encoder is registered with :mod:`napari_pathoseg.models.m2`.
+#: Encoder kind under which this encoder is registered with :mod:`napari_pathoseg.methods.nuclei.attcycle`.
 ENCODER_KIND = "resnet50_transformer"
 
 
@@ -394,7 +394,7 @@ def _m2_presets() -> dict:
     The decoders take their widths from the encoder levels (``widths`` = the encoder's
     ``out_channels``); the GAN settings follow the teacher presets of the same size.
     """
-    from napari_pathoseg.models.m2 import M2Config
+    from napari_pathoseg.methods.nuclei.attcycle import M2Config
 
     method, lite = TRANSCYCLE_PRESETS["transcycle"], TRANSCYCLE_PRESETS["transcycle-lite"]
     return {
@@ -412,7 +412,7 @@ def _m2_presets() -> dict:
 
 
 # Registration with the M2 model: the encoder kind and the two student presets.
-from napari_pathoseg.models import m2 as _m2  # noqa: E402  (after the definitions it needs)
+from napari_pathoseg.methods.nuclei import attcycle as _m2  # noqa: E402  (after the definitions it needs)
 
 _m2.register_encoder(ENCODER_KIND, build_transcycle_encoder)
 for _name, _cfg in _m2_presets().items():

@@ -1,6 +1,6 @@
 """Turn a training run's best checkpoint into a shipped / registered model.
 
-``python -m napari_pathoseg.training.release RUN_DIR [--name nuclei-lite]``:
+``python -m napari_pathoseg.methods.nuclei.release RUN_DIR [--name nuclei-lite]``:
 
 1. loads ``RUN_DIR/best.safetensors``;
 2. scores both instance methods with a small grid of thresholds
@@ -30,8 +30,8 @@ import numpy as np
 from napari_pathoseg.models.checkpoint import load_checkpoint, save_checkpoint
 from napari_pathoseg.models.registry import WEIGHTS_DIR, load_model
 from napari_pathoseg.training.augment import hed_perturb
-from napari_pathoseg.training.datasets import load_nuclei_originals, load_nuclei_sources
-from napari_pathoseg.training.evaluate import evaluate_items
+from napari_pathoseg.methods.nuclei.datasets import load_nuclei_originals, load_nuclei_sources
+from napari_pathoseg.methods.nuclei.evaluate import evaluate_items
 
 __all__ = ["release_model", "strong_perturb", "tune_instances", "GRID"]
 
@@ -63,9 +63,9 @@ def tune_instances(model, items) -> dict[str, Any]:
         ``method``, ``params``, ``aji`` of the winner, ``best_per_method``
         (metrics of each method's best setting) and ``grid`` (all AJIs).
     """
-    from napari_pathoseg.instances import to_instances
+    from napari_pathoseg.methods.nuclei.instances import to_instances
     from napari_pathoseg.metrics import instance_metrics
-    from napari_pathoseg.training.loop import predict_image
+    from napari_pathoseg.methods.nuclei.train import predict_image
 
     mult = 2 ** (len(model.generator.encoder.out_channels) - 1)
     probs = [predict_image(model.generator, it.image, multiple=mult) for it in items]
@@ -159,9 +159,9 @@ def release_model(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from napari_pathoseg.training._cli import DEFAULT_DATA
+    from napari_pathoseg.cli.train import DEFAULT_DATA
 
-    ap = argparse.ArgumentParser(prog="python -m napari_pathoseg.training.release", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m napari_pathoseg.methods.nuclei.release", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir")
     ap.add_argument("--name", default="nuclei-lite")

@@ -95,7 +95,7 @@ class LabelledImage:
 
 @dataclass
 class M2Data:
-    """The data :func:`napari_pathoseg.training.loop.train_m2` consumes.
+    """The data :func:`napari_pathoseg.methods.nuclei.train.train_m2` consumes.
 
     ``x_train``: X (varied styles) training images; ``y_train``: Y (one style)
     training images; ``val``: validation images (best epoch by AJI on these).

@@ -8,18 +8,18 @@ fine-tuning run:
   ``cpm15_nuclei`` are read through their ``index.csv``, the shared data root
   through both), resampled to the student's µm/px;
 * pseudo-labels: the accepted tiles of one or more review projects
-  (:class:`~napari_pathoseg.pseudolabels.ReviewProject`); each tile goes to
+  (:class:`~napari_pathoseg.review.project.ReviewProject`); each tile goes to
   the X side as read, and its teacher-normalised image (pseudo-Y) goes to the
   Y side, both with the reviewed mask and the teacher's confidence as weight.
 
 It then initialises the student (from the base checkpoint when its
 architecture is the student's, else fresh), runs
-:func:`napari_pathoseg.training.loop.train_m2` (a checkpoint every epoch,
+:func:`napari_pathoseg.methods.nuclei.train.train_m2` (a checkpoint every epoch,
 the best by validation AJI kept, resumable, stoppable), and finally registers
 the best checkpoint with :func:`napari_pathoseg.models.registry.register_model`.
 
 Files in ``out_dir``: ``finetune.json`` (the run's config), ``last.safetensors``,
-``best.safetensors``, ``history.json`` (see :mod:`napari_pathoseg.training.loop`).
+``best.safetensors``, ``history.json`` (see :mod:`napari_pathoseg.methods.nuclei.train`).
 No Qt or napari here; the Fine-tune dock (:mod:`napari_pathoseg._widgets.finetune`)
 drives it in a worker thread.
 """
@@ -55,8 +55,6 @@ __all__ = [
     "iter_finetune",
     "run_finetune",
     "parse_strong",
-    "add_commands",
-    "cmd_finetune",
 ]
 
 logger = logging.getLogger(__name__)
@@ -105,7 +103,7 @@ class FinetuneConfig:
     pseudo_weight : {"confidence", "uniform"}
         Per-pixel weight of pseudo-labels (teacher confidence, or 1).
     split : str or None
-        A split JSON (:func:`napari_pathoseg.training.datasets.save_split`):
+        A split JSON (:func:`napari_pathoseg.methods.nuclei.datasets.save_split`):
         its ``test`` images are never used, its ``val`` images validate, its
         ``x`` / ``y`` lists place the others.  Without it ``val_fraction`` of
         the strong images (at least one) are held out for validation, seeded.
@@ -222,7 +220,7 @@ class FinetuneDone:
 class FinetuneData:
     """Assembled training data: the :class:`M2Data` plus counts for the record."""
 
-    m2: Any  # napari_pathoseg.training.datasets.M2Data
+    m2: Any  # napari_pathoseg.methods.nuclei.datasets.M2Data
     n_strong: int
     n_pseudo: int
     description: str
@@ -268,7 +266,7 @@ def load_strong_folder(
     FinetuneError
         The folder is missing, holds no labelled image, or a mask does not fit.
     """
-    from napari_pathoseg.training.datasets import (
+    from napari_pathoseg.methods.nuclei.datasets import (
         LabelledImage,
         iter_nuclei_files,
         read_image,
@@ -336,8 +334,8 @@ def load_pseudo_items(
         teacher-normalised image (pseudo-Y); both with the tile's mask and
         weight (the teacher's per-pixel confidence, 1 for edited tiles).
     """
-    from napari_pathoseg.pseudolabels import ReviewProject, _confidence
-    from napari_pathoseg.training.datasets import LabelledImage, resample_pair
+    from napari_pathoseg.review.project import ReviewProject, _confidence
+    from napari_pathoseg.methods.nuclei.datasets import LabelledImage, resample_pair
 
     if not isinstance(project, ReviewProject):
         project = ReviewProject.open(project)
@@ -363,7 +361,7 @@ def build_finetune_data(config: FinetuneConfig, *, mpp: float) -> FinetuneData:
     """Assemble strong and pseudo-labelled data into X / Y / validation sets.
 
     Strong images go to X or Y as the split says (or by stain style,
-    :func:`~napari_pathoseg.training.datasets.split_styles`); pseudo tiles go
+    :func:`~napari_pathoseg.methods.nuclei.datasets.split_styles`); pseudo tiles go
     to X, their normalised images to Y.  Validation uses strong images only.
 
     Raises
@@ -371,7 +369,7 @@ def build_finetune_data(config: FinetuneConfig, *, mpp: float) -> FinetuneData:
     FinetuneError
         No data, no strong image for validation, or a split naming missing images.
     """
-    from napari_pathoseg.training.datasets import M2Data, load_split, split_styles
+    from napari_pathoseg.methods.nuclei.datasets import M2Data, load_split, split_styles
 
     if not config.strong and not config.projects:
         raise FinetuneError("No training data: choose strong-label folders and/or a review project.")
@@ -462,15 +460,15 @@ def build_finetune_data(config: FinetuneConfig, *, mpp: float) -> FinetuneData:
 
 
 def student_config(preset: str) -> Any:
-    """The :class:`~napari_pathoseg.models.m2.M2Config` of a student preset.
+    """The :class:`~napari_pathoseg.methods.nuclei.attcycle.M2Config` of a student preset.
 
     Raises
     ------
     FinetuneError
         Unknown preset; the message lists the valid ones.
     """
-    import napari_pathoseg.models.transcycle  # noqa: F401  (registers the TransCycle presets)
-    from napari_pathoseg.models.m2 import PRESETS, get_preset
+    import napari_pathoseg.methods.nuclei.transcycle  # noqa: F401  (registers the TransCycle presets)
+    from napari_pathoseg.methods.nuclei.attcycle import PRESETS, get_preset
 
     if preset not in PRESETS:
         raise FinetuneError(f"Unknown student preset {preset!r}; valid presets: {sorted(PRESETS)}.")
@@ -510,7 +508,7 @@ def _write_initial_checkpoint(
     import torch
 
     from napari_pathoseg.models.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
-    from napari_pathoseg.models.m2 import M2Model
+    from napari_pathoseg.methods.nuclei.attcycle import M2Model
 
     tensors, _, meta = load_checkpoint(base, expected_kind="m2")
     if "G_X2Y" not in tensors:
@@ -585,7 +583,7 @@ def iter_finetune(
     FinetuneStage
         ``"data"``, ``"init"``, ``"train"`` and (at the end) ``"register"``.
     StepEvent, EpochEvent
-        From :func:`napari_pathoseg.training.loop.train_m2` (losses per step;
+        From :func:`napari_pathoseg.methods.nuclei.train.train_m2` (losses per step;
         losses, validation metrics and checkpoint per epoch).
     FinetuneDone
         Last.
@@ -603,10 +601,10 @@ def iter_finetune(
     >>> done = run_finetune(cfg)  # doctest: +SKIP
     """
     from napari_pathoseg.models.checkpoint import read_header
-    from napari_pathoseg.models.m2 import M2Config
+    from napari_pathoseg.methods.nuclei.attcycle import M2Config
     from napari_pathoseg.models.registry import register_model
-    from napari_pathoseg.training.datasets import default_stain_augment
-    from napari_pathoseg.training.loop import DoneEvent, train_m2
+    from napari_pathoseg.methods.nuclei.datasets import default_stain_augment
+    from napari_pathoseg.methods.nuclei.train import DoneEvent, train_m2
 
     student = student_config(config.preset)
     out = Path(config.out_dir)
@@ -712,80 +710,3 @@ def parse_strong(folders: Sequence[str] | str) -> tuple[str, ...]:
         parts = [p.strip() for chunk in folders.splitlines() for p in chunk.split(";")]
         return tuple(p for p in parts if p)
     return tuple(str(f) for f in folders)
-
-
-# ------------------------------------------------------------------------------------------
-# command line: ``pathoseg finetune``
-
-
-def add_commands(subparsers: Any) -> None:
-    """Add ``pathoseg finetune`` (strong labels + review-project pseudo-labels, resumable)."""
-    p = subparsers.add_parser(
-        "finetune", help="fine-tune a nucleus student on strong labels + accepted pseudo-labels (resumable)"
-    )
-    p.add_argument("--out", required=True, help="output folder; an existing run there is resumed")
-    p.add_argument("--name", required=True, help="name to register the finished model under")
-    p.add_argument("--base", default="nuclei-lite", help="base model name or .safetensors ('none': fresh)")
-    p.add_argument("--preset", default="transcycle-lite", help="student preset")
-    p.add_argument("--strong", action="append", default=[], help="strong-label folder (repeatable)")
-    p.add_argument("--strong-mpp", type=float, default=None, help="µm/px of plain images/ folders")
-    p.add_argument("--project", action="append", default=[], help="review project folder (repeatable)")
-    p.add_argument("--include-pending", action="store_true", help="also pending tiles scoring >= --min-score")
-    p.add_argument("--min-score", type=float, default=None, help="score threshold for --include-pending")
-    p.add_argument("--split", default=None, help="split JSON (test images left out, val images validate)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--steps-per-epoch", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
-    p.add_argument("--no-register", action="store_true", help="do not register the finished model")
-    p.set_defaults(func=cmd_finetune)
-
-
-def cmd_finetune(args: Any) -> int:
-    """Run ``pathoseg finetune``; prints one JSON line per epoch and a final JSON object.
-
-    Ctrl-C finishes the current step and saves a resumable checkpoint.
-    """
-    import signal
-    import threading
-
-    from napari_pathoseg.training.loop import EpochEvent
-
-    cancel = threading.Event()
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGINT, lambda *a: cancel.set())
-    try:
-        config = FinetuneConfig(
-            out_dir=args.out, name=args.name, base=None if str(args.base).lower() == "none" else args.base,
-            preset=args.preset, strong=tuple(args.strong), strong_mpp=args.strong_mpp,
-            projects=tuple(args.project), include_pending=args.include_pending, min_score=args.min_score,
-            split=args.split, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-            batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-            register=not args.no_register,
-        )
-        done = None
-        for ev in iter_finetune(config, cancel=cancel):
-            if isinstance(ev, EpochEvent):
-                print(json.dumps({"epoch": ev.epoch, "losses": ev.losses, "val": ev.val_metrics,
-                                  "best": ev.is_best, "seconds": round(ev.seconds, 1)}), flush=True)
-            elif isinstance(ev, FinetuneDone):
-                done = ev
-    except PathosegError as exc:
-        print(json.dumps({"error": str(exc)}))
-        return 2
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-    assert done is not None
-    print(json.dumps({
-        "cancelled": done.cancelled,
-        "best_checkpoint": str(done.best_checkpoint) if done.best_checkpoint else None,
-        "last_checkpoint": str(done.last_checkpoint) if done.last_checkpoint else None,
-        "best_metrics": done.best_metrics,
-        "registered": done.registered,
-        "initialised_from": done.initialised_from,
-    }), flush=True)
-    return 0

@@ -40,7 +40,7 @@ import torch
 
 from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.events import run_to_end
-from napari_pathoseg.instances import boundary_watershed, distance_watershed
+from napari_pathoseg.methods.nuclei.instances import boundary_watershed, distance_watershed
 from napari_pathoseg.metrics import instance_metrics
 from napari_pathoseg.models.checkpoint import (
     load_checkpoint,
@@ -48,8 +48,8 @@ from napari_pathoseg.models.checkpoint import (
     read_header,
     save_checkpoint,
 )
-from napari_pathoseg.models.m2 import M2Config, M2Model, select_device
-from napari_pathoseg.training.datasets import CropSampler, LabelledImage, M2Data, default_stain_augment
+from napari_pathoseg.methods.nuclei.attcycle import M2Config, M2Model, select_device
+from napari_pathoseg.methods.nuclei.datasets import CropSampler, LabelledImage, M2Data, default_stain_augment
 from napari_pathoseg.training.losses import (
     cycle_loss,
     lsgan_d_loss,

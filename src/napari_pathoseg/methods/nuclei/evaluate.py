@@ -16,7 +16,7 @@ import numpy as np
 from skimage.transform import resize
 
 from napari_pathoseg.metrics import instance_metrics
-from napari_pathoseg.training.datasets import DataError, LabelledImage, read_image, read_labels, resample_pair
+from napari_pathoseg.methods.nuclei.datasets import DataError, LabelledImage, read_image, read_labels, resample_pair
 
 __all__ = ["predict_maps", "evaluate_items", "evaluate_folder", "IMAGE_SUFFIXES"]
 

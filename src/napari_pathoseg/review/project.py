@@ -878,7 +878,7 @@ class ReviewProject:
     ) -> Iterator[tuple[np.ndarray, np.ndarray, float | np.ndarray]]:
         """Yield ``(image, mask, weight)`` triples for the training datasets.
 
-        The form :class:`napari_pathoseg.training.datasets.PseudoLabelDataset` takes.
+        The form :class:`napari_pathoseg.methods.nuclei.datasets.PseudoLabelDataset` takes.
 
         Parameters
         ----------
@@ -982,7 +982,7 @@ def slide_tiles(
 
     Parameters
     ----------
-    slide : napari_pathoseg.slide.Slide
+    slide : napari_pathoseg.wsi.slide.Slide
     tile_size : int
         Tile size in pixels at the working resolution.
     mpp : float, optional
@@ -1131,7 +1131,7 @@ def generate_pseudolabels(
     Parameters
     ----------
     source : path or Slide
-        A slide file (or an open :class:`~napari_pathoseg.slide.Slide`), or a folder of images.
+        A slide file (or an open :class:`~napari_pathoseg.wsi.slide.Slide`), or a folder of images.
     out : path
         Project folder to create.
     predict : callable
@@ -1194,7 +1194,7 @@ def generate_pseudolabels(
         logger.info("pseudo-labelling %d tiles of %d images in %s", total, len(images_list), src_path)
     else:
         if isinstance(source, (str, os.PathLike)):
-            from napari_pathoseg.slide import open_slide
+            from napari_pathoseg.wsi.slide import open_slide
 
             slide = open_slide(source)
             own_slide = True

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import StainError
+from napari_pathoseg.errors import StainError
 
 __all__ = ["add_commands", "run_normalize"]
 
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 def add_commands(subparsers: Any) -> None:
     """Register ``normalize`` on the ``pathoseg`` sub-command parser."""
-    from .normalizers import available_normalizers
+    from napari_pathoseg.stain.normalizers import available_normalizers
 
     p = subparsers.add_parser(
         "normalize",
@@ -59,9 +59,9 @@ def add_commands(subparsers: Any) -> None:
 
 
 def _load_target(args: argparse.Namespace):
-    from ..slide import open_slide
-    from .normalizers import get_normalizer, load_normalizer
-    from .slide import fit_to_slide
+    from napari_pathoseg.wsi.slide import open_slide
+    from napari_pathoseg.stain.normalizers import get_normalizer, load_normalizer
+    from napari_pathoseg.stain.slide import fit_to_slide
 
     target = Path(args.target)
     if target.suffix.lower() == ".json":
@@ -80,8 +80,8 @@ def _load_target(args: argparse.Namespace):
 
 def run_normalize(args: argparse.Namespace) -> int:
     """Run ``pathoseg normalize`` (prints a JSON summary; returns the exit code)."""
-    from ..slide import open_slide
-    from .slide import estimate_slide_stain, write_normalized_tiff
+    from napari_pathoseg.wsi.slide import open_slide
+    from napari_pathoseg.stain.slide import estimate_slide_stain, write_normalized_tiff
 
     if args.out is None and args.save_normalizer is None:
         raise StainError("nothing to do: give --out OUT.tif and/or --save-normalizer PATH")

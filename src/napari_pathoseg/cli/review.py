@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from napari_pathoseg.errors import PathosegError
-from napari_pathoseg.pseudolabels import GenerationDone, GenerationProgress, generate_pseudolabels
+from napari_pathoseg.review.project import GenerationDone, GenerationProgress, generate_pseudolabels
 
 __all__ = ["add_commands", "pseudolabel_command"]
 

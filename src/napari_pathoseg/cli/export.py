@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import PathosegError
-from .geojson import ExportError, LevelTransform, read_geojson, run_export_labels, write_labels_tiff
+from napari_pathoseg.errors import PathosegError
+from napari_pathoseg.export.geojson import ExportError, LevelTransform, read_geojson, run_export_labels, write_labels_tiff
 
 __all__ = ["add_commands", "load_labels"]
 
@@ -91,7 +91,7 @@ def _print_json(result: dict[str, Any]) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from ..slide import open_slide
+    from napari_pathoseg.wsi.slide import open_slide
 
     labels_path = Path(args.labels)
     labels = load_labels(labels_path)
@@ -147,7 +147,7 @@ def load_labels_float(path: str | Path) -> Any:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from ..slide import open_slide
+    from napari_pathoseg.wsi.slide import open_slide
 
     with open_slide(args.slide) as slide:
         meta = slide.metadata

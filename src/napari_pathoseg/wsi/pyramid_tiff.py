@@ -1,6 +1,6 @@
 """Stream a pyramidal tiled RGB TIFF to disk, one tile at a time.
 
-The one writer behind :func:`napari_pathoseg.synth.write_pyramid_tiff` (test and benchmark
+The one writer behind :func:`napari_pathoseg.wsi.synth.write_pyramid_tiff` (test and benchmark
 slides) and :func:`napari_pathoseg.stain.write_normalized_tiff` (stain-normalised slides).
 The output is one top-level page per level, ``SubfileType=reduced`` for levels > 0, with
 resolution tags (pixels/cm) when µm per pixel is known: OpenSlide reads it as
@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .errors import CancelledError, PathosegError
-from .slide import _downsample2
+from napari_pathoseg.errors import CancelledError, PathosegError
+from napari_pathoseg.wsi.slide import _downsample2
 
 __all__ = ["PyramidProgress", "check_options", "level_shapes", "write_tiled_pyramid"]
 

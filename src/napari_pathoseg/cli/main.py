@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import PathosegError
+from napari_pathoseg.errors import PathosegError
 
 __all__ = ["main", "build_parser"]
 
@@ -23,12 +23,12 @@ logger = logging.getLogger(__name__)
 
 #: Modules that add sub-commands through ``add_commands(subparsers)``.
 COMMAND_MODULES = (
-    "napari_pathoseg.stain._cli",
-    "napari_pathoseg.export._cli",
-    "napari_pathoseg.training._cli",
-    "napari_pathoseg.nuclei",
-    "napari_pathoseg.pseudolabels_cli",
-    "napari_pathoseg.finetune",
+    "napari_pathoseg.cli.stain",
+    "napari_pathoseg.cli.export",
+    "napari_pathoseg.cli.train",
+    "napari_pathoseg.cli.nuclei",
+    "napari_pathoseg.cli.review",
+    "napari_pathoseg.cli.finetune",
 )
 
 
@@ -38,7 +38,7 @@ def _print_json(obj: Any) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .slide import open_slide
+    from napari_pathoseg.wsi.slide import open_slide
 
     with open_slide(args.slide) as slide:
         d = slide.metadata.to_dict(with_properties=args.properties)
@@ -48,8 +48,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_tiles(args: argparse.Namespace) -> int:
-    from .slide import open_slide
-    from .tiling import tile_grid, write_tiles_csv
+    from napari_pathoseg.wsi.slide import open_slide
+    from napari_pathoseg.tiling import tile_grid, write_tiles_csv
 
     with open_slide(args.slide) as slide:
         tiles = tile_grid(
@@ -77,7 +77,7 @@ def _cmd_tiles(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the bundled sample slide (or SLIDE)."""
-    from .demo import run_demo
+    from napari_pathoseg.demo import run_demo
 
     result = run_demo(
         slide_path=args.slide,

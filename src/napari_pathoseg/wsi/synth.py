@@ -3,14 +3,14 @@
 :func:`write_pyramid_tiff` writes a generic pyramidal TIFF (one top-level page per
 level, ``SubfileType=reduced`` for levels > 0, resolution tags in pixels/cm) that both
 OpenSlide (``generic-tiff``) and tifffile read, through
-:func:`napari_pathoseg.pyramid_tiff.write_tiled_pyramid`. :func:`make_large_slide` fills a slide of
+:func:`napari_pathoseg.wsi.pyramid_tiff.write_tiled_pyramid`. :func:`make_large_slide` fills a slide of
 any size (say 50,000 x 50,000) with real H&E pixels from the bundled sample, mirrored
 so that neighbouring tiles join, for memory and speed benchmarks.
 
 Examples
 --------
 >>> import numpy as np, tempfile, os
->>> from napari_pathoseg.slide import open_slide
+>>> from napari_pathoseg.wsi.slide import open_slide
 >>> d = tempfile.mkdtemp()
 >>> p = write_pyramid_tiff(os.path.join(d, "t.tif"), np.full((600, 700, 3), 200, np.uint8), levels=2, tile=256)
 >>> open_slide(p).metadata.level_dimensions
@@ -26,8 +26,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import PathosegError
-from .pyramid_tiff import write_tiled_pyramid
+from napari_pathoseg.errors import PathosegError
+from napari_pathoseg.wsi.pyramid_tiff import write_tiled_pyramid
 
 __all__ = ["write_pyramid_tiff", "make_large_slide"]
 
@@ -113,7 +113,7 @@ def make_large_slide(
     periodically, so the result looks like tissue at every zoom and compresses like a
     real scan. Memory stays bounded by a few tiles plus the source image.
     """
-    from .slide import open_slide, sample_slide_path
+    from napari_pathoseg.wsi.slide import open_slide, sample_slide_path
 
     with open_slide(source_slide or sample_slide_path()) as s:
         src = np.asarray(s.pyramid[0].compute())

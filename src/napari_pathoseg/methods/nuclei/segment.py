@@ -23,9 +23,7 @@ How it works
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import logging
 import math
 import os
@@ -37,10 +35,10 @@ from typing import Any, Iterator, Protocol
 
 import numpy as np
 
-from .errors import CancelledError, PathosegError
-from .events import run_to_end
-from .slide import Slide, open_slide
-from .tiling import Stitcher, tissue_mask
+from napari_pathoseg.errors import CancelledError, PathosegError
+from napari_pathoseg.events import run_to_end
+from napari_pathoseg.wsi.slide import Slide
+from napari_pathoseg.tiling import Stitcher, tissue_mask
 
 __all__ = [
     "Progress",
@@ -49,7 +47,6 @@ __all__ = [
     "segment_nuclei",
     "write_labels_tiff",
     "write_table_csv",
-    "add_commands",
     "demo_nuclei",
 ]
 
@@ -472,82 +469,10 @@ def overlay_picture(slide: Slide, result: NucleiResult, *, max_size: int = 2048)
     return img
 
 
-def _parse_region(text: str | None) -> tuple[int, int, int, int] | None:
-    if not text:
-        return None
-    try:
-        vals = tuple(int(float(v)) for v in text.split(","))
-    except ValueError as exc:
-        raise PathosegError(f"--region must be x,y,w,h in level-0 pixels, got {text!r}") from exc
-    if len(vals) != 4:
-        raise PathosegError(f"--region must be x,y,w,h in level-0 pixels, got {text!r}")
-    return vals  # type: ignore[return-value]
-
-
-def _cmd_nuclei(args: argparse.Namespace) -> int:
-    from .models.registry import load_model
-
-    model = load_model(args.model)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work_parent = args.work_dir or str(out.parent)
-    with open_slide(args.input) as slide, tempfile.TemporaryDirectory(prefix=".nuclei-", dir=work_parent) as wd:
-        result = segment_nuclei(
-            slide,
-            model,
-            region=_parse_region(args.region),
-            mpp=args.mpp,
-            overlap=args.overlap,
-            batch_size=args.batch,
-            tissue_only=None if not args.all_tiles else False,
-            with_normalized=bool(args.normalized),
-            work_dir=wd,
-        )
-        write_labels_tiff(result, out)
-        info: dict[str, Any] = {
-            "input": str(args.input),
-            "labels": str(out),
-            "model": result.model,
-            "region_xywh": list(result.region),
-            "n_nuclei": result.n_nuclei,
-            "tiles": result.tiles,
-            "model_mpp": result.mpp,
-            "timings": result.timings,
-        }
-        if args.table:
-            info["table"] = str(write_table_csv(result, args.table))
-        if args.normalized:
-            info["normalized"] = str(_write_rgb_tiff(result.normalized, Path(args.normalized)))
-        if args.overlay:
-            from .demo import save_png
-
-            info["overlay"] = str(save_png(args.overlay, overlay_picture(slide, result)))
-    print(json.dumps(info, indent=2))
-    return 0
-
-
-def add_commands(subparsers: Any) -> None:
-    """Register ``pathoseg nuclei``."""
-    p = subparsers.add_parser("nuclei", help="segment nuclei on a slide or image; write uint32 instance labels")
-    p.add_argument("input", help="slide or image file")
-    p.add_argument("--out", required=True, help="labels TIFF (uint32, level-0 grid of the region)")
-    p.add_argument("--region", default=None, help="x,y,w,h in level-0 pixels (default: the whole slide's tissue)")
-    p.add_argument("--model", default="nuclei-lite", help="model name or .safetensors checkpoint")
-    p.add_argument("--mpp", type=float, default=None, help="declare the input's µm per pixel (plain images)")
-    p.add_argument("--overlap", type=int, default=64, help="tile overlap in model pixels")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--all-tiles", action="store_true", help="do not skip tiles without tissue")
-    p.add_argument("--table", default=None, help="write the per-nucleus table here (CSV)")
-    p.add_argument("--normalized", default=None, help="write the stain-normalised image here (TIFF, model grid)")
-    p.add_argument("--overlay", default=None, help="write a PNG of the region with nucleus outlines")
-    p.add_argument("--work-dir", default=None, help="folder for memory-mapped intermediates (default: beside --out)")
-    p.set_defaults(func=_cmd_nuclei)
-
-
 def demo_nuclei(slide: Slide, *, out_dir: str | os.PathLike, model_name: str = "nuclei-lite") -> dict[str, Any]:
     """The demo's nucleus step: the whole slide's tissue, labels + overlay + table."""
-    from .demo import save_png
-    from .models.registry import load_model
+    from napari_pathoseg.demo import save_png
+    from napari_pathoseg.models.registry import load_model
 
     out = Path(out_dir)
     model = load_model(model_name)

@@ -14,7 +14,7 @@ the file's own tile grid where it has one. Nothing reads a whole level eagerly.
 
 Examples
 --------
->>> from napari_pathoseg.slide import open_slide, sample_slide_path
+>>> from napari_pathoseg.wsi.slide import open_slide, sample_slide_path
 >>> with open_slide(sample_slide_path()) as slide:
 ...     slide.metadata.format, slide.pyramid[0].shape
 ('aperio', (2967, 2220, 3))
@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 import dask.array as da
 import numpy as np
 
-from .errors import SlideError
+from napari_pathoseg.errors import SlideError
 
 __all__ = [
     "SLIDE_EXTENSIONS",
@@ -64,7 +64,7 @@ DEFAULT_CHUNK = 512
 
 def sample_slide_path() -> Path:
     """Path of the bundled sample slide ``CMU-1-Small-Region.svs`` (CC0, 20x, 0.499 µm/px)."""
-    return Path(__file__).parent / "data" / "CMU-1-Small-Region.svs"
+    return Path(__file__).resolve().parents[1] / "data" / "CMU-1-Small-Region.svs"
 
 
 def is_slide_path(path: str | os.PathLike) -> bool:

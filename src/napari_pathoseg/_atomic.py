@@ -1,0 +1,210 @@
+"""Atomic file writes and output-path safety: the one helper every writer uses.
+
+Every output napari-pathoseg writes goes to a temporary file beside its destination
+(``.NAME.<random>.tmp-pathoseg``) and is renamed into place (:func:`os.replace`) only when it is
+complete: a failed, cancelled or killed write never leaves a half-written destination, and the
+temporary file is removed on every exit path that Python sees. Temporary files left by a killed
+process are removed the next time the same destination is written (:func:`clean_stale`).
+
+The final file gets the permissions a plain ``open()`` would give (``0o666 & ~umask``), not
+``mkstemp``'s 0600.
+
+:func:`check_output` refuses an output path that names one of the command's inputs (same file,
+also through links), so no command can destroy the data it reads.
+
+Examples
+--------
+>>> import tempfile, pathlib
+>>> d = pathlib.Path(tempfile.mkdtemp())
+>>> with atomic_path(d / "a.txt") as tmp:
+...     _ = tmp.write_text("hello")
+>>> (d / "a.txt").read_text()
+'hello'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any, Iterable, Iterator
+
+from napari_pathoseg.errors import PathosegError
+
+__all__ = [
+    "OutputError",
+    "TMP_SUFFIX",
+    "atomic_path",
+    "atomic_open",
+    "write_bytes",
+    "write_text",
+    "write_json",
+    "check_output",
+    "clean_stale",
+]
+
+#: Suffix of every temporary file this module makes (``.NAME.<random>.tmp-pathoseg``).
+TMP_SUFFIX = ".tmp-pathoseg"
+#: Temporary files older than this (seconds) are taken as left by a killed run.
+STALE_AFTER_S = 60.0
+
+
+class OutputError(PathosegError):
+    """An output cannot be written where asked (it is an input, its folder is missing, no space, ...)."""
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def clean_stale(path: str | os.PathLike, *, older_than_s: float = STALE_AFTER_S) -> int:
+    """Remove temporary files of ``path`` left by killed runs; returns how many were removed."""
+    path = Path(path)
+    n = 0
+    if not path.parent.is_dir():
+        return 0
+    now = time.time()
+    for p in path.parent.glob(f".{path.name}.*{TMP_SUFFIX}"):
+        try:
+            if now - p.stat().st_mtime > older_than_s:
+                p.unlink()
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+def _parent_ok(path: Path, *, create_parent: bool) -> None:
+    parent = path.parent
+    if parent.is_dir():
+        return
+    if create_parent:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the folder {parent} for {path.name}: {exc.strerror or exc}") from exc
+        return
+    raise OutputError(f"cannot write {path}: the folder {parent} does not exist")
+
+
+def _os_error(path: Path, exc: OSError) -> OutputError:
+    import errno
+
+    if exc.errno == errno.ENOSPC:
+        return OutputError(f"no space left on the device to write {path}; free some space or choose another folder")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputError(f"cannot write {path}: permission denied (read-only or not yours)")
+    return OutputError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, create_parent: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on a clean exit rename it to ``path``.
+
+    The caller writes the temporary file by name (tifffile, safetensors, PIL...). On any
+    exception (``KeyboardInterrupt`` included) the temporary file is removed and the
+    destination is left as it was. ``OSError`` (disk full, read-only folder) becomes
+    :class:`OutputError` with one clear line.
+    """
+    path = Path(path)
+    _parent_ok(path, create_parent=create_parent)
+    clean_stale(path)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    except OSError as exc:
+        raise _os_error(path, exc) from exc
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise _os_error(path, exc) from exc
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", *, create_parent: bool = False, **open_kwargs: Any) -> Iterator[IO[Any]]:
+    """``open()`` a temporary file beside ``path``; renamed into place when the block ends cleanly."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', got {mode!r}")
+    with atomic_path(path, create_parent=create_parent) as tmp:
+        with open(tmp, mode, **open_kwargs) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, *, create_parent: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically; returns ``path``."""
+    with atomic_open(path, "wb", create_parent=create_parent) as fh:
+        fh.write(data)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str, *, create_parent: bool = False) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns ``path``."""
+    with atomic_open(path, "w", create_parent=create_parent, encoding="utf-8", newline="") as fh:
+        fh.write(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 1, create_parent: bool = False) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically; returns ``path``."""
+    return write_text(path, json.dumps(obj, indent=indent, default=str) + "\n", create_parent=create_parent)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(
+    out: str | os.PathLike,
+    *,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    what: str = "output",
+    overwrite: bool = True,
+) -> Path:
+    """Refuse an output path that would destroy an input; returns it as a :class:`Path`.
+
+    Parameters
+    ----------
+    out : path
+        Where a command will write.
+    inputs : paths
+        What the command reads (``None`` entries are ignored). ``out`` naming any of them
+        (same file by inode, so also through hard or symbolic links) is refused.
+    what : str
+        How the message names the output (``"--out"``, ``"--table"``...).
+    overwrite : bool
+        ``False``: refuse an existing ``out`` too (the command has no documented right to
+        replace it).
+
+    Raises
+    ------
+    OutputError
+        ``out`` is an input, a folder, or exists while ``overwrite`` is false.
+    """
+    out_p = Path(out).expanduser()
+    for src in inputs:
+        if src is None:
+            continue
+        src_p = Path(src).expanduser()
+        if _same_file(out_p, src_p) or out_p.resolve() == src_p.resolve():
+            raise OutputError(f"{what} {out_p} is also an input ({src_p}); choose another output path")
+    if out_p.is_dir():
+        raise OutputError(f"{what} {out_p} is a folder; give a file path")
+    if out_p.exists() and not overwrite:
+        raise OutputError(f"{what} {out_p} already exists; remove it or choose another path")
+    return out_p

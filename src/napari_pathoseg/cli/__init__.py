@@ -1,0 +1,1 @@
+"""The ``pathoseg`` command line: ``main.py`` builds the parser; one module per command group."""

@@ -1,0 +1,1 @@
+"""Teacher pseudo-labels: the review project on disk, generation, editing (split/merge)."""
