@@ -88,3 +88,48 @@ def test_demo_headless_segments_the_sample(tmp_path, capsys):
     assert len(np.unique(lab)) - 1 == nuc["n_nuclei"]
     assert (tmp_path / "demo" / "nuclei_overlay.png").stat().st_size > 10000
     assert not list((tmp_path / "demo").glob(".nuclei-*"))
+
+
+def test_every_command_module_is_discovered():
+    """cli/<group>.py modules register themselves: no list to keep in main.py."""
+    import pkgutil
+
+    import napari_pathoseg.cli as pkg
+    from napari_pathoseg.cli.main import build_parser, command_modules
+
+    found = {m.rsplit(".", 1)[1] for m in command_modules()}
+    on_disk = {m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_") and m.name != "main"}
+    assert found == on_disk and {"slide", "nuclei", "stain"} <= found
+    choices = build_parser()._subparsers._group_actions[0].choices
+    assert {"info", "tiles", "demo", "nuclei", "normalize"} <= set(choices)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["tiles", "{svs}", "--size", "0"], "--size: must be an integer >= 1, got '0'"),
+        (["tiles", "{svs}", "--mpp", "nan"], "--mpp: must be a finite number"),
+        (["tiles", "{svs}", "--mpp", "-1"], "--mpp: must be a number > 0"),
+        (["tiles", "{svs}", "--min-tissue", "1.5"], "--min-tissue: must be a number >= 0 and <= 1"),
+        (["tiles", "{svs}", "--overlap", "x"], "--overlap: must be an integer >= 0, got 'x'"),
+        (["info", "{missing}"], "does not exist"),
+    ],
+)
+def test_bad_argument_values_are_one_line_at_the_parser(argv, needle, sample_svs, tmp_path, capsys):
+    argv = [a.format(svs=sample_svs, missing=tmp_path / "nope.svs") for a in argv]
+    assert main(argv) == 2
+    cap = capsys.readouterr()
+    assert cap.out == ""
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], cap.err
+    assert lines[0].startswith(f"pathoseg {argv[0]}: error:")
+
+
+def test_tiles_csv_refuses_to_overwrite_the_slide(make_pyramid_tiff, tmp_path, capsys):
+    import numpy as np
+
+    slide = make_pyramid_tiff("s.tif", np.full((256, 256, 3), 200, np.uint8), levels=1)
+    before = slide.read_bytes()
+    assert main(["tiles", str(slide), "--csv", str(slide)]) == 2
+    assert "also an input" in capsys.readouterr().err
+    assert slide.read_bytes() == before
