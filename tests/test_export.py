@@ -406,7 +406,7 @@ def test_import_accepts_old_and_new_qupath_forms(tmp_path):
 
 
 def test_import_streams_large_files_in_small_blocks(tmp_path):
-    from napari_pathoseg.export import geojson as gj
+    from napari_pathoseg.export import reader as gj
 
     feats = [{"type": "Feature", "geometry": _square(i, i), "properties": {"objectType": "detection",
               "measurements": {"v": i + 0.125}}} for i in range(500)]
@@ -611,7 +611,11 @@ def test_export_core_does_not_import_napari():
 
 
 def test_standard_library_json_writes_the_same_document(tmp_path, monkeypatch):
-    from napari_pathoseg.export import geojson as gj
+    import importlib
+    import pkgutil
+
+    import napari_pathoseg.export as pkg
+    from napari_pathoseg.export import _encode
 
     lab = np.zeros((60, 60), np.int32)
     lab[5:20, 5:25] = 1
@@ -620,7 +624,14 @@ def test_standard_library_json_writes_the_same_document(tmp_path, monkeypatch):
     lab[40:44, 50:58] = 2
     kwargs = dict(measure=["area", "eccentricity"], metadata={"model": "m"}, measurements_path=False)
     run_export_labels(tmp_path / "fast.geojson", lab, **kwargs)
-    monkeypatch.setattr(gj, "_dumps", lambda obj: gj._STD_ENCODER.encode(obj).encode("utf-8"))
+    std = lambda obj: _encode._STD_ENCODER.encode(obj).encode("utf-8")  # noqa: E731
+    patched = []
+    for info in pkgutil.iter_modules(pkg.__path__):
+        module = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        if hasattr(module, "_dumps"):
+            monkeypatch.setattr(module, "_dumps", std)
+            patched.append(info.name)
+    assert {"_encode", "geometry", "labels_export"} <= set(patched)
     run_export_labels(tmp_path / "std.geojson", lab, **kwargs)
     a = check_qupath_rules(tmp_path / "fast.geojson")["features"]
     b = check_qupath_rules(tmp_path / "std.geojson")["features"]
@@ -689,11 +700,12 @@ def test_non_finite_measurements_are_left_out_of_features_and_empty_in_the_table
 
 
 def test_csv_table_writer_commits_or_aborts_atomically(tmp_path):
+    from napari_pathoseg._atomic import TMP_SUFFIX
     from napari_pathoseg.export.measurements import CsvTableWriter
 
     writer = CsvTableWriter(tmp_path / "t.csv", ["a", "b"])
     writer.write_rows([[1, float("nan")], ["x", 2.5]])
-    assert not (tmp_path / "t.csv").exists() and len(list(tmp_path.glob(".t.csv.*.tmp"))) == 1
+    assert not (tmp_path / "t.csv").exists() and len(list(tmp_path.glob(f".t.csv.*{TMP_SUFFIX}"))) == 1
     assert writer.commit() == tmp_path / "t.csv"
     assert (tmp_path / "t.csv").read_text(encoding="utf-8").splitlines() == ["a,b", "1,", "x,2.5"]
     assert writer.n_rows == 2

@@ -7,7 +7,7 @@ plain functions).
 from __future__ import annotations
 
 from napari_pathoseg.export.coords import LevelTransform, layer_placement, slide_metadata_from_layer, transform_from_layer
-from napari_pathoseg.export.geojson import (
+from napari_pathoseg.export.geojson import (  # the stable import point; code in qupath/geometry/*_export/reader/raster
     OBJECT_TYPES,
     Classification,
     ExportError,

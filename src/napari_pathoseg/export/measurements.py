@@ -24,7 +24,7 @@ import shapely
 from scipy import ndimage as ndi
 
 from napari_pathoseg.errors import PathosegError
-from napari_pathoseg.export._atomic import AtomicFile
+from napari_pathoseg.export._output import StreamedFile
 
 __all__ = [
     "MEASUREMENTS",
@@ -302,7 +302,7 @@ def geometry_measurements(geometry: Any, *, pixel_size: float | None) -> dict[st
     return {names["area"]: float(geometry.area * s * s), names["perimeter"]: float(geometry.length * s)}
 
 
-class CsvTableWriter(AtomicFile):
+class CsvTableWriter(StreamedFile):
     """Stream rows to a CSV file atomically (temp file in the same folder, then ``os.replace``).
 
     :meth:`commit` moves the finished table into place; :meth:`abort` deletes it.
@@ -317,7 +317,7 @@ class CsvTableWriter(AtomicFile):
 
     def __init__(self, path: str | os.PathLike, columns: Sequence[str]) -> None:
         self.columns = list(columns)
-        super().__init__(Path(path), mode="w", newline="", encoding="utf-8")
+        super().__init__(path, mode="w", newline="", encoding="utf-8")
         self._writer = csv.writer(self._fh)
         self._writer.writerow(self.columns)
         self.n_rows = 0
