@@ -4,7 +4,13 @@ A checkpoint is one ``.safetensors`` file.  Its tensors are the state dicts
 of named modules flattened as ``"<module>.<parameter>"``; its safetensors
 header metadata holds three JSON strings: ``kind`` (architecture family,
 e.g. ``"m2"``), ``config`` and ``meta`` (training info, scores, ...).
-Writes are atomic (temp file in the same directory, then :func:`os.replace`).
+Writes are atomic (:mod:`napari_pathoseg._atomic`).
+
+Reading is defensive, because checkpoints travel between people: a pickle is refused before
+anything is parsed; the config is checked against its architecture's schema
+(:func:`napari_pathoseg.models.tasks.validate_config`: known keys, bounds, network size) before
+any caller builds a network from it; tensors holding NaN/Inf are refused; and
+:func:`load_state_strict` refuses weights whose names, shapes or dtypes do not fit the model.
 """
 
 from __future__ import annotations
@@ -12,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +26,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from napari_pathoseg._atomic import atomic_path
 from napari_pathoseg.errors import CheckpointError
+from napari_pathoseg.models.tasks import validate_config
+from napari_pathoseg.models.validation import check_finite
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_header", "split_state", "load_state_strict", "FORMAT_VERSION"]
 
@@ -74,16 +82,8 @@ def save_checkpoint(
         "config": json.dumps(config, sort_keys=True),
         "meta": json.dumps(meta or {}, sort_keys=True),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(flat, tmp, metadata=header)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path, create_parent=True) as tmp:
+        save_file(flat, str(tmp), metadata=header)
     return path
 
 
@@ -98,8 +98,22 @@ def _refuse_pickle(path: Path) -> None:
         )
 
 
-def read_header(path: str | os.PathLike) -> dict[str, Any]:
-    """Read only the JSON header of a checkpoint: ``{"kind", "config", "meta", "keys"}``."""
+def read_header(path: str | os.PathLike, *, validate: bool = True) -> dict[str, Any]:
+    """Read only the JSON header of a checkpoint: ``{"kind", "config", "meta", "keys"}``.
+
+    Parameters
+    ----------
+    path : path
+    validate : bool
+        Check the config against the schema of its architecture (known keys, value bounds,
+        network size) so that no caller builds a network from a crafted config. ``False``
+        only for listings that never build anything.
+
+    Raises
+    ------
+    CheckpointError
+        A missing file, a pickle, a foreign or damaged file, or a config out of its schema.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist; give a .safetensors file or a model name.")
@@ -120,11 +134,15 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads(md.get("meta", "{}"))
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{path}: damaged JSON metadata ({exc}).") from exc
+    if not isinstance(config, dict) or not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: damaged metadata (config and meta must be JSON objects).")
+    if validate:
+        validate_config(md.get("kind"), config, where=str(path))
     return {"kind": md.get("kind"), "config": config, "meta": meta, "keys": keys}
 
 
 def load_checkpoint(
-    path: str | os.PathLike, *, expected_kind: str = "m2"
+    path: str | os.PathLike, *, expected_kind: str = "m2", validate: bool = True
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
     """Load a checkpoint written by :func:`save_checkpoint`.
 
@@ -133,6 +151,8 @@ def load_checkpoint(
     path : path
     expected_kind : str
         Architecture family the caller builds.
+    validate : bool
+        Check the config (see :func:`read_header`) and refuse NaN/Inf tensors.
 
     Returns
     -------
@@ -144,10 +164,11 @@ def load_checkpoint(
     Raises
     ------
     CheckpointError
-        For a pickle, a foreign/damaged file, or a different ``kind``.
+        For a pickle, a foreign/damaged file, a different ``kind``, a config out of its
+        schema, or non-finite tensors.
     """
     path = Path(path)
-    header = read_header(path)
+    header = read_header(path, validate=validate)
     if header["kind"] != expected_kind:
         raise CheckpointError(
             f"{path} holds a {header['kind']!r} model, expected {expected_kind!r}; "
@@ -157,6 +178,8 @@ def load_checkpoint(
         flat = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is damaged: {exc}.") from exc
+    if validate:
+        check_finite(flat, where=str(path))
     return split_state(flat), header["config"], header["meta"]
 
 
@@ -169,8 +192,20 @@ def split_state(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tens
     return out
 
 
+def _dtype_fits(own: torch.Tensor, got: torch.Tensor) -> bool:
+    if own.is_floating_point():
+        return got.is_floating_point()
+    if own.dtype == torch.bool:
+        return got.dtype == torch.bool
+    return not (got.is_floating_point() or got.is_complex() or got.dtype == torch.bool)
+
+
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], *, what: str, path) -> None:
-    """``module.load_state_dict(state)`` with a CheckpointError naming missing/unexpected keys."""
+    """``module.load_state_dict(state)`` with a CheckpointError naming what does not fit.
+
+    Refuses missing and unexpected keys, other shapes, and other dtypes (integer or boolean
+    values where the model has floating-point weights, and the reverse).
+    """
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -188,5 +223,12 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], *
         raise CheckpointError(
             f"{path}: {what} does not match its config ({'; '.join(details)}). "
             "The file is damaged or was edited; use the original checkpoint."
+        )
+    wrong = [k for k in own if not _dtype_fits(own[k], state[k])]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(
+            f"{path}: {what}.{k} holds {str(state[k].dtype).replace('torch.', '')} values where the model has "
+            f"{str(own[k].dtype).replace('torch.', '')}; the file is damaged or was edited: use the original checkpoint."
         )
     module.load_state_dict(state, strict=True)
