@@ -94,3 +94,12 @@ def make_strong_folder(tmp_path, shared_data):
         return root
 
     return make
+
+
+@pytest.fixture
+def sync_jobs(monkeypatch):
+    """Dock jobs (``_widgets._jobs.JobController``) run to their end inside ``start()``: no waiting."""
+    from napari_pathoseg._widgets import _jobs
+
+    monkeypatch.setattr(_jobs, "SYNC", True)
+    return _jobs

@@ -115,6 +115,8 @@ def log_progress(event: Any) -> None:
 def sigint_cancels(token: CancelToken, *, label: str = "pathoseg") -> Iterator[CancelToken]:
     """While the block runs, the first Ctrl-C sets ``token``; a second one raises KeyboardInterrupt.
 
+    At a terminal the first Ctrl-C also prints one line saying the job is stopping.
+
     Outside the main thread (where Python cannot install signal handlers) the block runs
     with the normal Ctrl-C behaviour.
     """
@@ -126,9 +128,11 @@ def sigint_cancels(token: CancelToken, *, label: str = "pathoseg") -> Iterator[C
         if token.is_set():
             raise KeyboardInterrupt
         token.set()
-        with contextlib.suppress(OSError, ValueError):
-            sys.stderr.write(f"{label}: stopping after the current step (press Ctrl-C again to abort now)\n")
-            sys.stderr.flush()
+        # at a terminal, say the key was heard; a script reading stderr gets only the final line
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if sys.stderr.isatty():
+                sys.stderr.write(f"{label}: stopping after the current step (press Ctrl-C again to abort now)\n")
+                sys.stderr.flush()
 
     previous = signal.signal(signal.SIGINT, _on_sigint)
     try:
