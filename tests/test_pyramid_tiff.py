@@ -88,3 +88,33 @@ def test_write_pyramid_tiff_keeps_its_contract(tmp_path):
     np.testing.assert_array_equal(s.read_region(level=0, row=100, col=200, height=50, width=60), img[100:150, 200:260])
     with pytest.raises(PathosegError):
         write_pyramid_tiff(tmp_path / "x.tif", img[..., 0])
+
+
+def test_leftovers_of_a_killed_write_are_removed_and_scratch_is_named_for_it(tmp_path):
+    """A killed run leaves the temporary output and the scratch files of derived levels; the
+    next write of the same output removes them, and scratch files live only while writing."""
+    import os
+    import time
+
+    from napari_pathoseg._atomic import OutputError
+
+    img = _image(256, 256)
+    path = tmp_path / "k.tif"
+    old = time.time() - 3600
+    leftovers = [tmp_path / ".k.tif.abc123.tmp-pathoseg", tmp_path / ".k.tif.level1.def456.tmp-pathoseg"]
+    for p in leftovers:
+        p.write_bytes(b"half written")
+        os.utime(p, (old, old))
+    seen_scratch = []
+
+    def read(k, r, c, h, w):
+        seen_scratch.append(sorted(p.name for p in tmp_path.glob(".k.tif.level*")))
+        return img[r : r + h, c : c + w]
+
+    write_tiled_pyramid(path, read, shape=(256, 256), n_levels=3, tile=64, compression="zlib")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.tif"]
+    # while level 0 is written, the scratch file of level 1 (and no leftover) sits beside the output
+    (name,) = seen_scratch[0]
+    assert name.startswith(".k.tif.level1.") and name.endswith(".tmp-pathoseg") and "def456" not in name
+    with pytest.raises(OutputError, match="does not exist"):
+        write_tiled_pyramid(tmp_path / "no" / "k.tif", read, shape=(64, 64), tile=64)

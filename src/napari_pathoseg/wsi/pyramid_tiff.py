@@ -10,8 +10,11 @@ Coarser levels are either asked of the caller (``read(level, ...)``, for sources
 render any level directly) or built from the level above it: each written tile's 2x2 mean
 goes to a scratch file beside the output (fixed-size records, ``os.pwrite``/``os.pread``,
 no memory map), from which the next level is written the same way. Either way memory
-stays a few tiles, whatever the image size. The file appears only when complete (written
-to a temporary name, then renamed); a cancelled or failed write leaves nothing behind.
+stays a few tiles, whatever the image size. The file appears only when complete
+(:func:`napari_pathoseg._atomic.atomic_path`: written to a temporary name, then renamed); a
+cancelled or failed write leaves nothing behind. Scratch files are named like the atomic
+helper's temporary files (``.NAME.levelK.<random>.tmp-pathoseg``), so those a killed run
+leaves are removed by the next write of the same output.
 """
 
 from __future__ import annotations
@@ -19,18 +22,17 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import tempfile
 import threading
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from napari_pathoseg._atomic import TMP_SUFFIX, atomic_path
 from napari_pathoseg.errors import CancelledError, PathosegError
-from napari_pathoseg.wsi.slide import _downsample2
+from napari_pathoseg.wsi.levels import downsample2
 
 __all__ = ["PyramidProgress", "check_options", "level_shapes", "write_tiled_pyramid"]
 
@@ -70,15 +72,16 @@ class _QuarterStore:
 
     Each tile ``(a, b)`` of the finer level, once averaged, is a quarter (``tile/2``
     square) of a tile of this level; quarters are fixed-size records at
-    ``(a * n_cols + b) * record`` in a scratch file.
+    ``(a * n_cols + b) * record`` in a scratch file beside ``out`` (removed by :meth:`close`).
     """
 
-    def __init__(self, path: Path, *, fine_tiles: tuple[int, int], tile: int) -> None:
+    def __init__(self, out: Path, *, level: int, fine_tiles: tuple[int, int], tile: int) -> None:
         self.half = tile // 2
         self.tile = tile
         self.n_rows, self.n_cols = fine_tiles
         self.record = self.half * self.half * 3
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.fd, name = tempfile.mkstemp(prefix=f".{out.name}.level{level}.", suffix=TMP_SUFFIX, dir=out.parent)
+        self.path = Path(name)
 
     def put(self, a: int, b: int, quarter: np.ndarray) -> None:
         """Store the averaged fine tile ``(a, b)`` (at most ``tile/2`` square)."""
@@ -99,7 +102,11 @@ class _QuarterStore:
         return out[:height, :width]
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Close and remove the scratch file."""
+        try:
+            os.close(self.fd)
+        finally:
+            self.path.unlink(missing_ok=True)
 
 
 def check_options(*, tile: int, compression: str | None) -> str | None:
@@ -181,7 +188,8 @@ def write_tiled_pyramid(
     Raises
     ------
     PathosegError
-        Bad options. ``OSError`` from the file system propagates (nothing is left behind).
+        Bad options; :class:`~napari_pathoseg._atomic.OutputError` when the folder is missing
+        or the file system fails (disk full, read-only). Nothing is left behind.
     """
     import tifffile
 
@@ -198,18 +206,16 @@ def write_tiled_pyramid(
     elif compression == "zlib":
         comp = {"compression": "zlib"}
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    work = Path(tempfile.mkdtemp(prefix=".pyramid-", dir=path.parent)) if derive_levels and len(shapes) > 1 else None
     stores: list[_QuarterStore] = []
     done = 0
     try:
-        with tifffile.TiffWriter(tmp, bigtiff=rows * cols * 3 > 2**31) as tw:
+        with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=rows * cols * 3 > 2**31) as tw:
             for k, (lr, lc) in enumerate(shapes):
                 current = stores[-1] if (derive_levels and k > 0) else None
                 nxt = None
                 if derive_levels and k + 1 < len(shapes):
                     grid = (math.ceil(lr / tile), math.ceil(lc / tile))
-                    nxt = _QuarterStore(work / f"level{k + 1}.raw", fine_tiles=grid, tile=tile)
+                    nxt = _QuarterStore(path, level=k + 1, fine_tiles=grid, tile=tile)
                     stores.append(nxt)
 
                 def tiles(
@@ -230,7 +236,7 @@ def write_tiled_pyramid(
                                         f"{path}: the tile source gave {block.shape} for level {k} at ({r}, {c}), expected {(h, w, 3)}"
                                     )
                             if nxt is not None:
-                                nxt.put(r // tile, c // tile, _downsample2(block))
+                                nxt.put(r // tile, c // tile, downsample2(block))
                             if block.shape[:2] != (tile, tile):
                                 pad = np.full((tile, tile, 3), 255, np.uint8)
                                 pad[:h, :w] = block
@@ -256,13 +262,8 @@ def write_tiled_pyramid(
                     **res,
                     **comp,
                 )
-        os.replace(tmp, path)
     finally:
         for store in stores:
             store.close()
-        if tmp.exists():
-            tmp.unlink()
-        if work is not None:
-            shutil.rmtree(work, ignore_errors=True)
     logger.info("wrote %s: %d levels, %d tiles", path, len(shapes), done)
     return shapes
