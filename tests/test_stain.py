@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -11,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_pathoseg.errors import CancelledError, StainError
+from napari_pathoseg.errors import CancelledError, PathosegError, StainError
 from napari_pathoseg.wsi.slide import Slide, open_slide
 from napari_pathoseg.stain import (
+    NORMALIZERS,
     StainAugmenter,
     augment_stain,
     available_normalizers,
@@ -33,7 +35,7 @@ from napari_pathoseg.stain import (
     write_normalized_tiff,
 )
 from napari_pathoseg.stain._lut import ColourMap, separable_tables
-from napari_pathoseg.stain.normalizers import _nn_lasso2, _sparse_nmf, macenko_stain_matrix
+from napari_pathoseg.stain.solvers import macenko_stain_matrix, nn_lasso2, sparse_nmf
 
 METHODS = ("macenko", "vahadane", "reinhard")
 
@@ -112,7 +114,7 @@ def test_nn_lasso_matches_brute_force():
     basis = np.stack([H_VEC, E_VEC], axis=1)
     od = np.concatenate([rng.uniform(-0.1, 2.0, (12, 3)), rng.uniform(0, 1, (6, 2)) @ basis.T])
     for lam in (0.0, 0.1):
-        fast = _nn_lasso2(od, basis, lam)
+        fast = nn_lasso2(od, basis, lam)
         assert (fast >= 0).all()
         for x, c in zip(od, fast):
             f = lambda v: 0.5 * np.sum((x - basis @ v) ** 2) + lam * v.sum()  # noqa: E731
@@ -127,7 +129,7 @@ def test_stain_vectors_recovered_from_synthetic_image():
     img = _synthetic_he(rng, stains)
     od = -np.log((img.reshape(-1, 3).astype(float) + 1) / 256)
     od = od[(od > 0.15).any(axis=1)]
-    w = _sparse_nmf(od, lam=0.1, n_iter=200, init=np.eye(3)[:, :2] * 0.5 + 0.3)
+    w = sparse_nmf(od, lam=0.1, n_iter=200, init=np.eye(3)[:, :2] * 0.5 + 0.3)
     w = w[:, ::-1] if w[0, 0] < w[0, 1] else w
     assert _angle(w[:, 0], H_VEC) < 3 and _angle(w[:, 1], E_VEC) < 3
     he = macenko_stain_matrix(od)
@@ -587,3 +589,41 @@ def test_cli_normalize(tmp_path, make_pyramid_tiff, he_image, monuseg, capsys):
     assert "invalid JSON" in capsys.readouterr().err
     assert main(["normalize", str(slide), "--target", str(ref)]) == 2
     assert "nothing to do" in capsys.readouterr().err
+
+
+def test_cli_normalize_refuses_outputs_that_name_inputs(tmp_path, make_pyramid_tiff, he_image, monuseg, capsys):
+    """``--save-normalizer s.tif`` used to turn the slide into a JSON file, ``--out`` equal to the
+    slide or the ``--target`` replaced it with the normalised copy; now each is refused before
+    any work, and the inputs are left byte for byte."""
+    from napari_pathoseg.cli.main import main
+
+    slide = make_pyramid_tiff("slide.tif", he_image[:256, :256], levels=1, tile=256)
+    target = make_pyramid_tiff("target.tif", monuseg[0][:256, :256], levels=1, tile=256)
+    before = {p: p.read_bytes() for p in (slide, target)}
+    common = ["--tile-size", "256", "--n-tiles", "2"]
+    cases = [
+        (["--target", str(target), "--save-normalizer", str(slide)], "--save-normalizer .* is also an input"),
+        (["--target", str(target), "--out", str(slide)], "--out .* is also an input"),
+        (["--target", str(target), "--out", str(target)], "--out .* is also an input"),
+        (["--target", str(target), "--out", str(tmp_path / "o.tif"), "--save-normalizer", str(tmp_path / "o.tif")], "both name"),
+    ]
+    for extra, message in cases:
+        assert main(["normalize", str(slide), *extra, *common]) == 2, extra
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err, (extra, err)
+    assert {p: p.read_bytes() for p in (slide, target)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slide.tif", "target.tif"]
+    # the library refuses too (the Stain dock writes through it)
+    norm = get_normalizer("macenko").fit(monuseg[0])
+    with open_slide(slide) as s, pytest.raises(PathosegError, match="also an input"):
+        write_normalized_tiff(s, norm, slide, source=norm.target)
+    assert slide.read_bytes() == before[slide]
+
+
+def test_method_lists_agree():
+    """The saved-file validation (params) and the registry know the same methods, in order."""
+    from napari_pathoseg.stain.params import METHOD_FIELDS
+
+    assert tuple(METHOD_FIELDS) == available_normalizers()
+    for name, cls in NORMALIZERS.items():
+        assert cls.name == name and cls.REQUIRED == METHOD_FIELDS[name]

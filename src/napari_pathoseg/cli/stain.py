@@ -7,6 +7,9 @@ Examples
 estimates the slide's stains once from tissue tiles across it, streams the normalised
 slide into a pyramidal TIFF and prints a JSON summary. ``--target lab_reference.json``
 reuses a saved normaliser.
+
+No output may name an input: ``--out`` and ``--save-normalizer`` are refused (before any work)
+when they are the slide, the ``--target`` or each other.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from napari_pathoseg._atomic import check_output
 from napari_pathoseg.errors import StainError
 
 __all__ = ["add_commands", "run_normalize"]
@@ -59,9 +63,9 @@ def add_commands(subparsers: Any) -> None:
 
 
 def _load_target(args: argparse.Namespace):
-    from napari_pathoseg.wsi.slide import open_slide
     from napari_pathoseg.stain.normalizers import get_normalizer, load_normalizer
     from napari_pathoseg.stain.slide import fit_to_slide
+    from napari_pathoseg.wsi.slide import open_slide
 
     target = Path(args.target)
     if target.suffix.lower() == ".json":
@@ -78,6 +82,20 @@ def _load_target(args: argparse.Namespace):
     return norm
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before any work, outputs that name an input (the slide, the target) or each other."""
+    inputs = (args.slide, args.target)
+    if args.out is not None:
+        check_output(args.out, inputs=inputs, what="--out")
+        if Path(args.out).suffix.lower() not in (".tif", ".tiff"):
+            raise StainError(f"{args.out}: the output must be a .tif or .tiff file")
+    if args.save_normalizer is not None:
+        check_output(args.save_normalizer, inputs=inputs, what="--save-normalizer")
+    if args.out is not None and args.save_normalizer is not None:
+        if Path(args.out).expanduser().resolve() == Path(args.save_normalizer).expanduser().resolve():
+            raise StainError(f"--out and --save-normalizer both name {args.out}; give two different files")
+
+
 def run_normalize(args: argparse.Namespace) -> int:
     """Run ``pathoseg normalize`` (prints a JSON summary; returns the exit code)."""
     from napari_pathoseg.wsi.slide import open_slide
@@ -85,6 +103,7 @@ def run_normalize(args: argparse.Namespace) -> int:
 
     if args.out is None and args.save_normalizer is None:
         raise StainError("nothing to do: give --out OUT.tif and/or --save-normalizer PATH")
+    _check_outputs(args)
     t0 = time.perf_counter()
     norm = _load_target(args)
     result: dict[str, Any] = {
@@ -97,8 +116,6 @@ def run_normalize(args: argparse.Namespace) -> int:
         result["normalizer"] = str(norm.save(args.save_normalizer))
     if args.out:
         out = Path(args.out)
-        if out.suffix.lower() not in (".tif", ".tiff"):
-            raise StainError(f"{out}: the output must be a .tif or .tiff file")
         with open_slide(args.slide) as slide:
             source = estimate_slide_stain(slide, norm, n_tiles=args.n_tiles, seed=args.seed)
             written = write_normalized_tiff(

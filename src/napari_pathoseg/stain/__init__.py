@@ -1,8 +1,11 @@
 """Stain normalisation, colour deconvolution and stain augmentation for H&E images.
 
-* :mod:`.normalizers`: Macenko, Vahadane and Reinhard normalisers with
-  ``fit`` / ``estimate`` / ``transform``, :func:`get_normalizer`, JSON save/load, and
-  :func:`normalize_tile` for tile pipelines.
+* :mod:`.normalizers`: the public face of stain normalisation: Macenko, Vahadane and
+  Reinhard normalisers with ``fit`` / ``estimate`` / ``transform``, :func:`get_normalizer`,
+  JSON save/load, and :func:`normalize_tile` for tile pipelines. The code behind it:
+  :mod:`.params` (stain parameters), :mod:`.solvers` (tissue OD, Macenko vectors, Vahadane
+  factorisation, H&E check), :mod:`.base` (the normaliser base class), :mod:`.macenko`,
+  :mod:`.vahadane`, :mod:`.reinhard`, :mod:`.registry` and :mod:`.persistence`.
 * :mod:`.slide`: estimate a slide's stains once, normalise its pyramid lazily (dask),
   deconvolution layers, and a streaming normalised pyramidal TIFF writer.
 * :mod:`.deconvolution`: haematoxylin / eosin / DAB channels (scikit-image).

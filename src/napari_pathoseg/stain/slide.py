@@ -41,11 +41,13 @@ from typing import Any, Callable
 import dask.array as da
 import numpy as np
 
+from napari_pathoseg._atomic import check_output
 from napari_pathoseg.errors import PathosegError, StainError
 from napari_pathoseg.wsi.pyramid_tiff import PyramidProgress, check_options, write_tiled_pyramid
 from napari_pathoseg.wsi.slide import Slide
 from napari_pathoseg.stain.deconvolution import deconvolve, stain_basis, stain_index
-from napari_pathoseg.stain.normalizers import StainNormalizer, StainParams
+from napari_pathoseg.stain.base import StainNormalizer
+from napari_pathoseg.stain.params import StainParams
 
 __all__ = [
     "default_sample_level",
@@ -444,6 +446,13 @@ def write_normalized_tiff(
     Returns
     -------
     WriteResult
+
+    Raises
+    ------
+    StainError
+        Bad options, a missing folder or a failed write.
+    napari_pathoseg._atomic.OutputError
+        ``out_path`` is the slide's own file.
     """
     t_start = time.perf_counter()
     out_path = Path(out_path)
@@ -455,6 +464,7 @@ def write_normalized_tiff(
         raise StainError(f"{slide.metadata.path}: level {level} does not exist (0..{slide.level_count - 1})")
     if not out_path.parent.is_dir():
         raise StainError(f"{out_path}: the folder {out_path.parent} does not exist")
+    check_output(out_path, inputs=[slide.metadata.path], what="the normalised TIFF")
     if source is None:
         source = estimate_slide_stain(slide, normalizer)
     cmap = normalizer.colour_map(source)
