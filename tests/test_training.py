@@ -66,17 +66,20 @@ def _run(out, **kw):
     kw.setdefault("epochs", 1)
     kw.setdefault("steps_per_epoch", 2)
     kw.setdefault("batch_size", 2)
+    kw.setdefault("threads", 1)
     return list(train_m2(TINY, _data(), out_dir=out, seed=0, device="cpu", **kw))
 
 
 def test_two_step_run(tmp_path):
     events = _run(tmp_path)
     kinds = [type(e).__name__ for e in events]
-    assert kinds == ["StepEvent", "StepEvent", "EpochEvent", "DoneEvent"]
-    gan, seg = events[0].losses, events[1].losses
+    assert kinds == ["TrainStart", "StepEvent", "StepEvent", "ValidationEvent", "EpochEvent", "DoneEvent"]
+    assert not events[0].resumed and events[0].threads >= 1
+    gan, seg = events[1].losses, events[2].losses
     assert {"adv", "cyc", "d", "seg"} <= set(gan)  # step 0: full CycleGAN step
     assert "adv" not in seg and "seg" in seg  # step 1: segmentation-only step
-    ep: EpochEvent = events[2]
+    assert (events[2].done, events[2].total) == (2, 2)
+    ep: EpochEvent = events[4]
     assert {"aji", "dice", "pq", "f1", "distance_aji"} <= set(ep.val_metrics)
     done: DoneEvent = events[-1]
     assert done.best_checkpoint.is_file() and not done.cancelled
@@ -107,7 +110,7 @@ def test_cancel_saves_and_resumes(tmp_path):
     cancel = threading.Event()
     events = []
     for ev in train_m2(TINY, _data(), out_dir=tmp_path, epochs=1, steps_per_epoch=3, batch_size=2,
-                       seed=0, device="cpu", cancel=cancel):
+                       seed=0, device="cpu", cancel=cancel, threads=1):
         events.append(ev)
         if isinstance(ev, StepEvent):
             cancel.set()
@@ -116,7 +119,7 @@ def test_cancel_saves_and_resumes(tmp_path):
     _, _, meta = load_checkpoint(events[-1].last_checkpoint, expected_kind="m2")
     assert (meta["epoch"], meta["step"]) == (0, 1)
     rest = list(train_m2(TINY, _data(), out_dir=tmp_path, epochs=1, steps_per_epoch=3, batch_size=2,
-                         seed=0, device="cpu"))
+                         seed=0, device="cpu", resume=True, threads=1))
     assert [e.step for e in rest if isinstance(e, StepEvent)] == [1, 2]
 
 
@@ -124,13 +127,13 @@ def test_resume_refuses_other_config(tmp_path):
     _run(tmp_path)
     other = dataclasses.replace(TINY, widths=(4, 8, 32))
     with pytest.raises(PathosegError, match="different config"):
-        list(train_m2(other, _data(), out_dir=tmp_path, epochs=2, steps_per_epoch=1, device="cpu"))
+        list(train_m2(other, _data(), out_dir=tmp_path, epochs=2, steps_per_epoch=1, device="cpu", resume=True, threads=1))
 
 
 def test_run_training_progress(tmp_path):
     seen = []
     done = run_training(TINY, _data(), out_dir=tmp_path, epochs=1, steps_per_epoch=1, batch_size=1,
-                        device="cpu", progress=seen.append)
+                        device="cpu", progress=seen.append, threads=1)
     assert isinstance(done, DoneEvent) and isinstance(seen[-1], DoneEvent)
 
 

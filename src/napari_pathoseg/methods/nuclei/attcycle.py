@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from napari_pathoseg.errors import CheckpointError, PathosegError
+from napari_pathoseg.training.engine import select_device
 
 __all__ = [
     "M2Config",
@@ -168,6 +169,8 @@ class M2Config:
         return cls(**d)
 
 
+#: Every M2 preset, teacher and student, in one table: a lookup never depends on which modules
+#: were imported before (the TransCycle encoder registers itself when a config needs it).
 PRESETS: dict[str, M2Config] = {
     # The method's size: a full Attention U-Net encoder (64..1024) at 256x256 tiles,
     # 3-layer PatchGAN, adversarial and cycle terms every step.
@@ -196,6 +199,33 @@ PRESETS: dict[str, M2Config] = {
         lambda_seg=10.0,
         gan_every=2,
     ),
+    # M2's student, TransCycle (methods/nuclei/transcycle.py): the same set-up with a ResNet-50 +
+    # Transformer encoder. ``widths`` are that encoder's out_channels (strides 1..32), which
+    # tests/test_transcycle.py checks against TRANSCYCLE_PRESETS.
+    "transcycle": M2Config(
+        preset="transcycle",
+        encoder="resnet50_transformer",
+        widths=(64, 64, 256, 512, 1024, 512),
+        disc_width=64,
+        disc_layers=3,
+        tile_size=256,
+        lambda_adv=1.0,
+        lambda_cyc=10.0,
+        lambda_seg=10.0,
+        gan_every=1,
+    ),
+    "transcycle-lite": M2Config(
+        preset="transcycle-lite",
+        encoder="resnet50_transformer",
+        widths=(16, 16, 32, 64, 128, 64),
+        disc_width=32,
+        disc_layers=2,
+        tile_size=128,
+        lambda_adv=0.5,
+        lambda_cyc=5.0,
+        lambda_seg=10.0,
+        gan_every=2,
+    ),
 }
 
 
@@ -210,18 +240,6 @@ def get_preset(name: str, **overrides: Any) -> M2Config:
     if name not in PRESETS:
         raise ModelConfigError(f"Unknown M2 preset {name!r}; valid presets: {sorted(PRESETS)}.")
     return dataclasses.replace(PRESETS[name], **overrides)
-
-
-def select_device(device: str | torch.device | None = None) -> torch.device:
-    """Return ``device``, or CUDA / MPS when available, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def _norm(kind: str, channels: int) -> nn.Module:

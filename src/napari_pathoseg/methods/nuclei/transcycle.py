@@ -388,32 +388,9 @@ def build_transcycle_encoder(config: object = None) -> TransCycleEncoder:
     return TransCycleEncoder(cfg)
 
 
-def _m2_presets() -> dict:
-    """The M2 student presets: the M2 set-up with this encoder (method-sized and lite).
-
-    The decoders take their widths from the encoder levels (``widths`` = the encoder's
-    ``out_channels``); the GAN settings follow the teacher presets of the same size.
-    """
-    from napari_pathoseg.methods.nuclei.attcycle import M2Config
-
-    method, lite = TRANSCYCLE_PRESETS["transcycle"], TRANSCYCLE_PRESETS["transcycle-lite"]
-    return {
-        "transcycle": M2Config(
-            preset="transcycle", encoder=ENCODER_KIND, widths=method.out_channels,
-            disc_width=64, disc_layers=3, tile_size=method.tile_size,
-            lambda_adv=1.0, lambda_cyc=10.0, lambda_seg=10.0, gan_every=1,
-        ),
-        "transcycle-lite": M2Config(
-            preset="transcycle-lite", encoder=ENCODER_KIND, widths=lite.out_channels,
-            disc_width=32, disc_layers=2, tile_size=128,
-            lambda_adv=0.5, lambda_cyc=5.0, lambda_seg=10.0, gan_every=2,
-        ),
-    }
-
-
-# Registration with the M2 model: the encoder kind and the two student presets.
+# Registration with the M2 model: the encoder kind. The student presets ("transcycle",
+# "transcycle-lite") live in attcycle.PRESETS with the teacher's, so preset lookup does not
+# depend on this module having been imported.
 from napari_pathoseg.methods.nuclei import attcycle as _m2  # noqa: E402  (after the definitions it needs)
 
 _m2.register_encoder(ENCODER_KIND, build_transcycle_encoder)
-for _name, _cfg in _m2_presets().items():
-    _m2.PRESETS.setdefault(_name, _cfg)
