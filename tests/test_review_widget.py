@@ -169,22 +169,37 @@ def test_review_loop_accept_edit_reopen(widget, project_path, qtbot):
 def test_generate_in_background_and_stop(widget, folder, tmp_path, qtbot):
     teacher = OtsuTeacher(delay=0.3)
     widget.model_loader = lambda name: teacher
-    worker = widget.generate(folder, tmp_path / "gen", model_name="otsu")
+    job = widget.generate(folder, tmp_path / "gen", model_name="otsu")
+    assert job is not None and job.worker is not None  # a background worker, not the GUI thread
+    assert widget.stop_btn.isEnabled() and not widget.generate_btn.isEnabled() and not widget.open_btn.isEnabled()
     qtbot.waitUntil(lambda: widget.progress.maximum() == 18 and widget.progress.value() >= 4, timeout=10000)
     assert threading.get_ident() not in teacher.threads  # ran on a worker thread
-    with qtbot.waitSignal(worker.finished, timeout=10000):
-        widget.stop_btn.click()
+    widget.stop_btn.click()
+    qtbot.waitUntil(lambda: job.ended, timeout=10000)
     proj = ReviewProject.open(tmp_path / "gen")
     assert 4 <= len(proj) < 18  # stopped early, the tiles done so far are kept
-    assert widget.project is not None and widget.project.root == proj.root
-    assert widget.generate_btn.isEnabled() and not widget.stop_btn.isEnabled()
+    assert widget.project is not None and widget.project.root == proj.root  # and opened
+    assert widget.table.rowCount() == len(proj)
+    assert widget.generate_btn.isEnabled() and not widget.stop_btn.isEnabled() and widget.open_btn.isEnabled()
 
     fast = OtsuTeacher()
     widget.model_loader = lambda name: fast
-    w = widget.generate(folder, tmp_path / "gen2", model_name="otsu", max_tiles=6)
-    with qtbot.waitSignal(w.finished, timeout=20000):
-        pass
+    job = widget.generate(folder, tmp_path / "gen2", model_name="otsu", max_tiles=6)
+    qtbot.waitUntil(lambda: job.ended, timeout=20000)
+    assert job.error is None and not job.cancelled
     assert widget.table.rowCount() == 6 and widget.project.root.name == "gen2"
+
+
+def test_generate_needs_a_project_folder(widget, folder, tmp_path, qtbot, sync_jobs):
+    widget.project_edit.setText("")
+    assert not widget.generate_btn.isEnabled() and "folder" in widget.generate_btn.toolTip()
+    widget.project_edit.setText(str(tmp_path / "new"))
+    assert widget.generate_btn.isEnabled()
+    widget.model_loader = lambda name: OtsuTeacher()
+    widget.source_edit.setText(str(folder))
+    widget.max_tiles_spin.setValue(3)
+    widget.generate_btn.click()  # synchronous: the project is written and opened on return
+    assert widget.project is not None and widget.table.rowCount() == 3
 
 
 def test_failed_generation_is_reported_once_and_the_dock_recovers(widget, folder, tmp_path, qtbot, monkeypatch):
@@ -197,11 +212,11 @@ def test_failed_generation_is_reported_once_and_the_dock_recovers(widget, folder
         raise CheckpointError(f"{name}: checkpoint does not match the model")
 
     widget.model_loader = loader
-    widget.generate(folder, tmp_path / "gen", model_name="broken")
-    # the worker fails at once: wait for its report rather than for a signal that may be past
-    qtbot.waitUntil(lambda: bool(shown) and widget.generate_btn.isEnabled(), timeout=10000)
+    job = widget.generate(folder, tmp_path / "gen", model_name="broken")
+    qtbot.waitUntil(lambda: job.ended, timeout=10000)
     qtbot.wait(100)  # an error re-raised on the GUI thread would surface here
     assert shown == ["broken: checkpoint does not match the model"]
+    assert widget.status.text() == shown[0]
     assert widget.generate_btn.isEnabled() and not widget.stop_btn.isEnabled()
 
 
@@ -282,3 +297,77 @@ def test_pending_edit_is_saved_when_the_mask_layer_is_removed(widget, project_pa
     widget.open_project(other.root)
     assert "review mask" not in widget.viewer.layers and widget.current_tile is None
     assert proj.root != widget.project.root
+
+
+def test_table_keys_accept_reject_only_without_modifiers(widget, project_path, qtbot):
+    from qtpy.QtCore import QEvent
+    from qtpy.QtGui import QKeyEvent
+    from qtpy.QtWidgets import QApplication
+
+    from napari_pathoseg._widgets.review_table import is_plain_key
+
+    widget.open_project(project_path)
+    widget.table.selectRow(0)
+    first = widget.current_tile
+    # Ctrl+A / Shift+R are not review keys: the state stays pending
+    for key, mod in ((Qt.Key.Key_A, Qt.KeyboardModifier.ControlModifier), (Qt.Key.Key_R, Qt.KeyboardModifier.ShiftModifier)):
+        ev = QKeyEvent(QEvent.Type.KeyPress, key, mod)
+        assert not is_plain_key(ev)
+        QApplication.sendEvent(widget.table, ev)
+        assert ReviewProject.open(project_path).record(first).state == "pending"
+        assert widget.current_tile == first
+    # a plain A (the keypad modifier is not a chord) accepts and moves on
+    ev = QKeyEvent(QEvent.Type.KeyPress, Qt.Key.Key_A, Qt.KeyboardModifier.KeypadModifier, "a")
+    assert is_plain_key(ev)
+    QApplication.sendEvent(widget.table, ev)
+    assert ReviewProject.open(project_path).record(first).state == "accepted"
+    assert widget.current_tile != first
+
+
+def test_docks_use_qt_idioms_portable_across_bindings():
+    """PyQt6 refuses int() of its flag enums, has no exec_() and moved QAction to QtGui.
+
+    The docks of this area are scanned for those PyQt5-only idioms (the Review dock's key
+    handler did ``int(event.modifiers())``, which raised under PyQt6 on every key press).
+    """
+    import re
+    from pathlib import Path
+
+    import napari_pathoseg._widgets as widgets_pkg
+
+    root = Path(widgets_pkg.__file__).parent
+    files = sorted(
+        p for p in root.glob("*.py")
+        if p.stem in ("review", "finetune", "export", "_plot", "_models") or p.stem.startswith(("review_", "finetune_", "export_"))
+    )
+    assert len(files) >= 6, files
+    forbidden = {
+        "int() of Qt modifiers": re.compile(r"int\(\s*[\w.]*modifiers\(\)"),
+        "int() of a Qt enum": re.compile(r"int\(\s*Qt\."),
+        "exec_()": re.compile(r"\.exec_\("),
+        "QAction from QtWidgets": re.compile(r"from qtpy\.QtWidgets import \([^)]*\bQAction\b|from qtpy\.QtWidgets import [^(\n]*\bQAction\b"),
+    }
+    found = [f"{p.name}: {what}" for p in files for what, rx in forbidden.items() if rx.search(p.read_text())]
+    assert not found, found
+
+
+def test_teacher_combo_offers_only_nucleus_models(make_napari_viewer, qtbot, monkeypatch):
+    import napari_pathoseg.models.registry as registry
+    from napari_pathoseg._widgets._models import nuclei_model_names
+    from napari_pathoseg._widgets.review import ReviewWidget
+
+    assert "nuclei-lite" in nuclei_model_names()  # the real registry
+    entries = [{"name": "nuclei-lite", "task": "nuclei"}, {"name": "tumour-fpn", "task": "lesion"},
+               {"name": "my-student", "task": "nuclei"}]
+    calls = []
+
+    def fake_list_models(task=None):
+        calls.append(task)
+        return entries  # a registry that does not filter: the dock still does
+
+    monkeypatch.setattr(registry, "list_models", fake_list_models)
+    w = ReviewWidget(make_napari_viewer())
+    qtbot.addWidget(w)
+    items = [w.model_combo.itemText(i) for i in range(w.model_combo.count())]
+    assert items == ["nuclei-lite", "my-student"] and calls == ["nuclei"]
+    w.close()

@@ -3,12 +3,14 @@
 The dock drives :mod:`napari_pathoseg.review.project` (no computation here):
 
 * open a review project folder, or generate one from a slide or an image folder with a
-  teacher model (in a ``thread_worker`` with a progress bar and Stop);
-* a table of the candidate tiles sorted by score; a threshold slider keeps only tiles
-  scoring at least the threshold (M2's filter, saved in the project);
+  teacher model (in a background worker with a progress bar and Stop);
+* a table of the candidate tiles sorted by score (:class:`~.review_table.TileTable`); a
+  threshold slider keeps only tiles scoring at least the threshold (M2's filter, saved in the
+  project);
 * clicking a row shows the tile: for a slide project the camera jumps to the tile on the
   slide layer (opened from the project's source when needed), otherwise the tile image is
-  shown; the tile's mask is an editable Labels layer (paint, erase, fill, and Split / Merge);
+  shown; the tile's mask is an editable Labels layer (paint, erase, fill, and Split / Merge;
+  :class:`~.review_mask.MaskEditor`);
 * A / R accept / reject the current tile and move to the next pending one;
 * every edit is saved as it is made (debounced, atomic writes).
 """
@@ -17,54 +19,25 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-from napari.qt.threading import thread_worker
-from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QEvent, QObject, Qt, QTimer
-from qtpy.QtWidgets import (
-    QAbstractItemView,
-    QComboBox,
-    QGroupBox,
-    QHeaderView,
-    QLabel,
-    QLineEdit,
-    QProgressBar,
-    QPushButton,
-    QSlider,
-    QSpinBox,
-    QTableWidget,
-    QTableWidgetItem,
-    QWidget,
-)
+from napari.utils.notifications import show_error
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import QLabel, QLineEdit, QPushButton, QSlider, QWidget
 
-from napari_pathoseg._widgets._common import (
-    ask_directory,
-    ask_open_file,
-    camera,
-    connect_worker,
-    grid_placement,
-    hbox,
-    idle_progress,
-    request_stop,
-    show_progress,
-    show_worker_error,
-    status_label,
-    stop_button,
-    vbox,
+from napari_pathoseg._widgets._common import ask_directory, camera, grid_placement, hbox, status_label, vbox
+from napari_pathoseg._widgets.review_generate import GenerateBox
+from napari_pathoseg._widgets.review_mask import MASK_LAYER, MaskEditor
+from napari_pathoseg._widgets.review_table import (
+    SLIDER_STEPS,
+    TileTable,
+    slider_to_threshold,
+    threshold_to_slider,
 )
-from napari_pathoseg.errors import CancelledError, PathosegError
-from napari_pathoseg.review.project import (
-    GenerationDone,
-    GenerationProgress,
-    ReviewProject,
-    generate_pseudolabels,
-    merge_nuclei,
-    split_nucleus,
-)
+from napari_pathoseg.errors import PathosegError
+from napari_pathoseg.review.project import ReviewProject
 
 if TYPE_CHECKING:
     import napari
@@ -74,49 +47,9 @@ __all__ = ["ReviewWidget"]
 logger = logging.getLogger(__name__)
 
 IMAGE_LAYER = "review tile"
-MASK_LAYER = "review mask"
 #: Keys bound on the viewer while the dock is open.
 ACCEPT_KEY = "a"
 REJECT_KEY = "r"
-COLUMNS = ("tile", "score", "nuclei", "state", "edited", "x", "y")
-_SLIDER_STEPS = 1000  # slider value v <-> threshold 0.5 + 0.5 * v / _SLIDER_STEPS
-
-
-def _default_model_loader(name: str) -> Any:
-    try:
-        from napari_pathoseg.models.registry import load_model
-    except ImportError as exc:
-        raise PathosegError(
-            f"The model registry is not available ({exc}); install napari-pathoseg completely."
-        ) from exc
-    return load_model(name)
-
-
-def _model_names() -> list[str]:
-    try:
-        from napari_pathoseg.models.registry import list_models
-    except ImportError:
-        return ["nuclei-lite"]
-    try:
-        names = [str(m.get("name")) for m in list_models() if m.get("name")]
-    except PathosegError as exc:
-        logger.warning("cannot list models: %s", exc)
-        names = []
-    return names or ["nuclei-lite"]
-
-
-@thread_worker(ignore_errors=True)
-def _generate_worker(source: str, out: str, model_name: str, loader: Callable[[str], Any],
-                     max_tiles: int | None, cancel: threading.Event):
-    model = loader(model_name)
-    try:
-        yield from generate_pseudolabels(
-            source, out, predict=model.predict, to_instances=model.to_instances,
-            model_name=model_name, tile_size=int(getattr(model, "tile_size", 256)),
-            mpp=getattr(model, "mpp", None), max_tiles=max_tiles, cancel=cancel,
-        )
-    except CancelledError as exc:  # Stop: a normal end, reported as the last event
-        yield exc
 
 
 def _restore_keys(viewer: Any, previous: dict[str, Any], bound: dict[str, bool], *args: Any) -> None:
@@ -146,8 +79,8 @@ class ReviewWidget(QWidget):
     model_loader : callable
         ``loader(name) -> model`` with ``predict``/``to_instances`` (default: the model
         registry's ``load_model``); replaceable, e.g. in tests.
-    save_delay_ms : int
-        Debounce of mask saving after an edit.
+    mask : MaskEditor
+        The editable mask of the shown tile.
     """
 
     def __init__(self, napari_viewer: "napari.Viewer") -> None:
@@ -155,66 +88,32 @@ class ReviewWidget(QWidget):
         self.viewer = napari_viewer
         self.project: ReviewProject | None = None
         self.current_tile: str | None = None
-        self.model_loader: Callable[[str], Any] = _default_model_loader
-        self.save_delay_ms = 400
-        self._worker = None
-        self._cancel: threading.Event | None = None
-        self._mask_layer = None
-        self._mask_dirty = False
-        self._selected_history: list[int] = []
+        self.mask = MaskEditor(napari_viewer, self._save_mask, parent=self)
         self._slide_layer = None
-        self._generating_out = ""
 
         # --- project ---
         self.project_edit = QLineEdit()
         self.project_edit.setPlaceholderText("review project folder")
         self.browse_project_btn = QPushButton("Browse…")
         self.open_btn = QPushButton("Open project")
+        self.status = status_label()
 
         # --- generation ---
-        gen_box = QGroupBox("Generate pseudo-labels")
-        self.source_edit = QLineEdit()
-        self.source_edit.setPlaceholderText("slide file or folder of tiles (default: open slide)")
-        self.browse_source_btn = QPushButton("Browse…")
-        self.model_combo = QComboBox()
-        self.model_combo.setEditable(True)
-        self.model_combo.addItems(_model_names())
-        self.max_tiles_spin = QSpinBox()
-        self.max_tiles_spin.setRange(0, 1_000_000)
-        self.max_tiles_spin.setSpecialValueText("all")
-        self.max_tiles_spin.setToolTip("process at most this many tiles (0 = all)")
-        self.generate_btn = QPushButton("Generate")
-        self.generate_btn.setToolTip(
-            "run the teacher over the source (default: the open slide) and write a new review "
-            "project into the project folder above"
-        )
-        self.stop_btn = stop_button()
-        self.progress = QProgressBar()
-        self.progress.setValue(0)
-        vbox(
-            gen_box,
-            hbox(self.source_edit, self.browse_source_btn),
-            hbox(QLabel("Teacher:"), (self.model_combo, 1), QLabel("Max tiles:"), self.max_tiles_spin),
-            hbox(self.generate_btn, self.stop_btn),
-            self.progress,
-        )
+        self.generator = GenerateBox(napari_viewer, status=self.status, out_dir=lambda: self.project_edit.text().strip(),
+                                     on_busy=lambda running: self.open_btn.setEnabled(not running))
+        # the box's controls, by their old names
+        self.generate_btn = self.generator.generate_btn
+        self.stop_btn = self.generator.stop_btn
+        self.progress = self.generator.progress
+        self.model_combo = self.generator.model_combo
+        self.source_edit = self.generator.source_edit
+        self.max_tiles_spin = self.generator.max_tiles_spin
 
         # --- filter + table ---
-        self.threshold_slider = QSlider(Qt.Horizontal)
-        self.threshold_slider.setRange(0, _SLIDER_STEPS)
+        self.threshold_slider = QSlider(Qt.Orientation.Horizontal)
+        self.threshold_slider.setRange(0, SLIDER_STEPS)
         self.threshold_label = QLabel("score ≥ 0.500")
-        self.table = QTableWidget(0, len(COLUMNS))
-        self.table.setHorizontalHeaderLabels(list(COLUMNS))
-        self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SingleSelection)
-        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
-        self.table.verticalHeader().setVisible(False)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
-        # click a header to sort (e.g. by nuclei: the most confident tiles are often near-empty);
-        # the default is by score, highest first; A / R / the next-tile step follow the table's order
-        self.table.setSortingEnabled(True)
-        self.table.sortByColumn(COLUMNS.index("score"), Qt.DescendingOrder)
-        self.table.setMinimumHeight(180)
+        self.table = TileTable()
         self.counts_label = QLabel("no project")
 
         # --- review actions ---
@@ -226,13 +125,12 @@ class ReviewWidget(QWidget):
         self.merge_edit = QLineEdit()
         self.merge_edit.setPlaceholderText("ids, e.g. 3, 7 (default: last two selected)")
         self.merge_btn = QPushButton("Merge")
-        self.status = status_label()
 
         vbox(
             self,
             hbox(self.project_edit, self.browse_project_btn),
             self.open_btn,
-            gen_box,
+            self.generator,
             hbox(QLabel("Keep:"), (self.threshold_slider, 1), self.threshold_label),
             (self.table, 1),
             self.counts_label,
@@ -241,9 +139,6 @@ class ReviewWidget(QWidget):
             self.status,
         )
 
-        self._save_timer = QTimer(self)
-        self._save_timer.setSingleShot(True)
-        self._save_timer.timeout.connect(self.flush)
         self._threshold_timer = QTimer(self)
         self._threshold_timer.setSingleShot(True)
         self._threshold_timer.timeout.connect(self._save_threshold)
@@ -251,25 +146,23 @@ class ReviewWidget(QWidget):
         self.browse_project_btn.clicked.connect(self._on_browse_project)
         self.open_btn.clicked.connect(self._on_open_clicked)
         self.project_edit.returnPressed.connect(self._on_open_clicked)
-        self.browse_source_btn.clicked.connect(self._on_browse_source)
-        self.generate_btn.clicked.connect(self._on_generate)
-        self.stop_btn.clicked.connect(self._on_stop)
+        self.project_edit.textChanged.connect(lambda *_: self.generator.refresh())
+        self.generator.project_ready.connect(self.open_project)
         self.threshold_slider.valueChanged.connect(self._on_threshold_changed)
         self.table.itemSelectionChanged.connect(self._on_row_selected)
+        self.table.state_key.connect(self.set_current_state)
         self.accept_btn.clicked.connect(lambda: self.set_current_state("accepted"))
         self.reject_btn.clicked.connect(lambda: self.set_current_state("rejected"))
         self.pending_btn.clicked.connect(lambda: self.set_current_state("pending", advance=False))
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self.split_btn.clicked.connect(self._on_split)
         self.merge_btn.clicked.connect(self._on_merge)
+        self.mask.saved.connect(self._on_mask_saved)
 
-        # Shortcuts: on the viewer (canvas focus) and on the table (see eventFilter).
-        self.table.installEventFilter(self)
+        # A / R on the viewer (canvas focus); the table has its own (TileTable.state_key)
         self._previous_keys: dict[str, Any] = {}
         for key, state in ((ACCEPT_KEY, "accepted"), (REJECT_KEY, "rejected")):
-            self._previous_keys[key] = self.viewer.bind_key(
-                key, self._key_callback(state), overwrite=True
-            )
+            self._previous_keys[key] = self.viewer.bind_key(key, self._key_callback(state), overwrite=True)
         self._keys_bound = {"bound": True}
         # Release the keys even if the dock is deleted without a close event.
         self.destroyed.connect(
@@ -292,7 +185,7 @@ class ReviewWidget(QWidget):
         self.current_tile = None
         self.project_edit.setText(str(project.root))
         self.threshold_slider.blockSignals(True)
-        self.threshold_slider.setValue(self._threshold_to_slider(project.threshold))
+        self.threshold_slider.setValue(threshold_to_slider(project.threshold))
         self.threshold_slider.blockSignals(False)
         self._update_threshold_label()
         self._slide_layer = None
@@ -305,16 +198,14 @@ class ReviewWidget(QWidget):
 
     def _clear_tile_layers(self) -> None:
         """Remove the tile / mask layers of the previous project."""
-        for name in (MASK_LAYER, IMAGE_LAYER):
-            if name in self.viewer.layers:
-                self.viewer.layers.remove(name)
-        self._mask_layer = None
-        self._mask_dirty = False
+        self.mask.remove()
+        if MASK_LAYER in self.viewer.layers:
+            self.viewer.layers.remove(MASK_LAYER)
+        if IMAGE_LAYER in self.viewer.layers:
+            self.viewer.layers.remove(IMAGE_LAYER)
 
     def _on_layer_removed(self, event: Any) -> None:
-        if event.value is self._mask_layer:
-            self.flush()  # the layer object still holds the data
-            self._mask_layer = None
+        self.mask.on_layer_removed(event.value)
 
     def _on_browse_project(self) -> None:
         path = ask_directory(self, "Review project folder", into=self.project_edit)
@@ -329,80 +220,30 @@ class ReviewWidget(QWidget):
         self.open_project(path)
 
     # ================================================================== generation
-    def _on_browse_source(self) -> None:
-        if not ask_open_file(self, "Slide to pseudo-label", into=self.source_edit):
-            ask_directory(self, "...or a folder of tiles", into=self.source_edit)
+    @property
+    def model_loader(self) -> Callable[[str], Any]:
+        """``loader(name) -> model`` of the teacher (default: the registry); replaceable in tests."""
+        return self.generator.model_loader
+
+    @model_loader.setter
+    def model_loader(self, loader: Callable[[str], Any]) -> None:
+        self.generator.model_loader = loader
 
     def generate(self, source: str | Path, out: str | Path, *, model_name: str | None = None,
                  max_tiles: int | None = None):
-        """Start generating a project in a background thread; returns the worker."""
+        """Generate a project from ``source`` into ``out`` in the background (then open it);
+        returns the :class:`~napari_pathoseg._widgets._jobs.Job`, None while another runs."""
         self.flush()
-        name = model_name or self.model_combo.currentText().strip() or "nuclei-lite"
-        self._cancel = threading.Event()
-        self._generating_out = str(out)
-        worker = connect_worker(
-            _generate_worker(str(source), str(out), name, self.model_loader, max_tiles or None, self._cancel),
-            yielded=self._on_gen_event,
-            errored=self._on_gen_error,
-            finished=self._on_gen_finished,
-        )
-        self._worker = worker
-        self.progress.setRange(0, 0)
-        self.status.setText(f"generating pseudo-labels with {name}…")
-        self._update_enabled()
-        worker.start()
-        return worker
-
-    def _on_generate(self) -> None:
-        from napari_pathoseg._widgets.slide import slide_layers
-
-        source = self.source_edit.text().strip()
-        if not source:
-            layers = slide_layers(self.viewer)
-            if layers:  # default: the slide open in the viewer
-                source = str(layers[0].metadata["pathoseg_slide"].metadata.path)
-                self.source_edit.setText(source)
-        out = self.project_edit.text().strip()
-        if not source or not out:
-            show_error("Choose a source (slide or folder of tiles) and a new project folder first.")
-            return
-        self.generate(source, out, max_tiles=self.max_tiles_spin.value() or None)
-
-    def _on_stop(self) -> None:
-        request_stop(self._cancel, status=self.status, message="stopping after the current batch…",
-                     stop_button=self.stop_btn)
-
-    def _on_gen_event(self, event: Any) -> None:
-        if isinstance(event, GenerationProgress):
-            show_progress(self.progress, event.done, event.total)
-            self.status.setText(f"{event.done}/{event.total or '?'} tiles, {event.kept} kept")
-        elif isinstance(event, CancelledError):
-            idle_progress(self.progress)
-            show_info(str(event))
-            out = self.project_edit.text().strip() or self._generating_out
-            self.open_project(out)
-        elif isinstance(event, GenerationDone):
-            idle_progress(self.progress, 1)
-            self.open_project(event.project.root)
-            show_info(f"Pseudo-labels: {event.kept} of {event.processed} tiles kept.")
-
-    def _on_gen_error(self, exc: Exception) -> None:
-        show_worker_error(exc, action="Pseudo-label generation", status=self.status, progress=self.progress)
-
-    def _on_gen_finished(self) -> None:
-        self._worker = None
-        self._cancel = None
-        self._update_enabled()
+        self.project_edit.setText(str(out))  # the project it writes is the one opened
+        return self.generator.generate(source, out, model_name=model_name, max_tiles=max_tiles)
 
     # ================================================================== table
-    @staticmethod
-    def _threshold_to_slider(t: float) -> int:
-        return int(round(min(max((t - 0.5) / 0.5, 0.0), 1.0) * _SLIDER_STEPS))
+    _threshold_to_slider = staticmethod(threshold_to_slider)
 
     @property
     def threshold(self) -> float:
         """Threshold set by the slider (0.5 keeps every tile)."""
-        return round(0.5 + 0.5 * self.threshold_slider.value() / _SLIDER_STEPS, 4)
+        return slider_to_threshold(self.threshold_slider.value())
 
     def _update_threshold_label(self) -> None:
         self.threshold_label.setText(f"score ≥ {self.threshold:.3f}")
@@ -423,76 +264,33 @@ class ReviewWidget(QWidget):
 
     def visible_tiles(self) -> list[str]:
         """Ids of the rows in the table, in order."""
-        return [self.table.item(r, 0).text() for r in range(self.table.rowCount())]
+        return self.table.tile_ids()
 
     def refresh_table(self) -> None:
         """Refill the table with the kept tiles, in the order of the sorted column (default: score, highest first)."""
         proj = self.project
-        self.table.blockSignals(True)
-        self.table.setSortingEnabled(False)  # rows must not move while they are filled
-        self.table.setRowCount(0)
-        if proj is not None:
-            recs = proj.tiles(sort_by="score", descending=True, min_score=self.threshold)
-            self.table.setRowCount(len(recs))
-            for r, rec in enumerate(recs):
-                self._fill_row(r, rec)
-        self.table.setSortingEnabled(True)
-        if proj is not None and self.current_tile is not None:
-            row = self._row_of(self.current_tile)
-            if row is not None:
-                self.table.selectRow(row)
-        self.table.blockSignals(False)
+        recs = [] if proj is None else proj.tiles(sort_by="score", descending=True, min_score=self.threshold)
+        self.table.fill(recs, select=self.current_tile)
         self._update_counts()
-
-    def _fill_row(self, row: int, rec: Any) -> None:
-        # numbers are stored as numbers, so sorting by a column sorts them numerically
-        values = (rec.tile_id, round(float(rec.score), 4), int(rec.n_nuclei), rec.state,
-                  "yes" if rec.edited else "", int(rec.x), int(rec.y))
-        for c, v in enumerate(values):
-            item = QTableWidgetItem()
-            item.setData(Qt.DisplayRole, v)
-            if c in (1, 2, 5, 6):
-                item.setTextAlignment(int(Qt.AlignRight | Qt.AlignVCenter))
-            self.table.setItem(row, c, item)
-
-    def _row_of(self, tile_id: str) -> int | None:
-        for r in range(self.table.rowCount()):
-            if self.table.item(r, 0).text() == tile_id:
-                return r
-        return None
-
-    def _update_row(self, tile_id: str) -> None:
-        row = self._row_of(tile_id)
-        if row is not None and self.project is not None:
-            self.table.blockSignals(True)
-            sorting = self.table.isSortingEnabled()
-            self.table.setSortingEnabled(False)  # keep the row in place while its cells change
-            self._fill_row(row, self.project.record(tile_id))
-            self.table.setSortingEnabled(sorting)
-            self.table.blockSignals(False)
 
     def _update_counts(self) -> None:
         if self.project is None:
             self.counts_label.setText("no project")
             return
         kept = self.project.counts(min_score=self.threshold)
-        total = len(self.project)
         self.counts_label.setText(
             f"accepted {kept['accepted']} · rejected {kept['rejected']} · pending "
-            f"{kept['pending']}  ({kept['total']} of {total} tiles kept)"
+            f"{kept['pending']}  ({kept['total']} of {len(self.project)} tiles kept)"
         )
 
     def _on_row_selected(self) -> None:
-        rows = self.table.selectionModel().selectedRows()
-        if not rows:
-            return
-        tile_id = self.table.item(rows[0].row(), 0).text()
-        if tile_id != self.current_tile:
+        tile_id = self.table.selected_tile()
+        if tile_id is not None and tile_id != self.current_tile:
             self.show_tile(tile_id)
 
     def select_tile(self, tile_id: str) -> None:
         """Select a tile's row (and show the tile)."""
-        row = self._row_of(tile_id)
+        row = self.table.row_of(tile_id)
         if row is None:
             self.show_tile(tile_id)
         else:
@@ -501,8 +299,8 @@ class ReviewWidget(QWidget):
     # ================================================================== showing a tile
     def _find_or_open_slide_layer(self):
         from napari_pathoseg._reader import slide_layer_data
-        from napari_pathoseg.wsi.slide import open_slide
         from napari_pathoseg._widgets.slide import slide_layers
+        from napari_pathoseg.wsi.slide import open_slide
 
         assert self.project is not None
         src = self.project.source_path
@@ -559,35 +357,10 @@ class ReviewWidget(QWidget):
                 self.viewer.add_image(image, name=IMAGE_LAYER, rgb=True)
             extent = (float(mask.shape[0]), float(mask.shape[1]))
             corner = (0.0, 0.0)
-        self._set_mask_layer(mask, scale=scale, translate=translate, units=units)
+        self.mask.show(mask, tile_id, scale=scale, translate=translate, units=units)
         self._jump(corner, extent)
         self.status.setText(f"tile {tile_id}: score {rec.score:.4f}, {rec.n_nuclei} nuclei, {rec.state}")
         self._update_enabled()
-
-    def _set_mask_layer(self, mask: np.ndarray, *, scale, translate, units=None) -> None:
-        """Show ``mask`` in the editable Labels layer; ``units`` are the slide layer's (µm), so
-        napari's scale bar stays in physical units."""
-        layer = self._mask_layer
-        extra = {"units": units} if units is not None else {}
-        if layer is None or layer not in self.viewer.layers:
-            layer = self.viewer.add_labels(mask, name=MASK_LAYER, scale=scale, translate=translate,
-                                           opacity=0.5, **extra)
-            layer.events.paint.connect(self._on_mask_edited)
-            layer.events.data.connect(self._on_mask_edited)
-            layer.events.selected_label.connect(self._on_selected_label)
-            self._mask_layer = layer
-        else:
-            layer.events.data.disconnect(self._on_mask_edited)
-            if units is not None:
-                layer.units = units
-            layer.scale = scale
-            layer.translate = translate
-            layer.data = mask
-            layer.events.data.connect(self._on_mask_edited)
-        layer.metadata["pathoseg_review_tile"] = self.current_tile
-        self._mask_dirty = False
-        self._selected_history.clear()
-        self.viewer.layers.selection.active = layer
 
     def _jump(self, corner: tuple[float, float], extent: tuple[float, float]) -> None:
         cam = camera(self.viewer)
@@ -597,75 +370,42 @@ class ReviewWidget(QWidget):
         cam.zoom = 0.9 * side / max(extent[0], extent[1], 1e-9)
 
     # ================================================================== editing
-    def _on_mask_edited(self, event: Any = None) -> None:
-        if self.current_tile is None or self._mask_layer is None:
-            return
-        self._mask_dirty = True
-        self._save_timer.start(self.save_delay_ms)
+    @property
+    def save_delay_ms(self) -> int:
+        """Debounce of mask saving after an edit."""
+        return self.mask.save_delay_ms
 
-    def _on_selected_label(self, event: Any = None) -> None:
-        if self._mask_layer is None:
-            return
-        lab = int(self._mask_layer.selected_label)
-        if lab > 0 and (not self._selected_history or self._selected_history[-1] != lab):
-            self._selected_history.append(lab)
-            del self._selected_history[:-2]
+    @save_delay_ms.setter
+    def save_delay_ms(self, value: int) -> None:
+        self.mask.save_delay_ms = int(value)
+
+    def _save_mask(self, tile_id: str, mask: np.ndarray) -> None:
+        if self.project is not None and tile_id in self.project:
+            self.project.save_mask(tile_id, mask)
+
+    def _on_mask_saved(self, tile_id: str) -> None:
+        if self.project is not None and tile_id in self.project:
+            self.table.update_record(self.project.record(tile_id))
+            self.status.setText(f"tile {tile_id}: edit saved")
 
     def flush(self) -> None:
         """Save a pending mask edit now (called by the debounce timer and before switching)."""
-        self._save_timer.stop()
-        if not self._mask_dirty or self.project is None or self._mask_layer is None:
-            return
-        tile_id = self._mask_layer.metadata.get("pathoseg_review_tile")
-        self._mask_dirty = False
-        if tile_id is None or tile_id not in self.project:
-            return
-        try:
-            self.project.save_mask(tile_id, np.asarray(self._mask_layer.data))
-        except PathosegError as exc:
-            show_error(str(exc))
-            return
-        self._update_row(tile_id)
-        self.status.setText(f"tile {tile_id}: edit saved")
+        self.mask.flush()
 
     def split_selected(self, label: int | None = None) -> list[int]:
         """Split ``label`` (default: the mask layer's selected label) into nuclei."""
-        layer = self._mask_layer
-        if layer is None or self.current_tile is None:
-            show_error("Show a tile first (click a row of the table).")
-            return []
-        lab = int(layer.selected_label if label is None else label)
-        try:
-            new, ids = split_nucleus(np.asarray(layer.data), lab)
-        except PathosegError as exc:
-            show_error(str(exc))
-            return []
-        layer.data = new  # data event -> saved
-        self.flush()
-        return ids
+        return self.mask.split(label)
 
     def merge_selected(self, labels: list[int] | None = None) -> int | None:
         """Merge ``labels`` (default: the merge field, else the last two selected labels)."""
-        layer = self._mask_layer
-        if layer is None or self.current_tile is None:
-            show_error("Show a tile first (click a row of the table).")
-            return None
         if labels is None:
             text = self.merge_edit.text().replace(",", " ").split()
             try:
-                labels = [int(t) for t in text] if text else list(self._selected_history)
+                labels = [int(t) for t in text] if text else None
             except ValueError:
                 show_error(f"Merge: {self.merge_edit.text()!r} is not a list of label ids (e.g. 3, 7).")
                 return None
-        try:
-            new, target = merge_nuclei(np.asarray(layer.data), labels)
-        except PathosegError as exc:
-            show_error(str(exc))
-            return None
-        layer.data = new
-        layer.selected_label = target
-        self.flush()
-        return target
+        return self.mask.merge(labels)
 
     def _on_split(self) -> None:
         self.split_selected()
@@ -674,15 +414,6 @@ class ReviewWidget(QWidget):
         self.merge_selected()
 
     # ================================================================== accept / reject
-    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt name)
-        """A / R in the table accept / reject the current tile (before the table's search)."""
-        if obj is self.table and event.type() == QEvent.KeyPress and not int(event.modifiers()):
-            state = {Qt.Key_A: "accepted", Qt.Key_R: "rejected"}.get(event.key())
-            if state is not None:
-                self.set_current_state(state)
-                return True
-        return super().eventFilter(obj, event)
-
     def _key_callback(self, state: str) -> Callable[[Any], None]:
         # napari key bindings need a real function (it reads ``__name__``)
         def review_set_state(viewer: Any) -> None:
@@ -702,7 +433,7 @@ class ReviewWidget(QWidget):
         except PathosegError as exc:
             show_error(str(exc))
             return
-        self._update_row(tile_id)
+        self.table.update_record(self.project.record(tile_id))
         self._update_counts()
         if advance:
             nxt = self._next_pending(tile_id)
@@ -721,11 +452,7 @@ class ReviewWidget(QWidget):
 
     # ================================================================== state / close
     def _update_enabled(self) -> None:
-        running = self._worker is not None
         has_tile = self.project is not None and self.current_tile is not None
-        self.generate_btn.setEnabled(not running)
-        self.stop_btn.setEnabled(running)
-        self.open_btn.setEnabled(not running)
         for b in (self.accept_btn, self.reject_btn, self.pending_btn, self.split_btn, self.merge_btn):
             b.setEnabled(has_tile)
 
@@ -749,7 +476,6 @@ class ReviewWidget(QWidget):
             self.viewer.layers.events.removed.disconnect(self._on_layer_removed)
         except (TypeError, ValueError, RuntimeError):
             pass
-        if self._cancel is not None:
-            self._cancel.set()
+        self.generator.stop()
         self.release_keys()
         super().closeEvent(event)
