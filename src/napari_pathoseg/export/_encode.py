@@ -96,11 +96,23 @@ def _feature_text(uid: bytes, geometry_text: bytes, prefix: bytes, measurements:
 
 
 class FeatureCollectionWriter(StreamedFile):
-    """Writes a FeatureCollection feature by feature to a temp file, then moves it into place."""
+    """Writes a FeatureCollection feature by feature to a temp file, then moves it into place.
 
-    def __init__(self, path: Path) -> None:
+    Parameters
+    ----------
+    path : Path
+        Destination.
+    members : mapping, optional
+        Extra top-level members written before ``features`` (e.g. the slide record of
+        :mod:`~napari_pathoseg.export.slide_record`).
+    """
+
+    def __init__(self, path: Path, *, members: Mapping[str, Any] | None = None) -> None:
         super().__init__(path, mode="wb")
-        self._fh.write(b'{"type":"FeatureCollection","features":[\n')
+        head = b'{"type":"FeatureCollection",'
+        for key, value in (members or {}).items():  # foreign members (RFC 7946 6.1), before the features
+            head += _dumps(str(key)) + b":" + _dumps(value) + b","
+        self._fh.write(head + b'"features":[\n')
         self.n = 0
 
     def write(self, feature_texts: Sequence[bytes]) -> None:

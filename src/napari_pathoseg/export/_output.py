@@ -16,7 +16,16 @@ from typing import IO, Any
 from napari_pathoseg._atomic import OutputError, atomic_open
 from napari_pathoseg.errors import PathosegError
 
-__all__ = ["ExportError", "ExportOutputError", "StreamedFile", "table_destination", "commit_outputs", "abort_outputs"]
+__all__ = [
+    "ExportError",
+    "ExportOutputError",
+    "StreamedFile",
+    "TABLE_HEADS",
+    "is_export_table",
+    "table_destination",
+    "commit_outputs",
+    "abort_outputs",
+]
 
 
 class ExportError(PathosegError):
@@ -76,17 +85,50 @@ class StreamedFile:
         self._cm.__exit__(_Aborted, exc, None)
 
 
+#: First columns of the tables exports write (labels, shapes): how a table of ours is recognised.
+TABLE_HEADS = ("id,label,class,centroid_x,centroid_y", "id,index,class,centroid_x,centroid_y")
+
+
+def is_export_table(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a CSV table an export wrote (its header starts with :data:`TABLE_HEADS`)."""
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            first = fh.readline(65536).rstrip("\r\n")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return any(first == head or first.startswith(head + ",") for head in TABLE_HEADS)
+
+
 def table_destination(path: Path, measurements_path: str | os.PathLike | None | bool, measured: bool) -> Path | None:
     """Where an export's CSV table goes (None: no table).
 
     ``measurements_path`` True (the default) puts ``OUT.csv`` beside ``OUT.geojson`` when
-    something is ``measured``; None or False writes no table; a path is used as it is.
+    something is ``measured``, but never over a file that is not a table an export wrote
+    (e.g. the table ``pathoseg nuclei --table`` wrote): that raises, so a user's file is
+    only replaced when its path was asked for. None or False writes no table; a path is
+    used as it is (the caller asked for it).
+
+    Raises
+    ------
+    ExportOutputError
+        The implied ``OUT.csv`` is someone else's file, or the table would be the GeoJSON.
     """
-    if measurements_path is True:
-        return path.with_suffix(".csv") if measured else None
     if measurements_path in (None, False):
         return None
-    return Path(measurements_path)  # type: ignore[arg-type]
+    if measurements_path is True:
+        if not measured:
+            return None
+        dest = path.with_suffix(".csv")
+        if dest.exists() and not is_export_table(dest):
+            raise ExportOutputError(
+                f"{dest} exists and is not a measurement table written by an export, so it is left as it is; "
+                "choose where the table goes (--table PATH / measurements_path=) or write none (--no-table / measurements_path=False)"
+            )
+    else:
+        dest = Path(measurements_path)  # type: ignore[arg-type]
+    if dest.expanduser().resolve() == path.expanduser().resolve():
+        raise ExportOutputError(f"the measurement table {dest} would replace the GeoJSON {path}; give the table another path")
+    return dest
 
 
 def commit_outputs(writer: StreamedFile, table: StreamedFile | None) -> tuple[Path, Path | None]:

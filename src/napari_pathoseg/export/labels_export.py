@@ -36,7 +36,8 @@ from napari_pathoseg.export._trace import TracedRings, trace_labels
 from napari_pathoseg.export.coords import LevelTransform, _world_mpp, metadata_as_dict
 from napari_pathoseg.export.geometry import _geometry_text, _geometry_text_from_rings, _group_rings, _repair, _snap, check_labels_array
 from napari_pathoseg.export.measurements import CsvTableWriter, measure_window, measurement_names
-from napari_pathoseg.export.qupath import Classification, ExportProgress, ExportResult, check_object_type, drive
+from napari_pathoseg.export.qupath import Classification, ExportProgress, ExportResult, check_object_type, drive, stop_if_cancelled
+from napari_pathoseg.export.slide_record import collection_members
 
 __all__ = ["MAX_OBJECT_PIXELS", "iter_export_labels", "run_export_labels"]
 
@@ -181,6 +182,7 @@ def iter_export_labels(
     decimals: int = 2,
     max_object_pixels: int = MAX_OBJECT_PIXELS,
     validate: bool = True,
+    cancel: Any | None = None,
 ) -> Generator[ExportProgress | ExportResult, None, None]:
     """Export a label image to QuPath GeoJSON, streaming; yields progress, then the result.
 
@@ -223,7 +225,9 @@ def iter_export_labels(
         Per-object metadata (e.g. ``{"review": "accepted"}``), merged over ``metadata``.
     measurements_path : path-like, True, False or None
         CSV table (object id, label, class, centroid and measurements); True (default)
-        writes ``OUT.csv`` beside ``OUT.geojson`` when something is measured.
+        writes ``OUT.csv`` beside ``OUT.geojson`` when something is measured, but refuses
+        (:class:`~._output.ExportOutputError`) to replace an ``OUT.csv`` that is not a table
+        an export wrote; a path is written as asked; False or None: no table.
     chunk_size, halo : int
         Chunk edge and extra border (pixels of the level) read around each chunk.
     decimals : int
@@ -234,6 +238,11 @@ def iter_export_labels(
         Check every outline with :func:`shapely.is_valid` and repair invalid ones with
         :func:`shapely.make_valid` (outlines traced from pixels are valid by construction;
         the check costs ~25 % of the export time).
+    cancel : CancelToken, optional
+        Checked after each chunk (:class:`~napari_pathoseg.events.CancelToken` or any object
+        with ``is_set()``): when set, the temporary files are removed and
+        :class:`~napari_pathoseg.errors.CancelledError` is raised (closing the generator
+        does the same without raising).
 
     Yields
     ------
@@ -293,7 +302,7 @@ def iter_export_labels(
     gids, gbox = _global_boxes(labels, chunk_size)
     total = int(gids.size)
     logger.info("exporting %d objects to %s", total, path)
-    writer = FeatureCollectionWriter(path)
+    writer = FeatureCollectionWriter(path, members=collection_members(meta))
     table = None
     try:
         if csv_path is not None:
@@ -349,6 +358,8 @@ def iter_export_labels(
                     done += n_written
                     skipped += n_skip
                 yield ExportProgress(done + skipped, total, f"{done} of {total} objects")
+                stop_if_cancelled(cancel)
+        stop_if_cancelled(cancel)
         out_path, csv_out = commit_outputs(writer, table)
     except BaseException:
         abort_outputs(writer, table)

@@ -7,8 +7,11 @@
   writers (``File > Save Selected Layer(s)``).
 
 Slide metadata comes from the layer's metadata (``"slide"`` as the slide reader stores
-it, or ``"pathoseg_slide"``); when a reader opens a GeoJSON file with no slide given, it
-looks for a slide with the same name beside it (``slide.svs`` for ``slide.geojson``).
+it, or ``"pathoseg_slide"``). The reader places a GeoJSON written by napari-pathoseg over
+the slide recorded in it (µm per pixel, bounds: :mod:`.slide_record`), so File > Open puts
+its layers where the Export dock's "Open GeoJSON over slide" does; a foreign file is
+placed over a slide with the same name beside it (``slide.svs`` for ``slide.geojson``),
+else in level-0 pixel units.
 """
 
 from __future__ import annotations
@@ -22,16 +25,13 @@ import shapely
 
 from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.export.coords import LevelTransform, layer_placement, metadata_as_dict, slide_metadata_from_layer, transform_from_layer
-from napari_pathoseg.export.geojson import (
-    Classification,
-    ExportError,
-    GeoJSONObject,
-    class_color,
-    rasterize,
-    read_geojson,
-    run_export_labels,
-    run_export_shapes,
-)
+from napari_pathoseg.export._output import ExportError
+from napari_pathoseg.export.labels_export import run_export_labels
+from napari_pathoseg.export.qupath import Classification, GeoJSONObject, class_color
+from napari_pathoseg.export.raster import rasterize
+from napari_pathoseg.export.reader import read_geojson, read_members
+from napari_pathoseg.export.shapes_export import run_export_shapes
+from napari_pathoseg.export.slide_record import check_same_slide, slide_from_members
 
 __all__ = [
     "get_geojson_reader",
@@ -90,6 +90,12 @@ def _sidecar_slide_metadata(path: Path) -> dict[str, Any] | None:
     return None
 
 
+def _placement(transform: LevelTransform, meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``scale``/``translate`` over the slide layer, and ``units``: µm when the slide's resolution is known."""
+    calibrated = bool(meta and (meta.get("mpp_x") or meta.get("mpp_y")))
+    return {**layer_placement(transform, meta), "units": ("µm", "µm") if calibrated else ("pixel", "pixel")}
+
+
 def _rgba(color: tuple[int, int, int] | None, alpha: float = 1.0) -> list[float]:
     c = color or (255, 255, 0)
     return [c[0] / 255.0, c[1] / 255.0, c[2] / 255.0, alpha]
@@ -122,16 +128,31 @@ def geojson_layer_data(
     -------
     list of (data, kwargs, layer_type)
         Shapes for annotations, Labels or Points for detections/cells, Points for point
-        annotations; ``scale``/``translate`` put them over the slide layer, and
-        ``metadata["slide"]`` keeps the slide metadata so they save back in place.
+        annotations; ``scale``/``translate``/``units`` put them over the slide layer (µm,
+        as the slide reader shows a slide, when the resolution is known; level-0 pixels
+        otherwise), and ``metadata["slide"]`` keeps the slide metadata so they save back
+        in place.
+
+    Notes
+    -----
+    The slide comes from, in order: ``slide_metadata``; the slide record an export wrote
+    in the file (:mod:`~napari_pathoseg.export.slide_record`); with ``find_slide``, a slide
+    with the same name beside the file. A foreign GeoJSON with none of these opens in
+    level-0 pixel units.
     """
     path = Path(path)
+    recorded = slide_from_members(read_members(path), path=path)
     meta = metadata_as_dict(slide_metadata) if slide_metadata is not None else None
-    if meta is None and find_slide:
+    if meta is not None:
+        check_same_slide(recorded, meta, path=path)
+    elif recorded is not None:
+        meta = recorded
+        logger.info("placing %s over its slide %s as recorded in the file", path.name, recorded.get("path", ""))
+    elif find_slide:
         meta = _sidecar_slide_metadata(path)
     objects = read_geojson(path, slide_metadata=meta, repair=repair)
     level0 = LevelTransform.for_slide(meta)
-    place = layer_placement(level0, meta)
+    place = _placement(level0, meta)
     common_meta: dict[str, Any] = {"geojson": str(path)}
     if meta:
         common_meta["slide"] = {k: v for k, v in meta.items() if k != "properties"}
@@ -240,7 +261,7 @@ def _detection_layer(
             name: list(o.classification.color) for o in objects if o.classification for name in [o.classification.name]
         }
         kwargs = {"name": f"{path.stem} detections", "features": features, "metadata": meta,
-                  **layer_placement(crop, common_meta.get("slide"))}
+                  **_placement(crop, common_meta.get("slide"))}
         return (labels, kwargs, "labels")
     logger.info("%s: %d detections shown as centroids (a label image would need %d pixels)", path, len(objects), n_pix)
     cent = shapely.get_coordinates(shapely.centroid(np.asarray(geoms, dtype=object)))

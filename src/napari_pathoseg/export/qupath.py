@@ -156,6 +156,12 @@ def check_object_type(object_type: str) -> str:
     return ot
 
 
+def stop_if_cancelled(cancel: Any | None) -> None:
+    """Raise :class:`~napari_pathoseg.errors.CancelledError` when the token ``cancel`` (``is_set()``) is set."""
+    if cancel is not None and cancel.is_set():
+        raise CancelledError("export stopped; no file was written")
+
+
 def drive(gen: Iterator[Any], progress: Callable[[ExportProgress], None] | None, cancel: Callable[[], bool] | None) -> Any:
     """Run an export generator to its result, calling ``progress`` and stopping when ``cancel()``."""
     result = None

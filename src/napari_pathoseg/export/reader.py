@@ -23,7 +23,7 @@ from napari_pathoseg.export.coords import metadata_as_dict
 from napari_pathoseg.export.geometry import _repair
 from napari_pathoseg.export.qupath import _OBJECT_TYPE_LOOKUP, OBJECT_TYPES, Classification, GeoJSONObject, class_color
 
-__all__ = ["iter_geojson", "read_geojson", "slide_extent"]
+__all__ = ["iter_geojson", "read_geojson", "read_members", "slide_extent"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +140,41 @@ def _iter_raw_features(path: Path) -> Iterator[tuple[int, Any]]:
             raise GeoJSONError(
                 f"{path}: no features found (top-level type {kind!r}); expected a FeatureCollection, a Feature or a list of features"
             )
+
+
+def read_members(path: str | os.PathLike) -> dict[str, Any]:
+    """Top-level members of a GeoJSON object that come before its ``features`` (read without them).
+
+    Exports write their slide record there (:mod:`~napari_pathoseg.export.slide_record`),
+    so it is found by reading the first block of the file only. A bare list of features
+    has no members (``{}``).
+
+    Raises
+    ------
+    GeoJSONError
+        The file is missing or its start is not valid JSON.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GeoJSONError(f"{path}: no such file")
+    out: dict[str, Any] = {}
+    with open(path, "r", encoding="utf-8-sig") as fh:
+        s = _StreamJSON(fh, path)
+        if s.peek() != "{":
+            return out
+        s.pos += 1
+        if s.peek() == "}":
+            return out
+        while True:
+            key = s.value()
+            if not isinstance(key, str):
+                raise GeoJSONError(f"{path}: not valid JSON (object key expected near character {s.pos})")
+            s.expect(":")
+            if key == "features":
+                return out
+            out[key] = s.value()
+            if s.expect(",}") == "}":
+                return out
 
 
 def _parse_color(value: Any, where: str) -> tuple[int, int, int] | None:

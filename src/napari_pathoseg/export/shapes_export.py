@@ -15,7 +15,8 @@ from napari_pathoseg.export._output import ExportError, abort_outputs, commit_ou
 from napari_pathoseg.export.coords import LevelTransform, metadata_as_dict
 from napari_pathoseg.export.geometry import _geometry_text, _snap, shapes_to_geometries
 from napari_pathoseg.export.measurements import CsvTableWriter, geometry_measurements
-from napari_pathoseg.export.qupath import Classification, ExportProgress, ExportResult, check_object_type, drive
+from napari_pathoseg.export.qupath import Classification, ExportProgress, ExportResult, check_object_type, drive, stop_if_cancelled
+from napari_pathoseg.export.slide_record import collection_members
 
 __all__ = ["iter_export_shapes", "run_export_shapes"]
 
@@ -38,6 +39,7 @@ def iter_export_shapes(
     metadata: Mapping[str, str] | None = None,
     measurements_path: str | os.PathLike | None | bool = True,
     decimals: int = 2,
+    cancel: Any | None = None,
 ) -> Generator[ExportProgress | ExportResult, None, None]:
     """Export napari shapes (hand-drawn regions) to QuPath GeoJSON; yields progress, then the result.
 
@@ -66,9 +68,13 @@ def iter_export_shapes(
     metadata : mapping, optional
         Written on every feature.
     measurements_path : path-like, True, False or None
-        CSV beside the GeoJSON by default.
+        CSV beside the GeoJSON by default (never over a file that is not an export's
+        table); a path is written as asked; False or None: no table.
     decimals : int
         Coordinate decimals.
+    cancel : CancelToken, optional
+        Checked every 1000 shapes: when set, nothing is written and
+        :class:`~napari_pathoseg.errors.CancelledError` is raised.
     """
     t0 = time.perf_counter()
     path = Path(path)
@@ -86,7 +92,7 @@ def iter_export_shapes(
     if meta.get("mpp_x") and meta.get("mpp_y"):
         mpp = (float(meta["mpp_x"]) + float(meta["mpp_y"])) / 2.0
     csv_path = table_destination(path, measurements_path, measure)
-    writer = FeatureCollectionWriter(path)
+    writer = FeatureCollectionWriter(path, members=collection_members(meta))
     table = None
     try:
         uids = _uuid_strings(n)
@@ -114,6 +120,8 @@ def iter_export_shapes(
             rows.append((uids[k].decode(), k, cls.name if cls else "", round(c.x, 2), round(c.y, 2), m))
             if (k + 1) % 1000 == 0:
                 yield ExportProgress(k + 1, n, f"{k + 1} of {n} shapes")
+                stop_if_cancelled(cancel)
+        stop_if_cancelled(cancel)
         writer.write(texts)
         if csv_path is not None:
             mcols = list(dict.fromkeys(name for *_, m in rows for name in m))
