@@ -151,11 +151,11 @@ class ModelCard(Mapping):
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         extra = dict(raw.pop("extra", None) or {})
         extra.update({k: raw.pop(k) for k in list(raw) if k not in known})
-        missing = [k for k in REQUIRED if raw.get(k) is None and not (k == "classes" and raw.get("task") in TASKS)]
+        missing = [k for k in REQUIRED if raw.get(k) is None and k != "classes"]
         if missing:
             raise CardError(f"Model card {where} has no {', '.join(missing)}; add {_hint(missing[0])} to the card.")
         task = raw["task"]
-        if task not in TASKS:
+        if not isinstance(task, str) or task not in TASKS:
             raise CardError(f"Model card {where}: task {task!r} is not one of {sorted(TASKS)}.")
         classes = raw.get("classes")
         if classes is None:
@@ -191,7 +191,6 @@ def _hint(key: str) -> str:
         "tile_size": '"tile_size" (input size in pixels)',
         "path": '"path" (the .safetensors checkpoint)',
         "name": '"name"',
-        "classes": '"classes" (a list of class names)',
     }[key]
 
 

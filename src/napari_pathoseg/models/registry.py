@@ -149,8 +149,7 @@ def get_card(name_or_path: str | os.PathLike) -> ModelCard:
     s = os.fspath(name_or_path)
     p = Path(s).expanduser()
     if p.suffix in _CHECKPOINT_SUFFIXES or p.is_file():
-        # reading a card builds nothing; the loader validates the config before building
-        return card_from_checkpoint(p, read_header(p, validate=False))
+        return card_from_checkpoint(p, read_header(p))
     models = list_models()
     for card in models:
         if card.name == s:

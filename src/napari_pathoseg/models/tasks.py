@@ -26,6 +26,7 @@ Examples
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -199,6 +200,11 @@ def get_loader(task: str) -> Callable[..., Any]:
     return resolve_callable(t.loader, what=f"{task} model loader")
 
 
+#: Configs that passed their validator, keyed by (kind, validator, canonical JSON): a config
+#: is checked once per process however often its checkpoint is read. Failures are not kept.
+_VALID: dict[tuple[str, str, str], Any] = {}
+
+
 def validate_config(kind: str | None, config: Any, *, where: str) -> Any:
     """Check a checkpoint config against the schema of its architecture ``kind``.
 
@@ -208,5 +214,16 @@ def validate_config(kind: str | None, config: Any, *, where: str) -> Any:
     arch = ARCHITECTURES.get(kind) if isinstance(kind, str) else None
     if arch is None or arch.validator is None:
         return None
+    try:
+        key = (arch.kind, repr(arch.validator), json.dumps(config, sort_keys=True, allow_nan=True))
+    except (TypeError, ValueError):
+        key = None
+    if key is not None and key in _VALID:
+        return _VALID[key]
     validator = resolve_callable(arch.validator, what=f"{kind} config validator")
-    return validator(config, where=where)
+    result = validator(config, where=where)
+    if key is not None:
+        if len(_VALID) > 256:
+            _VALID.clear()
+        _VALID[key] = result
+    return result
