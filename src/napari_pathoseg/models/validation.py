@@ -238,11 +238,30 @@ def check_finite(tensors: Mapping[str, Any], *, where: str) -> None:
     """Refuse NaN/Inf in floating tensors and complex tensors (``name -> torch.Tensor``)."""
     import torch
 
+    def bad(name: str) -> CheckpointError:
+        return CheckpointError(
+            f"{where}: tensor {name} holds NaN or infinite values (training diverged or the file is "
+            "damaged); use an earlier checkpoint."
+        )
+
+    # checked in batches of ~16 M values (one op per batch, not one per tensor: small models have
+    # hundreds of small tensors); a failing batch is searched tensor by tensor to name the culprit
+    batch: list[tuple[str, Any]] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal size
+        if batch and not bool(torch.isfinite(torch.cat([t.reshape(-1) for _, t in batch])).all()):
+            raise bad(next(n for n, t in batch if not bool(torch.isfinite(t).all())))
+        batch.clear()
+        size = 0
+
     for name, t in tensors.items():
         if t.is_complex():
             raise CheckpointError(f"{where}: tensor {name} is complex ({t.dtype}); {_FIX}.")
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(
-                f"{where}: tensor {name} holds NaN or infinite values (training diverged or the file is "
-                "damaged); use an earlier checkpoint."
-            )
+        if t.is_floating_point() and t.numel():
+            batch.append((name, t))
+            size += t.numel()
+            if size >= 1 << 24:
+                flush()
+    flush()
