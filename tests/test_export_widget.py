@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -32,7 +33,7 @@ def _slide_layer(viewer, rgb, mpp=0.5):
 
 
 def _wait(qtbot, widget, timeout=30000):
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=timeout)
+    qtbot.waitUntil(lambda: not widget.jobs.running, timeout=timeout)
 
 
 def test_export_dock_writes_labels_and_shapes_over_a_slide(make_napari_viewer, qtbot, tmp_path, he_image):
@@ -75,13 +76,15 @@ def test_export_dock_writes_labels_and_shapes_over_a_slide(make_napari_viewer, q
 
     # open it back over the slide: labels placed with the slide's scale
     widget.set_checked(["nuclei"])
-    worker = widget.open_geojson(tmp_path / "out_nuclei.geojson")
-    with qtbot.waitSignal(worker.finished, timeout=30000):
-        pass
-    qtbot.waitUntil(lambda: "out_nuclei detections" in viewer.layers, timeout=10000)
+    job = widget.open_geojson(tmp_path / "out_nuclei.geojson")
+    qtbot.waitUntil(lambda: job.ended, timeout=30000)
+    assert job.error is None
     layer = viewer.layers["out_nuclei detections"]
     assert layer.data.max() == lab.max()
     np.testing.assert_allclose(layer.scale, (0.5, 0.5))
+    # in the slide's physical units, like the slide layer (the scale bar reads µm, not pixels)
+    assert tuple(str(u) for u in layer.units) == tuple(str(u) for u in viewer.layers["slide"].units[-2:])
+    assert "micrometer" in str(layer.units[0])
 
 
 def test_export_dock_stop_and_errors(make_napari_viewer, qtbot, tmp_path, monkeypatch):
@@ -118,3 +121,43 @@ def test_export_dock_stop_and_errors(make_napari_viewer, qtbot, tmp_path, monkey
     _wait(qtbot, widget)
     assert errors and "2-D" in errors[-1]
     assert not (tmp_path / "stack.geojson").exists()
+
+
+def test_confidence_comes_from_the_nuclei_table_or_is_disabled(make_napari_viewer, qtbot, tmp_path, sync_jobs):
+    """The Nuclei dock keeps a per-nucleus table (with confidence) in the labels' metadata."""
+    from napari_pathoseg._widgets.export import ExportWidget
+
+    viewer = make_napari_viewer()
+    lab = _nuclei()
+    plain = viewer.add_labels(lab, name="painted", scale=(0.5, 0.5))
+    widget = ExportWidget(viewer)
+    qtbot.addWidget(widget)
+    box = widget.measure_boxes["confidence"]
+    # no probability layer and no table: the box cannot be used, and says why
+    assert not box.isEnabled() and not box.isChecked() and "Probability" in box.toolTip()
+
+    rng = np.random.default_rng(1)
+    ids = np.unique(lab[lab > 0])
+    conf = {int(i): round(float(c), 4) for i, c in zip(ids, rng.uniform(0.5, 1.0, ids.size))}
+    table = [{"id": i, "x": 0.0, "y": 0.0, "area_um2": 1.0, "confidence": c} for i, c in conf.items()]
+    del table[3]  # a nucleus missing from the table (e.g. painted after segmentation): no value
+    missing = int(ids[3])
+    viewer.add_labels(lab, name="nuclei", scale=(0.5, 0.5), metadata={"model": "nuclei-lite", "table": table})
+    widget.set_checked(["nuclei"])
+    assert box.isEnabled() and "table" in box.toolTip()
+    box.setChecked(True)
+    widget.out_edit.setText(str(tmp_path / "conf.geojson"))
+    job = widget.export()
+    assert job.ended and job.error is None
+    feats = json.loads((tmp_path / "conf.geojson").read_text())["features"]
+    assert len(feats) == ids.size
+    assert sum("Confidence" in f["properties"]["measurements"] for f in feats) == ids.size - 1
+    with open(tmp_path / "conf.csv", newline="") as fh:
+        rows = {int(r["label"]): r["Confidence"] for r in csv.DictReader(fh)}
+    assert rows[missing] == ""  # no value rather than a wrong one
+    got = {label: float(v) for label, v in rows.items() if label != missing}
+    assert got.keys() == {i for i in conf if i != missing}
+    np.testing.assert_allclose([got[i] for i in sorted(got)], [conf[i] for i in sorted(got)], atol=1e-4)
+    # both layers checked: measured where there is a table, and the tooltip names the other
+    widget.set_checked(["nuclei", plain.name])
+    assert box.isEnabled() and "painted" in box.toolTip()

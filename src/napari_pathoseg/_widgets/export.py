@@ -1,22 +1,23 @@
 """The "Export" dock: labels and shapes layers -> QuPath GeoJSON (+ measurements CSV), and back.
 
-The export runs :func:`~napari_pathoseg.export.geojson.iter_export_labels` /
-:func:`~napari_pathoseg.export.geojson.iter_export_shapes` in a ``thread_worker`` with a
-progress bar and a working Stop (a cancelled export leaves no file behind).
+The dock reads its choices and hands them to :mod:`._widgets.export_jobs`, whose job runs
+:func:`~napari_pathoseg.export.geojson.iter_export_labels` /
+:func:`~napari_pathoseg.export.geojson.iter_export_shapes` through the docks'
+:class:`~napari_pathoseg._widgets._jobs.JobController` (background thread, progress bar, a
+working Stop: a cancelled export leaves no file behind). The Confidence measurement is offered
+only when there is a source for it: a probability layer, or the per-nucleus table the Nuclei
+dock keeps with its labels.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from napari.layers import Labels, Layer, Shapes
-from napari.qt.threading import thread_worker
+from napari.layers import Image, Labels, Layer, Shapes
 from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import Qt
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -34,33 +35,21 @@ from qtpy.QtWidgets import (
     QTableWidgetItem,
     QWidget,
 )
-from qtpy.QtCore import Qt
 
 from napari_pathoseg._widgets._common import (
     ask_open_file,
-    connect_worker,
     hbox,
-    idle_progress,
     layer_named,
     refill_combo,
-    request_stop,
-    show_progress,
-    show_worker_error,
     status_label,
     stop_button,
     vbox,
     watch_layer_list,
 )
-from napari_pathoseg.errors import CancelledError
-from napari_pathoseg.export.coords import slide_metadata_from_layer, transform_from_layer
-from napari_pathoseg.export.geojson import (
-    Classification,
-    ExportProgress,
-    ExportResult,
-    class_color,
-    iter_export_labels,
-    iter_export_shapes,
-)
+from napari_pathoseg._widgets._jobs import JobController
+from napari_pathoseg._widgets.export_jobs import ExportStep, confidence_source, export_job, plan_exports
+from napari_pathoseg.export.coords import slide_metadata_from_layer
+from napari_pathoseg.export.geojson import ExportResult, class_color
 from napari_pathoseg.export.measurements import MEASUREMENTS
 from napari_pathoseg.export.napari_io import geojson_layer_data
 
@@ -81,31 +70,16 @@ _MEASURE_LABELS = {
     "eosin": "Eosin OD",
     "confidence": "Confidence",
 }
+_NO_CONFIDENCE = (
+    "No confidence to export: choose a Probability layer (the model's map), or check nuclei "
+    "segmented by the Nuclei dock (their table holds each nucleus' confidence)."
+)
 
 
-@thread_worker(ignore_errors=True)  # errors go to ExportWidget._on_error
-def _export_worker(jobs: list[tuple[str, str, Any, dict]], cancel: threading.Event) -> Iterator[Any]:
-    """Run the export jobs one after the other, yielding their progress and results."""
-    for index, (kind, path, data, kwargs) in enumerate(jobs):
-        gen = iter_export_labels(path, data, **kwargs) if kind == "labels" else iter_export_shapes(path, data, **kwargs)
-        try:
-            for event in gen:
-                if cancel.is_set():
-                    gen.close()  # removes the temporary file
-                    yield CancelledError(f"export cancelled; {path} was not written")
-                    return
-                yield (index, event)
-        finally:
-            gen.close()
-
-
-@thread_worker(ignore_errors=True)  # errors go to ExportWidget._on_error
-def _import_worker(path: str, slide_metadata: Any) -> list:
-    return geojson_layer_data(path, slide_metadata=slide_metadata)
-
-
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "layer"
+def _units_of(layer: Any) -> tuple[str, str] | None:
+    """The (row, col) world units of ``layer`` (µm for a calibrated slide), or None."""
+    units = getattr(layer, "units", None)
+    return None if units is None else tuple(str(u) for u in units[-2:])  # type: ignore[return-value]
 
 
 class ExportWidget(QWidget):
@@ -114,15 +88,13 @@ class ExportWidget(QWidget):
     def __init__(self, napari_viewer: "napari.Viewer") -> None:
         super().__init__()
         self.viewer = napari_viewer
-        self._worker = None
-        self._cancel: threading.Event | None = None
         self._results: list[ExportResult] = []
         self._colors: dict[str, tuple[int, int, int]] = {}
 
         # layers table: layer (checkable) | class | colour
         self.table = QTableWidget(0, 3)
         self.table.setHorizontalHeaderLabels(["Layer", "Class", "Colour"])
-        self.table.horizontalHeader().setSectionResizeMode(0, QHeaderView.Stretch)
+        self.table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         self.table.verticalHeader().setVisible(False)
         self.table.setMinimumHeight(110)
 
@@ -154,7 +126,6 @@ class ExportWidget(QWidget):
         self.stop_btn = stop_button()
         self.import_btn = QPushButton("Open GeoJSON over slide…")
         self.progress = QProgressBar()
-        idle_progress(self.progress)
         self.status = status_label()
 
         choices = QGridLayout()
@@ -179,12 +150,16 @@ class ExportWidget(QWidget):
             stretch_end=True,
         )
 
+        self.jobs = JobController(
+            self, progress=self.progress, status=self.status, stop_button=self.stop_btn,
+            run_buttons=[self.export_btn], why_not=self._why_not, on_busy=self._on_busy, action="Export",
+        )
         self.browse_btn.clicked.connect(self._on_browse)
         self.export_btn.clicked.connect(self._on_export)
-        self.stop_btn.clicked.connect(self._on_stop)
         self.import_btn.clicked.connect(self._on_import_clicked)
         self.table.itemChanged.connect(lambda *_: self._update_enabled())
         self.out_edit.textChanged.connect(lambda *_: self._update_enabled())
+        self.prob_combo.currentIndexChanged.connect(lambda *_: self._update_enabled())
         watch_layer_list(self.viewer, self._on_layers_changed)
         self.refresh_layers()
 
@@ -208,8 +183,8 @@ class ExportWidget(QWidget):
             row = self.table.rowCount()
             self.table.insertRow(row)
             item = QTableWidgetItem(ly.name)
-            item.setFlags(Qt.ItemIsUserCheckable | Qt.ItemIsEnabled)
-            item.setCheckState(Qt.Checked if ly.name in checked or not checked else Qt.Unchecked)
+            item.setFlags(Qt.ItemFlag.ItemIsUserCheckable | Qt.ItemFlag.ItemIsEnabled)
+            item.setCheckState(Qt.CheckState.Checked if ly.name in checked or not checked else Qt.CheckState.Unchecked)
             self.table.setItem(row, 0, item)
             default_cls = "Nucleus" if isinstance(ly, Labels) else "Region*"
             name = classes.get(ly.name) or ly.metadata.get("class_name") or default_cls
@@ -220,7 +195,7 @@ class ExportWidget(QWidget):
             self._paint_color(ly.name, name)
         self.table.blockSignals(False)
         slides = [ly.name for ly in self._slide_layers()]
-        probs = [ly.name for ly in self.viewer.layers if ly._type_string == "image" and ly.ndim == 2 and not ly.rgb]
+        probs = [ly.name for ly in self.viewer.layers if isinstance(ly, Image) and ly.ndim == 2 and not ly.rgb]
         # the first slide is chosen by default; "(none)" is the default probability map
         refill_combo(self.slide_combo, [_NO_LAYER, *slides], fallback=1 if slides else 0)
         refill_combo(self.prob_combo, [_NO_LAYER, *probs])
@@ -231,7 +206,7 @@ class ExportWidget(QWidget):
         for row in range(self.table.rowCount()):
             item = self.table.item(row, 0)
             if item is not None:
-                out.append((item.text(), item.checkState() == Qt.Checked))
+                out.append((item.text(), item.checkState() == Qt.CheckState.Checked))
         return out
 
     def _table_classes(self) -> list[tuple[str, str]]:
@@ -281,23 +256,43 @@ class ExportWidget(QWidget):
         """Check exactly these layers for export."""
         for row in range(self.table.rowCount()):
             item = self.table.item(row, 0)
-            item.setCheckState(Qt.Checked if item.text() in layer_names else Qt.Unchecked)
+            item.setCheckState(Qt.CheckState.Checked if item.text() in layer_names else Qt.CheckState.Unchecked)
+
+    def _why_not(self) -> str:
+        if not any(on for _, on in self._table_state()):
+            return "Check at least one labels or shapes layer."
+        if not self.out_edit.text().strip():
+            return "Choose an output .geojson file."
+        return ""
+
+    def _on_busy(self, running: bool) -> None:
+        self.import_btn.setEnabled(not running)
+
+    def _checked_layers(self) -> list[Layer]:
+        return [ly for name, on in self._table_state() if on and (ly := self._layer(name)) is not None]
+
+    def confidence_sources(self) -> dict[str, str]:
+        """Checked labels layer -> where its Confidence comes from ("" when it has none)."""
+        prob = self._layer(self.prob_combo.currentText())
+        return {ly.name: confidence_source(ly, prob).description
+                for ly in self._checked_layers() if isinstance(ly, Labels)}
 
     def _update_enabled(self) -> None:
-        running = self._worker is not None
-        has_layers = any(on for _, on in self._table_state())
-        has_out = bool(self.out_edit.text().strip())
-        self.export_btn.setEnabled(not running and has_layers and has_out)
-        if running:
-            tip = "an export is running"
-        elif not has_layers:
-            tip = "check at least one labels or shapes layer"
-        elif not has_out:
-            tip = "choose an output .geojson file"
+        """Follow the inputs: the Export button, and the Confidence box (enabled only with a source)."""
+        self.jobs.refresh()
+        box = self.measure_boxes["confidence"]
+        sources = self.confidence_sources()
+        found = sorted({d for d in sources.values() if d})
+        box.setEnabled(bool(found))
+        if not found:
+            box.setChecked(False)
+            box.setToolTip(_NO_CONFIDENCE)
         else:
-            tip = "export the checked layers"
-        self.export_btn.setToolTip(tip)
-        self.stop_btn.setEnabled(running)
+            without = [name for name, d in sources.items() if not d]
+            tip = "Confidence: " + "; ".join(found)
+            if without:
+                tip += f". Not measured for {', '.join(without)} (no probability map or nucleus table)."
+            box.setToolTip(tip)
 
     # ------------------------------------------------------------------ export
     def _on_browse(self) -> None:
@@ -310,105 +305,49 @@ class ExportWidget(QWidget):
     def _layer(self, name: str) -> Layer | None:
         return layer_named(self.viewer, name)
 
-    def _jobs(self) -> list[tuple[str, str, Any, dict]]:
-        out = Path(self.out_edit.text().strip())
-        if out.suffix.lower() != ".geojson":
-            out = out.with_suffix(".geojson")
+    def plan(self) -> list:
+        """The :class:`~._widgets.export_jobs.ExportTask` s the checked layers and choices describe."""
         chosen = [(n, c) for (n, on), (_, c) in zip(self._table_state(), self._table_classes()) if on]
-        slide_layer = self._layer(self.slide_combo.currentText())
-        slide = slide_layer.metadata.get("pathoseg_slide") if slide_layer is not None else None
-        prob_layer = self._layer(self.prob_combo.currentText())
-        measure = [m for m, box in self.measure_boxes.items() if box.isChecked()]
-        if slide is None:
-            measure = [m for m in measure if m not in ("hematoxylin", "eosin")]
-        if prob_layer is None:
-            measure = [m for m in measure if m != "confidence"]
-        otype = self.type_combo.currentText()
-        metadata = {"model": self.model_edit.text().strip()} if self.model_edit.text().strip() else None
-        jobs = []
-        for name, cls_name in chosen:
-            layer = self._layer(name)
-            if layer is None:
-                continue
-            meta = slide_metadata_from_layer(slide_layer.metadata) if slide_layer is not None else None
-            meta = meta or slide_metadata_from_layer(layer.metadata)
-            transform = transform_from_layer(scale=layer.scale, translate=layer.translate, slide_metadata=meta)
-            cls = Classification.of(cls_name, self._colors.get(name)) if cls_name else None
-            path = out if len(chosen) == 1 else out.with_name(f"{out.stem}_{_safe_name(name)}.geojson")
-            if isinstance(layer, Labels):
-                data = layer.data[0] if layer.multiscale else layer.data
-                prob = None
-                if prob_layer is not None and "confidence" in measure:
-                    prob = prob_layer.data[0] if prob_layer.multiscale else prob_layer.data
-                kwargs = dict(
-                    slide=slide, slide_metadata=meta, transform=transform,
-                    object_type="detection" if otype == "auto" else otype, classification=cls,
-                    measure=measure, probability=prob, metadata=metadata,
-                )
-                jobs.append(("labels", str(path), data, kwargs))
-            else:
-                kwargs = dict(
-                    shape_types=list(layer.shape_type), slide_metadata=meta, transform=transform,
-                    object_type="annotation" if otype == "auto" else otype, classification=cls,
-                    measure=bool(measure), metadata=metadata,
-                )
-                jobs.append(("shapes", str(path), [np.asarray(d) for d in layer.data], kwargs))
-        return jobs
+        layers = [(ly, cls, self._colors.get(name)) for name, cls in chosen if (ly := self._layer(name)) is not None]
+        return plan_exports(
+            self.out_edit.text().strip(), layers,
+            slide_layer=self._layer(self.slide_combo.currentText()),
+            prob_layer=self._layer(self.prob_combo.currentText()),
+            measure=[m for m, box in self.measure_boxes.items() if box.isChecked() and box.isEnabled()],
+            object_type=self.type_combo.currentText(), model=self.model_edit.text().strip(),
+        )
 
     def export(self):
-        """Start exporting the checked layers in a background thread; returns the worker."""
-        jobs = self._jobs()
-        if not jobs:
+        """Export the checked layers in the background; returns the :class:`~._jobs.Job` (None when
+        nothing is checked or another export runs)."""
+        tasks = self.plan() if self.out_edit.text().strip() else []
+        if not tasks:
             show_error("Check at least one labels or shapes layer and choose an output file.")
             return None
         self._results = []
-        self._n_jobs = len(jobs)
-        self._cancel = threading.Event()
-        worker = connect_worker(
-            _export_worker(jobs, self._cancel),
-            errored=self._on_error,
-            yielded=self._on_event,
-            finished=self._on_finished,
-        )
-        self._worker = worker
-        self.progress.setRange(0, 0)
-        self.status.setText("exporting…")
-        self._update_enabled()
-        worker.start()
-        return worker
+        skipped = [t.layer_name for t in tasks if t.kind == "labels" and self.measure_boxes["confidence"].isChecked()
+                   and not t.confidence]
+        note = f" (no confidence for {', '.join(skipped)}: no probability map or nucleus table)" if skipped else ""
+        return self.jobs.start(export_job(tasks), on_event=self._on_event, on_done=self._on_done,
+                               message=f"exporting {len(tasks)} layer(s)…{note}")
 
     def _on_export(self) -> None:
         self.export()
 
-    def _on_stop(self) -> None:
-        request_stop(self._cancel, status=self.status, stop_button=self.stop_btn)
-
     def _on_event(self, event: Any) -> None:
-        if isinstance(event, CancelledError):
-            idle_progress(self.progress)
-            self.status.setText(str(event))
-            show_info(str(event))
-            return
-        index, ev = event
-        if isinstance(ev, ExportProgress):
-            show_progress(self.progress, ev.done, ev.total)
-            self.status.setText(f"layer {index + 1}/{self._n_jobs}: {ev.message}")
-        elif isinstance(ev, ExportResult):
-            self._results.append(ev)
-            idle_progress(self.progress, 1)
-            text = f"{ev.n_objects} objects -> {ev.path.name}"
-            if ev.measurements_path:
-                text += f" (+ {ev.measurements_path.name})"
+        if isinstance(event, ExportResult):
+            self._results.append(event)
+            text = f"{event.n_objects} objects -> {event.path.name}"
+            if event.measurements_path:
+                text += f" (+ {event.measurements_path.name})"
             self.status.setText(text)
             show_info(f"Exported {text}")
+        elif isinstance(event, ExportStep) and not event.total:
+            self.status.setText(event.message)
 
-    def _on_error(self, exc: Exception) -> None:
-        show_worker_error(exc, action="Export", status=self.status, progress=self.progress)
-
-    def _on_finished(self) -> None:
-        self._worker = None
-        self._cancel = None
-        self._update_enabled()
+    def _on_done(self, results: list) -> None:
+        names = ", ".join(r.path.name for r in results)
+        self.status.setText(f"exported {sum(r.n_objects for r in results)} objects -> {names}")
 
     @property
     def results(self) -> list[ExportResult]:
@@ -422,17 +361,22 @@ class ExportWidget(QWidget):
             self.open_geojson(path)
 
     def open_geojson(self, path: str | Path):
-        """Read a GeoJSON file in the background and add its layers over the chosen slide."""
+        """Read a GeoJSON file in the background and add its layers over the chosen slide;
+        returns the :class:`~._jobs.Job` (None while an export runs)."""
         slide_layer = self._layer(self.slide_combo.currentText())
         meta = slide_metadata_from_layer(slide_layer.metadata) if slide_layer is not None else None
-        worker = connect_worker(
-            _import_worker(str(path), meta), errored=self._on_error, returned=self._on_imported
+        units = _units_of(slide_layer) if meta else None
+        path = str(path)
+        return self.jobs.start(
+            lambda token: geojson_layer_data(path, slide_metadata=meta),
+            on_done=lambda layer_data: self._on_imported(layer_data, units),
+            message=f"reading {Path(path).name}…", action="GeoJSON import", abandon_on_stop=True,
         )
-        self.status.setText(f"reading {Path(path).name}…")
-        worker.start()
-        return worker
 
-    def _on_imported(self, layer_data: list) -> None:
+    def _on_imported(self, layer_data: list, units: tuple[str, str] | None = None) -> None:
+        """Add the layers read; over a slide they carry its units (µm), like the slide layer."""
         for data, kwargs, layer_type in layer_data:
+            if units is not None and "units" not in kwargs:
+                kwargs = dict(kwargs, units=units)
             self.viewer.add_layer(Layer.create(data, kwargs, layer_type))
         self.status.setText(f"opened {len(layer_data)} layer(s)")
