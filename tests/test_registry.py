@@ -387,3 +387,23 @@ def test_cli_models(tmp_path):
     assert table[0].split() == ["NAME", "TASK", "CLASSES", "MPP", "INPUT", "SCORES", "PATH"]
     assert any(line.startswith("mine (user)") and "aji 0.250 dice 0.500" in line and "16px" in line for line in table)
     assert _run_cli(["models", "--task", "slide"]).strip() == "no slide models registered"
+
+
+def test_shipped_cards_derived_or_skipped(tmp_path, monkeypatch, caplog):
+    """A shipped card lacking task/classes/µm/px gets them from its checkpoint; a broken one is skipped."""
+    import napari_pathoseg.models.registry as registry
+
+    weights = tmp_path / "weights"
+    save_tiny(weights / "old-card.safetensors")
+    (weights / "old-card.json").write_text(json.dumps({"description": "before cards had a task", "scores": {"aji": 0.5}}))
+    save_tiny(weights / "broken.safetensors")
+    (weights / "broken.json").write_text("{")
+    save_tiny(weights / "no-card.safetensors")
+    monkeypatch.setattr(registry, "WEIGHTS_DIR", weights)
+    with caplog.at_level(logging.WARNING, logger="napari_pathoseg.models"):
+        cards = {c.name: c for c in list_models()}
+    assert sorted(cards) == ["no-card", "old-card"]
+    old = cards["old-card"]
+    assert (old.task, old.classes, old.mpp, old.tile_size, old.kind) == ("nuclei", ("nucleus",), 0.5, 16, "m2")
+    assert old.shipped and old.scores == {"aji": 0.5} and old.description == "before cards had a task"
+    assert any("broken.safetensors skipped" in r.getMessage() for r in caplog.records)
