@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from napari_pathoseg.errors import CancelledError, PathosegError
+from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.methods.nuclei.segment import (
     Progress,
     iter_segment_nuclei,
@@ -113,17 +113,43 @@ def test_whole_slide_skips_background_and_memmaps(tmp_path, he_image):
     assert res.labels[1200:, 1200:].max() == 0
 
 
-def test_cancel_raises(he_image):
+def test_cancel_keeps_the_finished_tiles(he_image):
     import threading
 
     s = Slide.from_array(he_image, mpp=0.5)
     ev = threading.Event()
-    gen = iter_segment_nuclei(s, HaematoxylinModel(), region=(0, 0, 1024, 1024), cancel=ev, batch_size=1)
-    next(gen), next(gen)
+    model = HaematoxylinModel()
+    gen = iter_segment_nuclei(s, model, region=(0, 0, 1024, 1024), cancel=ev, batch_size=1, overlap=64)
+    first, one = next(gen), next(gen)
+    assert first.done == 0 and one.done == 1
     ev.set()
-    with pytest.raises(CancelledError):
-        for _ in gen:
-            pass
+    events = list(gen)
+    res = events[-1]
+    assert res.cancelled and res.tiles == 1 and res.tiles_total == 25 and model.calls == 1
+    # the nuclei of the one finished tile (top-left, 256 px) are kept; nothing beyond it
+    assert res.n_nuclei > 5 and res.labels[:256, :256].max() > 0
+    assert res.labels[256:].max() == 0 and res.labels[:, 256:].max() == 0
+    assert len(np.unique(res.labels)) - 1 == res.n_nuclei
+    assert res.normalized[600:, 600:].min() == 255  # no tile ran there: white
+    full = segment_nuclei(s, HaematoxylinModel(), region=(0, 0, 1024, 1024), overlap=64)
+    assert not full.cancelled and full.tiles == 25 and full.n_nuclei > res.n_nuclei
+
+
+def test_region_over_background_runs_no_tile(he_image):
+    # a drawn rectangle over glass: the tissue mask skips its tiles (it used to run them all)
+    img = np.full((1600, 1600, 3), 244, np.uint8)
+    img[:1024, :1024] = he_image
+    s = Slide.from_array(img, mpp=0.5)
+    model = HaematoxylinModel()
+    res = segment_nuclei(s, model, region=(1100, 1100, 500, 500))
+    assert res.tiles == 0 and model.calls == 0 and res.n_nuclei == 0 and res.labels.shape == (500, 500)
+    res = segment_nuclei(s, model, region=(1100, 1100, 500, 500), tissue_only=False)
+    assert res.tiles == 9 and model.calls == 3  # 3 x 3 tiles of 256 px (overlap 64), batches of 4
+    # a rectangle across the tissue edge runs only the tiles that reach tissue
+    res = segment_nuclei(s, HaematoxylinModel(), region=(700, 0, 900, 900))
+    every = segment_nuclei(s, HaematoxylinModel(), region=(700, 0, 900, 900), tissue_only=False)
+    assert 0 < res.tiles < every.tiles
+    assert res.n_nuclei == every.n_nuclei  # the skipped tiles held no nucleus
 
 
 def test_bad_input(he_image):

@@ -7,7 +7,6 @@ Headless, it also segments every nucleus of the slide with the shipped model.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_pathoseg._atomic import atomic_path, write_json
 from napari_pathoseg.wsi.slide import open_slide, sample_slide_path
 from napari_pathoseg.tiling import tile_grid, tissue_mask
 
@@ -28,9 +28,8 @@ def save_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     from PIL import Image
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    Image.fromarray(np.ascontiguousarray(rgb)).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(rgb)).save(tmp, format="PNG")
     return path
 
 
@@ -84,5 +83,5 @@ def run_demo(
             from napari_pathoseg.methods.nuclei.segment import demo_nuclei
 
             summary["nuclei"] = demo_nuclei(slide, out_dir=out)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_json(out / "summary.json", summary, indent=2)
     return summary

@@ -431,12 +431,12 @@ def write_tiles_csv(tiles: list[Tile], path: str | os.PathLike) -> Path:
     """Write a tile grid as CSV (atomic): index, level, row, col, height, width, x0, y0, tissue."""
     import csv
 
+    from napari_pathoseg._atomic import atomic_open
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_open(path, "w", newline="") as fh:
         wr = csv.writer(fh)
         wr.writerow(["index", "level", "row", "col", "height", "width", "downsample", "x0", "y0", "tissue"])
         for t in tiles:
             wr.writerow([t.index, t.level, t.row, t.col, t.height, t.width, f"{t.downsample:.6g}", t.x0, t.y0, f"{t.tissue:.4f}"])
-    os.replace(tmp, path)
     return path

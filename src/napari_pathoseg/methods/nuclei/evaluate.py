@@ -25,12 +25,19 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
 
-def predict_maps(model, image: np.ndarray, *, tile: int = 512, overlap: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
-    """Nucleus probability and extra maps of a whole image, tile by tile.
+def predict_maps(
+    model,
+    image: np.ndarray,
+    *,
+    tile: int = 512,
+    overlap: int = 64,
+    batch_size: int = 4,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Nucleus probability and extra maps of a whole image, tile by tile, on the inference engine.
 
-    Tiles of ``tile`` pixels overlap by ``overlap``; each tile contributes only
-    its centre (half the overlap is cut on inner sides), so every pixel is
-    written once.
+    Tiles of ``tile`` pixels overlap by ``overlap``; each pixel comes from the one tile
+    that owns it (half the overlap is cut on inner sides: ``blend="core"``), and tiles
+    reaching past the image see its mirror image, as the network's own padding does.
 
     Parameters
     ----------
@@ -43,25 +50,22 @@ def predict_maps(model, image: np.ndarray, *, tile: int = 512, overlap: int = 64
     prob : (H, W) float32 ndarray
     extra : (C, H, W) float32 ndarray or None
     """
-    h, w = image.shape[:2]
-    prob = np.zeros((h, w), np.float32)
-    extra = None
-    step = tile - overlap
-    half = overlap // 2
-    for r0 in range(0, max(1, h - overlap), step):
-        for c0 in range(0, max(1, w - overlap), step):
-            r1, c1 = min(h, r0 + tile), min(w, c0 + tile)
-            out = model.predict(image[r0:r1, c0:c1][None])
-            # region of this tile that it owns
-            ar = 0 if r0 == 0 else half
-            ac = 0 if c0 == 0 else half
-            br = r1 - r0 if r1 == h else r1 - r0 - half
-            bc = c1 - c0 if c1 == w else c1 - c0 - half
-            prob[r0 + ar : r0 + br, c0 + ac : c0 + bc] = out["prob"][0, ar:br, ac:bc]
-            if out["extra"] is not None:
-                if extra is None:
-                    extra = np.zeros((out["extra"].shape[1], h, w), np.float32)
-                extra[:, r0 + ar : r0 + br, c0 + ac : c0 + bc] = out["extra"][0, :, ar:br, ac:bc]
+    from napari_pathoseg.inference import ProbabilityMap, run_predict
+    from napari_pathoseg.methods.nuclei.predictor import NucleusPredictor
+
+    image = np.asarray(image)
+    if max(image.shape[:2]) <= tile:  # one tile, no larger than the image (the network pads to its multiple)
+        tile, overlap = max(image.shape[:2]), 0
+    sinks = [ProbabilityMap("prob", blend="core"), ProbabilityMap("extra", blend="core")]
+    res = run_predict(
+        image, NucleusPredictor(model), sinks, mpp=float(model.mpp), tile=tile, overlap=overlap,
+        batch_size=batch_size, tissue_only=False, edge="reflect", prefetch=False,
+    )
+    prob = np.asarray(res.outputs["prob"].array, np.float32)
+    extra = res.outputs["extra"]
+    if extra is not None:
+        e = np.asarray(extra.array, np.float32)
+        extra = np.ascontiguousarray(np.moveaxis(e, -1, 0)) if e.ndim == 3 else e[None]
     return prob, extra
 
 
