@@ -65,7 +65,7 @@ def project(tmp_path, shared_data):
 def _config(tmp_path, strong_folder, project=None, **kw):
     opts = dict(out_dir=str(tmp_path / "run"), name="ft-test", base=None, preset="transcycle-lite",
                 strong=(str(strong_folder),), projects=(str(project.root),) if project else (),
-                epochs=2, steps_per_epoch=2, batch_size=1, lr=1e-4, seed=0, device="cpu")
+                epochs=2, steps_per_epoch=2, batch_size=1, lr=1e-4, seed=0, device="cpu", threads=1, min_aji=0.0)
     opts.update(kw)
     return FinetuneConfig(**opts)
 
@@ -200,11 +200,71 @@ def test_student_starts_from_matching_base(tmp_path, strong_folder):
     # the same out_dir with another preset is refused with a clear message
     with pytest.raises(FinetuneError, match="attcycle-lite"):
         run_finetune(_config(tmp_path, strong_folder, None, preset="transcycle-lite"))
-    # a base of another architecture: fresh student, said so
+    # a base of another architecture: only its matching weights (the discriminators), said so
     cfg2 = _config(tmp_path, strong_folder, None, out_dir=str(tmp_path / "run2"), base=str(base_path),
-                   epochs=1, steps_per_epoch=1, register=False)
-    stages = [e for e in iter_finetune(cfg2) if isinstance(e, FinetuneStage)]
-    assert any("starts fresh" in e.message for e in stages)
+                   preset="transcycle-lite", epochs=1, steps_per_epoch=1, register=False)
+    events = list(iter_finetune(cfg2))
+    stages = [e.message for e in events if isinstance(e, FinetuneStage) and e.stage == "init"]
+    assert len(stages) == 1 and "matching weights only" in stages[0]
+    done2 = events[-1]
+    assert done2.init["copied"] > 0 and done2.init["missing"] > 0
+    assert any("matching weights only" in w for w in done2.warnings)
+
+
+def _random_base(tmp_path, preset="attcycle-lite", seed=123):
+    from napari_pathoseg.methods.nuclei.attcycle import M2Model, get_preset
+
+    cfg = get_preset(preset)
+    torch.manual_seed(seed)
+    base = M2Model(cfg)
+    path = save_checkpoint(tmp_path / f"base-{preset}.safetensors",
+                           {n: getattr(base, n).state_dict() for n in ("G_X2Y", "G_Y2X", "D_X", "D_Y")},
+                           cfg.to_dict(), {"instance_method": "distance"})
+    return base, path
+
+
+def test_default_student_is_the_base_and_is_compared_with_it(tmp_path, strong_folder):
+    """No preset: the student has the base's architecture, starts from all its weights, and the
+    Done event holds the base's metrics on the same validation images beside the new model's."""
+    from napari_pathoseg.methods.nuclei.finetune import evaluate_base
+    from napari_pathoseg.methods.nuclei.finetune_data import build_finetune_data as build
+
+    _, base_path = _random_base(tmp_path)
+    cfg = _config(tmp_path, strong_folder, None, preset=None, base=str(base_path), epochs=1, steps_per_epoch=1,
+                  register=False)
+    assert cfg.preset is None and FinetuneConfig(out_dir="x", preset="base").preset is None
+    events = list(iter_finetune(cfg))
+    done = events[-1]
+    assert isinstance(done, FinetuneDone) and not done.cancelled
+    assert done.initialised_from == str(base_path)
+    assert done.init["missing"] == 0 and done.init["shape_mismatch"] == [] and done.init["copied"] > 100
+    assert [e.stage for e in events if isinstance(e, FinetuneStage)] == ["data", "init", "base", "train"]
+    assert {"aji", "best_aji", "f1", "dice"} <= set(done.base_metrics)
+    assert {"aji", "best_aji", "f1", "dice"} <= set(done.best_metrics)
+    assert read_header(done.best_checkpoint)["config"]["preset"] == "attcycle-lite"
+    # the base metrics are exactly the base scored on the run's validation images
+    val = build(cfg, mpp=0.5).m2.val
+    again = evaluate_base(base_path, val, mpp=0.5, device="cpu")
+    assert again["best_aji"] == pytest.approx(done.base_metrics["best_aji"])
+    saved = json.loads((tmp_path / "run" / "finetune.json").read_text())
+    assert saved["base_metrics"]["best_aji"] == pytest.approx(done.base_metrics["best_aji"])
+
+
+def test_registration_floor(tmp_path, strong_folder):
+    """A run below the AJI floor is not registered (a warning says why) unless forced."""
+    from napari_pathoseg.models.registry import list_models
+
+    cfg = _config(tmp_path, strong_folder, None, epochs=1, steps_per_epoch=1, min_aji=1.0)
+    done = run_finetune(cfg)
+    assert done.registered is None and done.best_checkpoint.is_file()
+    assert any("below the floor" in w for w in done.warnings)
+    assert not any(m["name"] == "ft-test" for m in list_models())
+    # the same (finished) run again, resumed, with force_register: registered, nothing retrained
+    events = []
+    done2 = run_finetune(FinetuneConfig.from_dict(dict(cfg.to_dict(), force_register=True)), progress=events.append)
+    assert not any(isinstance(e, StepEvent) for e in events)
+    assert done2.registered["name"] == "ft-test"
+    assert any(m["name"] == "ft-test" for m in list_models())
 
 
 def test_bad_base_is_refused(tmp_path, strong_folder):
@@ -216,22 +276,54 @@ def test_bad_base_is_refused(tmp_path, strong_folder):
 
 
 def test_cli_finetune(tmp_path, strong_folder, capsys):
-    import argparse
+    from napari_pathoseg.cli.main import main
 
-    from napari_pathoseg.cli.finetune import add_commands
+    argv = ["finetune", "--out", str(tmp_path / "cli"), "--name", "cli-student", "--base", "none",
+            "--strong", str(strong_folder), "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "1",
+            "--device", "cpu", "--threads", "1", "--min-aji", "0"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["registered"]["name"] == "cli-student" and not result["cancelled"]
+    assert result["epochs"][0]["epoch"] == 0 and "aji" in result["epochs"][0]["val"]
+    assert "epoch 1/1" in captured.err and "Traceback" not in captured.err
+    bad = ["finetune", "--out", str(tmp_path / "x"), "--name", "x", "--base", "none",
+           "--strong", str(tmp_path / "nope")]
+    assert main(bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("pathoseg finetune: error:") and "does not exist" in err[-1]
+    assert not any("Traceback" in line for line in err)
 
-    parser = argparse.ArgumentParser(prog="pathoseg")
-    add_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args([
-        "finetune", "--out", str(tmp_path / "cli"), "--name", "cli-student", "--base", "none",
-        "--strong", str(strong_folder), "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "1",
-        "--device", "cpu",
-    ])
-    assert args.func(args) == 0
-    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
-    assert lines[0]["epoch"] == 0 and "aji" in lines[0]["val"]
-    assert lines[-1]["registered"]["name"] == "cli-student" and not lines[-1]["cancelled"]
-    bad = parser.parse_args(["finetune", "--out", str(tmp_path / "x"), "--name", "x", "--base", "none",
-                             "--strong", str(tmp_path / "nope")])
-    assert bad.func(bad) == 2
-    assert "does not exist" in json.loads(capsys.readouterr().out)["error"]
+
+def test_cli_finetune_ctrl_c_exits_130_naming_the_checkpoint(tmp_path, strong_folder, capsys, monkeypatch):
+    """Ctrl-C during a step: the step finishes, last.safetensors is saved, exit 130, one line says where."""
+    import os
+    import signal
+
+    import napari_pathoseg.cli.train as cli_train
+    from napari_pathoseg.cli.main import main
+
+    real = cli_train.training_progress
+
+    def interrupting(prog, epochs):
+        inner = real(prog, epochs)
+
+        def on_event(ev):
+            inner(ev)
+            if isinstance(ev, StepEvent):
+                os.kill(os.getpid(), signal.SIGINT)  # what a user's Ctrl-C does
+
+        return on_event
+
+    monkeypatch.setattr(cli_train, "training_progress", interrupting)
+    out = tmp_path / "ctrlc"
+    code = main(["finetune", "--out", str(out), "--name", "c", "--base", "none", "--strong", str(strong_folder),
+                 "--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "1", "--device", "cpu",
+                 "--threads", "1"])
+    captured = capsys.readouterr()
+    assert code == 130
+    last_line = captured.err.strip().splitlines()[-1]
+    assert str(out / "last.safetensors") in last_line and "again" in last_line
+    assert captured.out == ""
+    state = read_header(out / "last.safetensors")["meta"]
+    assert (state["epoch"], state["step"]) == (0, 1)

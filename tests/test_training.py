@@ -257,6 +257,31 @@ def test_cli_parses():
     assert e.mpp == 0.25 and e.model == "nuclei-lite"
 
 
+def test_cli_train_refuses_an_existing_run_and_a_typo(tmp_path, capsys):
+    """`pathoseg train --out DIR` on a folder holding a run: exit 2 with one line, before loading data."""
+    from napari_pathoseg.cli.main import main
+
+    (tmp_path / "history.json").write_text("[]")
+    code = main(["train", "--out", str(tmp_path), "--epochs", "1", "--data", str(tmp_path / "no-data")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--resume" in err[0] and "--force" in err[0]
+    assert main(["train", "--out", str(tmp_path / "new"), "--preset", "transcycle-lit"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "transcycle-lite" in err[0]  # the valid presets are listed
+    assert main(["train", "--out", str(tmp_path), "--resume", "--force"]) == 2  # one or the other
+
+
+def test_student_presets_need_no_prior_import():
+    """`pathoseg train --preset transcycle-lite` used to fail unless transcycle.py was imported first."""
+    import subprocess
+    import sys
+
+    code = ("from napari_pathoseg.methods.nuclei.attcycle import get_preset, M2Model; "
+            "c = get_preset('transcycle-lite'); m = M2Model(c); print(c.encoder, type(m.G_X2Y.encoder).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["resnet50_transformer", "TransCycleEncoder"]
+
+
 def test_evaluate_folder(tmp_path):
     from napari_pathoseg.models.checkpoint import save_checkpoint
     from napari_pathoseg.methods.nuclei.attcycle import M2Model

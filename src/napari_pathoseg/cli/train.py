@@ -1,12 +1,16 @@
-"""``pathoseg train`` and ``pathoseg evaluate nuclei`` subcommands.
+"""``pathoseg train`` and ``pathoseg evaluate nuclei``.
 
-Wire with ``napari_pathoseg.cli.train.add_commands(subparsers)``.
+``pathoseg train`` runs the M2 training task on the training engine through the CLI job driver
+(:mod:`napari_pathoseg.cli._driver`): progress goes to stderr (one line per epoch; every 20th
+step with ``-v``), the result is one JSON document on stdout. Ctrl-C (or SIGTERM) finishes the
+current step, saves a resumable checkpoint and exits 130 with one line naming it; an output
+folder holding a run is refused (exit 2) unless ``--resume`` or ``--force``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import logging
 import os
 import signal
@@ -14,26 +18,35 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
-__all__ = ["add_commands", "cmd_train", "cmd_evaluate_nuclei", "DEFAULT_DATA", "SHIPPED_SPLIT"]
+from napari_pathoseg.cli._driver import device, drive, positive_float, positive_int, print_json
+
+__all__ = ["add_commands", "cmd_train", "cmd_evaluate_nuclei", "DEFAULT_DATA", "SHIPPED_SPLIT", "epoch_line"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DATA = os.environ.get("PATHOSEG_DATA", "/work/shared/data")
+#: The shared data folder: ``$PATHOSEG_DATA``, else ``shared/data`` beside the repository checkout.
+DEFAULT_DATA = os.environ.get("PATHOSEG_DATA", str(Path(__file__).resolve().parents[3].parent / "shared" / "data"))
 SHIPPED_SPLIT = Path(__file__).resolve().parents[1] / "models" / "weights" / "nuclei-lite.split.json"
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train`` and ``evaluate`` (with ``evaluate nuclei``) to ``subparsers``."""
-    p = subparsers.add_parser("train", help="train the M2 (AttCycle) nucleus teacher")
-    p.add_argument("--preset", default="attcycle-lite", help="model preset (attcycle, attcycle-lite)")
-    p.add_argument("--out", required=True, help="output directory for checkpoints and history")
-    p.add_argument("--epochs", type=int, default=24)
-    p.add_argument("--steps-per-epoch", type=int, default=150)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p = subparsers.add_parser("train", help="train an M2 nucleus model (AttCycle teacher or TransCycle student)")
+    p.add_argument("--preset", default="attcycle-lite",
+                   help="model preset: attcycle-lite, attcycle (teacher), transcycle-lite, transcycle (student)")
+    p.add_argument("--out", required=True, help="run folder for checkpoints and history")
+    p.add_argument("--epochs", type=positive_int, default=24)
+    p.add_argument("--steps-per-epoch", type=positive_int, default=150)
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--lr", type=positive_float(high=1.0), default=5e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    p.add_argument("--schedule", default="cyclegan",
+                   help="learning-rate schedule: cyclegan (default), constant, cosine, inverse:<decay>")
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.add_argument("--force", action="store_true", help="start over in an --out that holds a run (replacing it)")
     p.add_argument("--data", default=DEFAULT_DATA, help="shared data folder (monuseg_train, cpm15_nuclei)")
     p.add_argument(
         "--split", default=str(SHIPPED_SPLIT),
@@ -49,10 +62,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="pseudo-label review project (pathoseg pseudolabels): accepted tiles join X, "
         "their normalised images join Y",
     )
-    p.add_argument(
-        "--threads", default="auto",
-        help="torch CPU threads: a number, or 'auto' (2, dropping to 1 while the machine is oversubscribed)",
-    )
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads (default: every core this process may use)")
+    p.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     p.set_defaults(func=cmd_train)
 
     ev = subparsers.add_parser("evaluate", help="score a model against ground truth")
@@ -61,44 +73,78 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     n.add_argument("--images", required=True, help="folder of RGB images")
     n.add_argument("--masks", required=True, help="folder of instance masks with the same file stems")
     n.add_argument("--model", default="nuclei-lite", help="model name or checkpoint path")
-    n.add_argument("--mpp", type=float, default=None, help="um per pixel of the images (default: model's)")
+    n.add_argument("--mpp", type=positive_float(high=100.0), default=None, help="um per pixel of the images (default: model's)")
     n.add_argument("--method", default="auto", choices=("auto", "boundary", "distance"))
     n.add_argument("--per-image", action="store_true", help="include per-image metrics")
     n.set_defaults(func=cmd_evaluate_nuclei)
 
 
-def _pseudo_items(project: Path, *, mpp: float):
-    """Accepted pseudo-labelled tiles of a review project (``pathoseg pseudolabels``).
-
-    Returns ``(x_items, y_items)``: each tile as read goes to X, its
-    teacher-normalised image (pseudo-Y) with the same mask to Y, both weighted
-    by the teacher's per-pixel confidence (as in methods.md S3).
-    """
-    from napari_pathoseg.methods.nuclei.finetune import load_pseudo_items
-
-    return load_pseudo_items(project, mpp=mpp)
+def _err(text: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=sys.stderr, flush=True)
 
 
-def _adapt_threads(torch) -> None:
-    """Use up to 2 threads, but 1 while the 1-minute load exceeds the core count.
+def epoch_line(ev: Any, *, epochs: int) -> str:
+    """One human line for an epoch event (stderr progress of train / finetune)."""
+    aji = ev.val_metrics.get("best_aji", ev.val_metrics.get("aji", float("nan")))
+    loss = ev.losses.get("seg", ev.losses.get("total", float("nan")))
+    return (f"epoch {ev.epoch + 1}/{epochs}: seg loss {loss:.4f}, val AJI {aji:.4f}"
+            f"{' (best)' if ev.is_best else ''}, {ev.seconds:.0f} s")
 
-    Intra-op threads that wait on each other slow down badly when the cores are
-    shared with other processes.
-    """
-    cores = min(2, os.cpu_count() or 1)
+
+def training_progress(prog: str, epochs: int):
+    """An ``on_event`` for :func:`drive`: epochs and validation on stderr, steps in the log."""
+    from napari_pathoseg.training.engine import EpochEvent, StepEvent, TrainStart, ValidationEvent
+
+    def on_event(ev: Any) -> None:
+        if isinstance(ev, TrainStart):
+            _err(f"{prog}: {ev.message}")
+        elif isinstance(ev, StepEvent):
+            if ev.step % 20 == 0:
+                logger.info("epoch %d step %d/%d %s", ev.epoch + 1, ev.step + 1, ev.steps_per_epoch,
+                            {k: round(v, 4) for k, v in ev.losses.items()})
+        elif isinstance(ev, ValidationEvent):
+            logger.info("epoch %d: validating", ev.epoch + 1)
+        elif isinstance(ev, EpochEvent):
+            _err(f"{prog}: {epoch_line(ev, epochs=epochs)}")
+
+    return on_event
+
+
+@contextlib.contextmanager
+def sigterm_cancels(token: Any) -> Iterator[None]:
+    """While the block runs, SIGTERM (batch schedulers) sets ``token`` like Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: token.set())
     try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    want = 1 if load > cores + 1 else cores
-    if torch.get_num_threads() != want:
-        logger.info("load %.1f: using %d torch threads", load, want)
-        torch.set_num_threads(want)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def with_sigterm(events_factory):
+    """Wrap ``make_events(token)`` so SIGTERM also sets the token while the events run."""
+
+    def make(token):
+        def gen():
+            with sigterm_cancels(token):
+                yield from events_factory(token)
+
+        return gen()
+
+    return make
+
+
+def stopped_line(result: Any, *, how_to_resume: str) -> str:
+    """The one line for a cancelled training result: where the resumable checkpoint is."""
+    if result.last_checkpoint is None:
+        return "stopped before the first step; nothing was saved"
+    return f"resumable checkpoint saved to {result.last_checkpoint}; {how_to_resume}"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import torch
-
     from napari_pathoseg.methods.nuclei.attcycle import get_preset
     from napari_pathoseg.methods.nuclei.datasets import (
         STAIN_AUGMENTATIONS,
@@ -108,14 +154,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         make_split,
         save_split,
     )
-    from napari_pathoseg.methods.nuclei.train import train_m2
+    from napari_pathoseg.methods.nuclei.train import DoneEvent, train_m2
+    from napari_pathoseg.training.engine import check_run_folder, resolve_schedule
 
-    auto_threads = str(args.threads) == "auto"
-    if auto_threads:
-        _adapt_threads(torch)
-    else:
-        torch.set_num_threads(int(args.threads))
     config = get_preset(args.preset)
+    resolve_schedule(args.schedule)
+    check_run_folder(args.out, resume=args.resume, force=args.force)  # fail before loading data
     split_path = Path(args.split)
     if split_path.is_file():
         split = load_split(split_path)
@@ -124,58 +168,36 @@ def cmd_train(args: argparse.Namespace) -> int:
         save_split(split, split_path)
     extra_x, extra_y = [], []
     if args.pseudo:
-        extra_x, extra_y = _pseudo_items(Path(args.pseudo), mpp=config.mpp)
+        from napari_pathoseg.methods.nuclei.finetune_data import load_pseudo_items
+
+        extra_x, extra_y = load_pseudo_items(Path(args.pseudo), mpp=config.mpp)
     data = build_m2_data(args.data, mpp=config.mpp, split=split, extra_x=extra_x, extra_y=extra_y)
     command = "pathoseg train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "pathoseg train"
-    # SIGTERM / Ctrl-C stop after the current step with a resumable checkpoint
-    cancel = threading.Event()
-    previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            previous[sig] = signal.signal(sig, lambda *_: cancel.set())
-        except ValueError:  # not in the main thread
-            pass
     t0 = time.perf_counter()
-    result = None
-    try:
-        result = _drive(train_m2(
+    result = drive(
+        with_sigterm(lambda token: train_m2(
             config, data, out_dir=args.out, epochs=args.epochs, lr=args.lr, seed=args.seed,
-            resume=args.resume, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
-            meta={"command": command, "stain_aug": args.stain_aug}, cancel=cancel,
-            stain_augment=STAIN_AUGMENTATIONS[args.stain_aug],
-        ), auto_threads=auto_threads, torch=torch)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    print(json.dumps({
-        "best_checkpoint": str(result.best_checkpoint) if result and result.best_checkpoint else None,
-        "best_metrics": result.best_metrics if result else {},
-        "cancelled": bool(result and result.cancelled),
-        "last_checkpoint": str(result.last_checkpoint) if result and result.last_checkpoint else None,
+            resume=args.resume, force=args.force, steps_per_epoch=args.steps_per_epoch,
+            batch_size=args.batch_size, meta={"command": command, "stain_aug": args.stain_aug}, cancel=token,
+            stain_augment=STAIN_AUGMENTATIONS[args.stain_aug], threads=args.threads, device=args.device,
+            schedule=args.schedule,
+        )),
+        DoneEvent,
+        on_event=training_progress("pathoseg train", args.epochs),
+        on_cancelled=lambda r: stopped_line(r, how_to_resume="add --resume to the same command to continue"),
+        label="pathoseg train",
+    )
+    print_json({
+        "best_checkpoint": result.best_checkpoint,
+        "best_epoch": result.best_epoch,
+        "best_metrics": result.best_metrics,
+        "last_checkpoint": result.last_checkpoint,
+        "cancelled": False,
+        "epochs": [{"epoch": h["epoch"], "losses": h["losses"], "val": h["val"], "seconds": round(h["seconds"], 1)}
+                   for h in result.history],
         "wall_seconds": round(time.perf_counter() - t0, 1),
-    }), flush=True)
+    })
     return 0
-
-
-def _drive(events, *, auto_threads: bool, torch):
-    from napari_pathoseg.methods.nuclei.train import DoneEvent, EpochEvent, StepEvent
-
-    result = None
-    last_check = time.monotonic()
-    for ev in events:
-        if isinstance(ev, StepEvent) and ev.step % 20 == 0:
-            logger.info("epoch %d step %d/%d %s", ev.epoch, ev.step, ev.steps_per_epoch,
-                        {k: round(v, 4) for k, v in ev.losses.items()})
-        if auto_threads and time.monotonic() - last_check > 20.0:
-            _adapt_threads(torch)
-            last_check = time.monotonic()
-        if isinstance(ev, EpochEvent):
-            logger.info("epoch %d val aji %.4f", ev.epoch, ev.val_metrics.get("aji", float("nan")))
-            print(json.dumps({"epoch": ev.epoch, "losses": ev.losses, "val": ev.val_metrics,
-                              "best": ev.is_best, "seconds": round(ev.seconds, 1)}), flush=True)
-        elif isinstance(ev, DoneEvent):
-            result = ev
-    return result
 
 
 def cmd_evaluate_nuclei(args: argparse.Namespace) -> int:
@@ -185,5 +207,5 @@ def cmd_evaluate_nuclei(args: argparse.Namespace) -> int:
         args.images, args.masks, model=args.model, mpp=args.mpp, method=args.method,
         per_image=args.per_image,
     )
-    print(json.dumps(res, indent=1))
+    print_json(res)
     return 0

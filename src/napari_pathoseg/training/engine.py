@@ -79,6 +79,7 @@ __all__ = [
     "run_train",
     "SCHEDULES",
     "resolve_schedule",
+    "check_run_folder",
     "available_cores",
     "select_device",
     "TrainingError",
@@ -278,8 +279,18 @@ def _better(value: float, best: float | None, mode: str) -> bool:
     return value > best if mode == "max" else value < best
 
 
-def _prepare_folder(out: Path, *, resume: bool, force: bool) -> bool:
-    """Refuse an occupied folder unless resume/force; returns True when resuming from ``last``."""
+def check_run_folder(out_dir: str | os.PathLike, *, resume: bool = False, force: bool = False) -> dict[str, Any] | None:
+    """Refuse a folder holding a run unless ``resume`` or ``force``; returns what it holds.
+
+    Call it early (before loading data) to fail fast; :func:`iter_train` calls it again under
+    the folder's lock.
+
+    Raises
+    ------
+    RunExistsError
+        The folder holds a finished or started run and neither flag was given.
+    """
+    out = Path(out_dir).expanduser()
     run = existing_run(out)
     if run is not None and not resume and not force:
         if run["finished"]:
@@ -289,6 +300,12 @@ def _prepare_folder(out: Path, *, resume: bool, force: bool) -> bool:
         else:
             what = f"training files ({', '.join(run['files'])})"
         raise RunExistsError(f"{out} holds {what}; pass --resume to continue it or --force to start over (replacing it).")
+    return run
+
+
+def _prepare_folder(out: Path, *, resume: bool, force: bool) -> bool:
+    """Refuse an occupied folder unless resume/force; returns True when resuming from ``last``."""
+    run = check_run_folder(out, resume=resume, force=force)
     resuming = resume and (out / LAST).is_file()
     if run is not None and not resuming:
         for name in run["files"]:
