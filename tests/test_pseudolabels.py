@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -16,7 +17,6 @@ from skimage.filters import threshold_otsu
 from skimage.measure import label as cc_label
 from skimage.morphology import remove_small_objects
 
-from napari_pathoseg.review import project as pl
 from napari_pathoseg.errors import CancelledError, PathosegError
 from napari_pathoseg.review.project import (
     GenerationDone,
@@ -189,7 +189,7 @@ def test_crash_between_temp_write_and_replace_keeps_project_intact(project, monk
     def crash(src, dst):
         raise KeyboardInterrupt("killed")  # the process dies after the temp write
 
-    monkeypatch.setattr(pl.os, "replace", crash)
+    monkeypatch.setattr(os, "replace", crash)
     edited = before_mask.astype(np.int32)
     edited[:] = 0
     with pytest.raises(KeyboardInterrupt):
@@ -197,14 +197,17 @@ def test_crash_between_temp_write_and_replace_keeps_project_intact(project, monk
     with pytest.raises(KeyboardInterrupt):
         project.set_state(tid, "accepted")
     monkeypatch.undo()
-    # a real crash leaves the temp file behind: simulate it
+    assert not list(project.root.rglob("*.tmp-pathoseg"))  # removed on the way out
+    # a real crash (kill -9) leaves the temp files behind: simulate it, old and new names
     (project.root / ".tmp-leftover.json").write_text("{half")
     (project.tile_dir(tid) / ".tmp-leftover.png").write_bytes(b"\x89PNG")
+    (project.root / ".review.json.k1ll3d.tmp-pathoseg").write_text("{half")
+    (project.tile_dir(tid) / ".mask.png.k1ll3d.tmp-pathoseg").write_bytes(b"\x89PNG")
     assert (project.root / "review.json").read_bytes() == before_review
     again = ReviewProject.open(project.root)
     np.testing.assert_array_equal(again.read_mask(tid), before_mask)
     assert again.record(tid).state == "pending" and not again.record(tid).edited
-    assert not list(project.root.rglob(".tmp-*"))  # cleaned on open
+    assert not list(project.root.rglob(".tmp-*")) and not list(project.root.rglob("*.tmp-pathoseg"))  # cleaned on open
 
 
 def test_other_version_and_damaged_files_raise_clear_errors(project):
@@ -431,3 +434,32 @@ def test_generation_with_a_real_nucleus_model(tmp_path, image_folder):
     assert 0.5 <= rec.score <= 1.0
     assert proj.read_normalized(rec.tile_id).shape == (64, 64, 3)
     assert proj.read_mask(rec.tile_id).max() == rec.n_nuclei
+
+
+def test_cli_refuses_a_project_folder_that_holds_its_input(tmp_path, image_folder, capsys):
+    """Pseudo-labelling a project's own tiles back into it with --overwrite used to delete the
+    tiles being read (``ReviewProject.create`` removes ``tiles/``); now it is refused first."""
+    from napari_pathoseg.cli.main import main
+    from napari_pathoseg.cli.review import add_commands, pseudolabel_command
+    from napari_pathoseg.wsi.slide import open_slide
+
+    teacher = OtsuTeacher()
+    proj = run_pseudolabels(image_folder, tmp_path / "proj", predict=teacher.predict,
+                            to_instances=teacher.to_instances, tile_size=64, max_tiles=2)
+    tile_dir = proj.tile_dir(proj.tiles()[0].tile_id)
+    before = {p.name: p.read_bytes() for p in tile_dir.iterdir()}
+    parser = argparse.ArgumentParser(prog="pathoseg")
+    add_commands(parser.add_subparsers(dest="command"))
+    for source in (tile_dir, tile_dir / "image.png", proj.root):
+        args = parser.parse_args(["pseudolabel", str(source), "--out", str(proj.root), "--overwrite", "--max-tiles", "2"])
+        with pytest.raises(ReviewProjectError, match="inside the project folder"):
+            pseudolabel_command(args, model=teacher)
+    assert {p.name: p.read_bytes() for p in tile_dir.iterdir()} == before
+    assert len(ReviewProject.open(proj.root)) == 2
+    # the entry point: refused before the model is loaded, one line, exit 2
+    code = main(["pseudolabel", str(tile_dir), "--out", str(proj.root), "--overwrite", "--model", "no-such-model"])
+    err = capsys.readouterr().err
+    assert code == 2 and "inside the project folder" in err and "Traceback" not in err, err
+    # the library refuses an open slide too (the Review dock passes one)
+    with open_slide(tile_dir / "image.png") as slide, pytest.raises(ReviewProjectError, match="inside the project"):
+        run_pseudolabels(slide, proj.root, predict=teacher.predict, to_instances=teacher.to_instances, overwrite=True)

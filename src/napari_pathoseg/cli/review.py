@@ -5,6 +5,8 @@ Example::
     pathoseg pseudolabel slide.svs --out review/ --model nuclei-lite --threshold 0.9
 
 prints one JSON object (project folder, tiles processed and kept, counts, score summary).
+``--out`` may not be the input or a folder holding it (``--overwrite`` would delete the
+project's old tiles while they are read); this is checked before the model is loaded.
 """
 
 from __future__ import annotations
@@ -18,7 +20,12 @@ from typing import Any
 import numpy as np
 
 from napari_pathoseg.errors import PathosegError
-from napari_pathoseg.review.project import GenerationDone, GenerationProgress, generate_pseudolabels
+from napari_pathoseg.review.generate import (
+    GenerationDone,
+    GenerationProgress,
+    check_source_outside,
+    generate_pseudolabels,
+)
 
 __all__ = ["add_commands", "pseudolabel_command"]
 
@@ -63,6 +70,7 @@ def pseudolabel_command(args: argparse.Namespace, *, model: Any = None) -> int:
         A model with ``predict``, ``to_instances``, ``mpp`` and ``tile_size``; loaded with
         :func:`napari_pathoseg.models.registry.load_model` from ``args.model`` when None.
     """
+    check_source_outside(args.input, args.out)  # before the (slow) model load
     if model is None:
         try:
             from napari_pathoseg.models.registry import load_model
