@@ -24,36 +24,44 @@ __all__ = ["resample_tile", "MosaicRenderer"]
 def resample_tile(image: np.ndarray, scale: float, *, order: int) -> np.ndarray:
     """Resample a source tile by ``scale`` (source µm/px over target µm/px).
 
+    Both orders map output pixel centres the same way (output ``i`` covers source
+    ``(i + 0.5) / scale - 0.5``), so an image and its mask stay aligned.
+
     Parameters
     ----------
     image : (rows, cols[, 3]) uint8
     scale : float
-        Output size is ``round(rows * scale)`` x ``round(cols * scale)``.
+        Output size is ``round(rows * scale)`` x ``round(cols * scale)`` (half to even).
     order : {0, 1}
-        1 (bilinear, Gaussian anti-aliasing when shrinking) for RGB, 0 (nearest) for masks.
+        1: bilinear (Pillow; the filter widens when shrinking, so no aliasing) for RGB.
+        0: nearest, the source pixel holding each output pixel's centre, for masks and labels.
 
     Returns
     -------
     (round(rows * scale), round(cols * scale)[, 3]) uint8
-        ``image`` itself when ``scale`` is 1.
-    """
-    from skimage.transform import resize
+        ``image`` itself when the size does not change.
 
+    Examples
+    --------
+    >>> resample_tile(np.array([[0, 1], [2, 3]], np.uint8), 2.0, order=0)
+    array([[0, 0, 1, 1],
+           [0, 0, 1, 1],
+           [2, 2, 3, 3],
+           [2, 2, 3, 3]], dtype=uint8)
+    """
     image = np.asarray(image)
-    out_shape = resampled_shape(image.shape[0], image.shape[1], scale)
-    if out_shape == image.shape[:2]:
+    out_h, out_w = resampled_shape(image.shape[0], image.shape[1], scale)
+    if (out_h, out_w) == image.shape[:2]:
         return image
-    res = resize(
-        image,
-        out_shape + image.shape[2:],
-        order=order,
-        mode="reflect",
-        anti_aliasing=bool(order > 0 and scale < 1),
-        preserve_range=True,
-    )
     if order == 0:
-        return res.astype(image.dtype)
-    return np.clip(np.rint(res), 0, 255).astype(np.uint8)
+        rr = np.minimum(((np.arange(out_h) + 0.5) / scale).astype(np.int64), image.shape[0] - 1)
+        cc = np.minimum(((np.arange(out_w) + 0.5) / scale).astype(np.int64), image.shape[1] - 1)
+        return image[rr[:, None], cc[None, :]]
+    if order != 1 or image.dtype != np.uint8:
+        raise ValueError(f"resample_tile: order 1 needs uint8 (rows, cols[, 3]) input, got order {order}, {image.dtype}")
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((out_w, out_h), Image.BILINEAR))
 
 
 class _SourceCache:
@@ -162,22 +170,30 @@ class MosaicRenderer:
             for j, cs, cj in _runs(c0, k, w, cp, L.n_cols):
                 nc = cs.stop - cs.start
                 sl = (slice(ri, ri + k * (nr - 1) + 1, k), slice(cj, cj + k * (nc - 1) + 1, k))
-                m = inside[rs, cs] & bool(L.tissue[i, j])
+                sub = inside[rs, cs]
+                # 0: glass only, 1: cut by the outline, 2: all tissue
+                state = 0 if not L.tissue[i, j] else (2 if sub.all() else int(sub.any()))
+                view = out[rs, cs]
                 if rgb:
-                    out[rs, cs] = self._glass(i, j, sl, (nr, nc))
-                    if m.any():
-                        out[rs, cs][m] = self._tissue(i, j, sl, "rgb")[m]
+                    if state == 2:
+                        view[...] = self._tissue(i, j, sl, "rgb")
+                        continue
+                    view[...] = self._glass(i, j, sl, (nr, nc))
+                    if state == 1:
+                        np.copyto(view, self._tissue(i, j, sl, "rgb"), where=sub[..., None])
+                    continue
+                if level == 0 and state:
+                    self.inside_px[i, j] += nr * nc if state == 2 else int(sub.sum())
+                if state == 0:
+                    view[...] = 0
+                    continue
+                t = self.ds.tiles[L.source[i, j]]
+                value = t.lut[0] if t.mask is None else self._tissue(i, j, sl, "mask")
+                if state == 2:
+                    view[...] = value
                 else:
-                    if level == 0:
-                        self.inside_px[i, j] += int(m.sum())
-                    block = np.zeros((nr, nc), np.uint8)
-                    if m.any():
-                        t = self.ds.tiles[L.source[i, j]]
-                        if t.mask is None:
-                            block[m] = t.lut[0]
-                        else:
-                            block[m] = self._tissue(i, j, sl, "mask")[m]
-                    out[rs, cs] = block
+                    view[...] = 0
+                    np.copyto(view, value, where=sub)
         return out
 
     def _tissue(self, i: int, j: int, sl: tuple[slice, slice], what: str) -> np.ndarray:
