@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--init teacher needs --student {teacher.config.preset} (the teacher's preset)")
         base_cfg = dict(base=str(teacher.path) if args.init == "teacher" else None, preset=args.student, strong=(str(data_root),), split=args.split,
                         epochs=epochs, steps_per_epoch=steps, batch_size=args.batch_size, lr=args.lr,
-                        seed=args.seed, device="cpu", register=False)
+                        seed=args.seed, device="cpu", threads=args.threads, register=False)
         strong = build_finetune_data(FinetuneConfig(out_dir=str(work / "tmp"), **base_cfg), mpp=0.5)
 
         def train(tag: str, data: FinetuneData) -> dict:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.methods.nuclei.instances import boundary_watershed, distance_watershed, to_instances
-from napari_pathoseg.models.checkpoint import load_checkpoint
+from napari_pathoseg.models.checkpoint import load_checkpoint, read_header
 from napari_pathoseg.methods.nuclei.attcycle import PRESETS
 from napari_pathoseg.training import losses as L
 from napari_pathoseg.training.augment import geometric, hed_perturb
@@ -102,6 +102,33 @@ def test_resume_continues_and_matches_uninterrupted(tmp_path):
     steps = [e for e in events if isinstance(e, StepEvent)]
     assert [s.epoch for s in steps] == [1, 1]  # continued at epoch 1
     wa, wb = _weights(tmp_path / "a" / "last.safetensors"), _weights(tmp_path / "b" / "last.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k])
+
+
+def test_resume_of_a_checkpoint_written_before_the_engine(tmp_path):
+    """`last.safetensors` of the old loop (opt_g_groups/opt_d_groups, best_aji, no initial_lr) still resumes."""
+    from safetensors.torch import load_file, save_file
+
+    _run(tmp_path / "a", epochs=2)
+    _run(tmp_path / "b", epochs=1)
+    last = tmp_path / "b" / "last.safetensors"
+    header = read_header(last)
+    meta = header["meta"]
+    groups = meta.pop("optimizers")
+    for name, g in groups.items():
+        for group in g:
+            group.pop("initial_lr")
+        meta[f"opt_{name.lower()}_groups"] = g
+    meta["best_aji"] = meta.pop("best_value")
+    for k in ("best_epoch", "finished", "epoch_sums", "epoch_counts", "schedule"):
+        meta.pop(k)
+    md = {"format": "napari-pathoseg", "format_version": "1", "kind": "m2",
+          "config": json.dumps(header["config"], sort_keys=True), "meta": json.dumps(meta, sort_keys=True)}
+    save_file(load_file(str(last)), str(last), metadata=md)
+    events = _run(tmp_path / "b", epochs=2, resume=True)
+    assert events[0].resumed and events[0].epoch == 1
+    wa, wb = _weights(tmp_path / "a" / "last.safetensors"), _weights(last)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k])
 

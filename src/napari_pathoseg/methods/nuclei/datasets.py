@@ -21,7 +21,6 @@ import csv
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -337,15 +336,10 @@ def make_split(items: Sequence[LabelledImage], *, seed: int = 0) -> dict:
 
 
 def save_split(split: dict, path: str | os.PathLike) -> Path:
-    """Write a split JSON atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(split, fh, indent=1, sort_keys=True)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
+    """Write a split JSON atomically (:mod:`napari_pathoseg._atomic`)."""
+    from napari_pathoseg import _atomic
+
+    return _atomic.write_text(path, json.dumps(split, indent=1, sort_keys=True), create_parent=True)
 
 
 def load_split(path: str | os.PathLike) -> dict:

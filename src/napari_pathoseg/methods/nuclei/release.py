@@ -20,13 +20,13 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from napari_pathoseg._atomic import check_output, write_json
 from napari_pathoseg.models.checkpoint import load_checkpoint, save_checkpoint
 from napari_pathoseg.models.registry import WEIGHTS_DIR, load_model
 from napari_pathoseg.training.augment import hed_perturb
@@ -148,13 +148,10 @@ def release_model(
     card["scores"] = card.get("test", {})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    target = check_output(out / f"{name}.safetensors", inputs=[best], what="the released model")
     new_meta = dict(meta, instance_method=method, instance_params=params, card=card)
-    save_checkpoint(out / f"{name}.safetensors", tensors, config, new_meta)
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(card, fh, indent=1)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out / f"{name}.json")
+    save_checkpoint(target, tensors, config, new_meta)
+    write_json(out / f"{name}.json", card)
     return card
 
 
