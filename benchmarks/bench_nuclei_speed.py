@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     from napari_pathoseg.models.registry import load_model
-    from napari_pathoseg.inference.engine import read_tile
+    from napari_pathoseg.inference.engine import read_window
     from napari_pathoseg.methods.nuclei.segment import segment_nuclei
     from napari_pathoseg.wsi.slide import open_slide, sample_slide_path
 
@@ -56,7 +56,7 @@ def main() -> None:
         lv = slide.best_level_for_downsample(res.scale)
         x0, y0, f = res.region[0], res.region[1], res.scale
         tiles = np.stack([
-            read_tile(slide, level=lv, x0=x0 + c * f, y0=y0 + r * f, scale=f, size=tile) for r, c in grid
+            read_window(slide, level=lv, x0=x0 + c * f, y0=y0 + r * f, scale=f, size=tile) for r, c in grid
         ])
         t = time.perf_counter()
         for b in range(0, len(tiles), args.batch):

@@ -8,7 +8,6 @@ import pytest
 from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.wsi.slide import Slide, open_slide
 from napari_pathoseg.tiling import (
-    Stitcher,
     choose_level,
     read_tile,
     tile_entropy,
@@ -84,27 +83,6 @@ def test_tile_grid_region_and_errors(he_image):
     no_mpp = Slide.from_array(np.zeros((300, 300, 3), np.uint8))
     with pytest.raises(PathosegError, match="µm per pixel is unknown"):
         tile_grid(no_mpp, mpp=0.5)
-
-
-def test_stitcher_averages_overlaps_and_matches_whole(tmp_path):
-    rng = np.random.default_rng(0)
-    full = rng.random((300, 410)).astype(np.float32)
-    for path in (None, tmp_path):
-        st = Stitcher(shape=full.shape, channels=0, path=path, margin=16)
-        for r in range(0, 300, 96):
-            for c in range(0, 410, 96):
-                st.add(full[r : r + 128, c : c + 128], row=r, col=c)
-        out = st.result()
-        np.testing.assert_allclose(out, full, atol=1e-5)
-        assert st.coverage().all()
-
-
-def test_stitcher_channels_and_feathering():
-    st = Stitcher(shape=(10, 20), channels=2, margin=0)
-    st.add(np.ones((10, 12, 2)), row=0, col=0)
-    st.add(np.full((10, 12, 2), 3.0), row=0, col=8)
-    out = st.result()
-    assert out[0, 0, 0] == 1 and out[0, 19, 1] == 3 and out[0, 10, 0] == 2
 
 
 def test_tiles_csv(tmp_path, he_image):

@@ -1,9 +1,10 @@
-"""Tissue detection, tile grids over tissue, and stitching of per-tile outputs.
+"""Tissue detection and tile grids over tissue.
 
 The methods (M1-M5) all work tile by tile: this module finds the tissue on a
-low-resolution level, lays a grid of tiles over it at a requested resolution, and
-writes per-tile outputs back into a level-sized result with overlap averaging, with
-memory bounded by the tiles (the result can live in a memory-mapped file).
+low-resolution level and lays a grid of tiles over it at a requested resolution.
+Running a network over the tiles and stitching its outputs back (overlap averaging,
+ownership of objects, bounded memory) is the inference engine's job
+(:mod:`napari_pathoseg.inference`).
 
 Examples
 --------
@@ -21,10 +22,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -38,8 +37,6 @@ __all__ = [
     "tile_grid",
     "choose_level",
     "read_tile",
-    "Stitcher",
-    "feather_weights",
     "write_tiles_csv",
 ]
 
@@ -321,110 +318,6 @@ def read_tile(slide: Slide, tile: Tile) -> np.ndarray:
         img = resize(img, (out, out), order=1, anti_aliasing=n > out, preserve_range=True)
         img = np.clip(img + 0.5, 0, 255).astype(np.uint8)
     return img
-
-
-def feather_weights(size: tuple[int, int], *, margin: int) -> np.ndarray:
-    """(h, w) float32 weights ramping linearly from ~0 at the edges to 1 at ``margin``."""
-    h, w = size
-    if margin <= 0:
-        return np.ones((h, w), np.float32)
-    rr = np.minimum(np.arange(h) + 1, np.arange(h)[::-1] + 1).astype(np.float32)
-    cc = np.minimum(np.arange(w) + 1, np.arange(w)[::-1] + 1).astype(np.float32)
-    rr = np.clip(rr / margin, 1e-3, 1.0)
-    cc = np.clip(cc / margin, 1e-3, 1.0)
-    return np.minimum(rr[:, None], cc[None, :])
-
-
-class Stitcher:
-    """Accumulate per-tile outputs into a level-sized array with overlap averaging.
-
-    Parameters
-    ----------
-    shape : (rows, cols)
-        Size of the result.
-    channels : int
-        Number of channels (0 for a 2-D result).
-    dtype : numpy dtype
-        Type of the result (the running sums are float32).
-    path : str or Path, optional
-        Directory for memory-mapped accumulators: then memory use is bounded by the
-        tiles in flight, not by the result size.
-    margin : int
-        Feathering margin in pixels (0: plain averaging).
-
-    Examples
-    --------
-    >>> st = Stitcher(shape=(4, 6), channels=0)
-    >>> st.add(np.ones((4, 4)), row=0, col=0); st.add(np.full((4, 4), 3.0), row=0, col=2)
-    >>> st.result()[0].tolist()
-    [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]
-    """
-
-    def __init__(
-        self,
-        *,
-        shape: tuple[int, int],
-        channels: int = 0,
-        dtype: np.dtype | type = np.float32,
-        path: str | os.PathLike | None = None,
-        margin: int = 0,
-    ) -> None:
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.channels = int(channels)
-        self.dtype = np.dtype(dtype)
-        self.margin = int(margin)
-        full = self.shape + ((self.channels,) if self.channels else ())
-        self._dir = None
-        if path is not None:
-            self._dir = tempfile.mkdtemp(prefix="stitch-", dir=str(path))
-            self._sum = np.lib.format.open_memmap(Path(self._dir) / "sum.npy", mode="w+", dtype=np.float32, shape=full)
-            self._w = np.lib.format.open_memmap(Path(self._dir) / "w.npy", mode="w+", dtype=np.float32, shape=self.shape)
-        else:
-            self._sum = np.zeros(full, np.float32)
-            self._w = np.zeros(self.shape, np.float32)
-
-    def add(self, tile: np.ndarray, *, row: int, col: int, weight: np.ndarray | None = None) -> None:
-        """Add ``tile`` ((h, w) or (h, w, C)) with its top-left at (row, col); clipped to the result."""
-        tile = np.asarray(tile, dtype=np.float32)
-        h, w = tile.shape[:2]
-        if weight is None:
-            weight = feather_weights((h, w), margin=self.margin)
-        r0, c0 = max(row, 0), max(col, 0)
-        r1, c1 = min(row + h, self.shape[0]), min(col + w, self.shape[1])
-        if r1 <= r0 or c1 <= c0:
-            return
-        t = tile[r0 - row : r1 - row, c0 - col : c1 - col]
-        wt = weight[r0 - row : r1 - row, c0 - col : c1 - col]
-        if self.channels:
-            self._sum[r0:r1, c0:c1] += t * wt[..., None]
-        else:
-            self._sum[r0:r1, c0:c1] += t * wt
-        self._w[r0:r1, c0:c1] += wt
-
-    def iter_result(self, *, rows: int = 1024) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(row0, block)`` strips of the averaged result (bounded memory)."""
-        for r in range(0, self.shape[0], rows):
-            s = np.asarray(self._sum[r : r + rows])
-            w = np.asarray(self._w[r : r + rows])
-            w = np.where(w > 0, w, 1.0)
-            out = s / (w[..., None] if self.channels else w)
-            if np.issubdtype(self.dtype, np.integer):
-                info = np.iinfo(self.dtype)
-                out = np.clip(np.rint(out), info.min, info.max)
-            yield r, out.astype(self.dtype)
-
-    def result(self, *, out: np.ndarray | None = None) -> np.ndarray:
-        """The averaged result (written into ``out``, e.g. a memmap, when given)."""
-        full = self.shape + ((self.channels,) if self.channels else ())
-        if out is None:
-            out = np.empty(full, self.dtype)
-        for r, block in self.iter_result():
-            out[r : r + block.shape[0]] = block
-        return out
-
-    def coverage(self) -> np.ndarray:
-        """(rows, cols) bool: pixels that received at least one tile."""
-        return np.asarray(self._w) > 0
 
 
 def write_tiles_csv(tiles: list[Tile], path: str | os.PathLike) -> Path:

@@ -7,7 +7,7 @@ from napari_pathoseg.inference.engine import (
     TilePlan,
     iter_predict,
     plan_tiles,
-    read_tile,
+    read_window,
     run_predict,
 )
 from napari_pathoseg.inference.sinks import (
@@ -28,7 +28,7 @@ __all__ = [
     "TilePlan",
     "iter_predict",
     "plan_tiles",
-    "read_tile",
+    "read_window",
     "run_predict",
     "Instances",
     "InstancesResult",

@@ -107,6 +107,8 @@ class RowBand:
         self.top = 0
         self._parts = [(tuple(t), np.dtype(d), f) for t, d, f in parts]
         self._data = [np.full((0,) + t, f, d) for t, d, f in self._parts]
+        #: Most rows ever held in memory at once.
+        self.peak = 0
 
     @property
     def height(self) -> int:
@@ -126,6 +128,7 @@ class RowBand:
                 arr[: old.shape[0]] = old
                 grown.append(arr)
             self._data = grown
+            self.peak = max(self.peak, new)
         return [d[row0 - self.top : row1 - self.top] for d in self._data]
 
     def pop(self, upto: int) -> Iterator[tuple[int, list[np.ndarray]]]:

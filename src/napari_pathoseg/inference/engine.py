@@ -65,7 +65,7 @@ __all__ = [
     "iter_predict",
     "run_predict",
     "plan_tiles",
-    "read_tile",
+    "read_window",
     "EDGES",
 ]
 
@@ -348,7 +348,7 @@ def plan_tiles(
 # ----------------------------------------------------------------------------- reading
 
 
-def read_tile(
+def read_window(
     slide: Slide,
     *,
     level: int,
@@ -404,7 +404,7 @@ class _Reader:
         x, y = p.region[:2]
         f = p.scale
         imgs = np.stack([
-            read_tile(self.slide, level=p.level, x0=x + c * f, y0=y + r * f, scale=f, size=p.tile, edge=self.edge)
+            read_window(self.slide, level=p.level, x0=x + c * f, y0=y + r * f, scale=f, size=p.tile, edge=self.edge)
             for r, c in chunk
         ])
         ctx_batches = None
@@ -413,7 +413,7 @@ class _Reader:
             for ctx, fc, lv in self.context:
                 half = ctx.size * fc / 2.0
                 ctx_batches.append(np.stack([
-                    read_tile(
+                    read_window(
                         self.slide, level=lv, x0=x + (c + p.tile / 2.0) * f - half, y0=y + (r + p.tile / 2.0) * f - half,
                         scale=fc, size=int(ctx.size), edge=self.edge,
                     )

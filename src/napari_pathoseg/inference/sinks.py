@@ -29,9 +29,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from napari_pathoseg.errors import PathosegError
+from napari_pathoseg.events import Cancellable
 from napari_pathoseg.inference._rows import RowBand, RowStore
 from napari_pathoseg.inference.engine import TilePlan
-from napari_pathoseg.tiling import feather_weights
 
 __all__ = [
     "Sink",
@@ -110,6 +110,8 @@ class MapResult:
         Channel names (may be empty).
     coverage : float
         Fraction of the output that tiles reached.
+    peak_rows : int
+        Most output rows the run held in memory at once (the rest were streamed out).
     """
 
     store: RowStore
@@ -118,6 +120,7 @@ class MapResult:
     classes: tuple[str, ...] = ()
     coverage: float = 0.0
     key: str = ""
+    peak_rows: int = 0
 
     @property
     def array(self) -> np.ndarray:
@@ -155,15 +158,19 @@ class MapResult:
         channel: int | None = None,
         colors: Sequence[tuple[int, int, int]] | None = None,
         tile: int = 256,
+        levels: int | None = None,
         compression: str | None = "zlib",
-        cancel: Any = None,
+        cancel: Cancellable | None = None,
     ) -> Path:
         """Stream the map to a pyramidal tiled RGB TIFF on its own grid (µm/px = ``plan.mpp``).
 
         One channel is written as grey (value x 255), an RGB image as itself, several
         channels as probability-weighted class colours (``colors``, default a palette);
         ``channel`` picks one channel. Rows are read from the store a strip at a time, so
-        memory stays a few strips whatever the map size. Atomic.
+        memory stays a few strips whatever the map size. ``levels``: number of pyramid
+        levels (default: halve until the longest side is at most 1024). ``cancel`` (with
+        ``is_set()``) stops the write: nothing is left behind and
+        :class:`~napari_pathoseg.errors.CancelledError` is raised. Atomic.
 
         Returns
         -------
@@ -186,9 +193,33 @@ class MapResult:
             return strip["data"][:height, col : col + width]
 
         with atomic_path(path) as tmp:
-            write_tiled_pyramid(tmp, read, shape=self.shape[:2], tile=tile, mpp=self.plan.mpp, compression=compression,
-                                software="napari-pathoseg", cancel=cancel)
+            write_tiled_pyramid(tmp, read, shape=self.shape[:2], n_levels=levels, tile=tile, mpp=self.plan.mpp,
+                                compression=compression, software="napari-pathoseg",
+                                cancel=None if cancel is None else cancel.is_set)
         return Path(path)
+
+
+def _feather(hh: int, ww: int, *, sides: tuple[bool, bool, bool, bool], margin: int) -> np.ndarray:
+    """(hh, ww) weights rising from ~0 to 1 over ``margin`` pixels from the (top, bottom, left, right) sides asked.
+
+    The rise is a raised cosine: a tile's last few pixels, where its padding shows, weigh
+    almost nothing, and the blend is smooth across the overlap.
+    """
+    if margin <= 0:
+        return np.ones((hh, ww), np.float32)
+    top, bottom, left, right = sides
+
+    def ramp(n: int, lo: bool, hi: bool) -> np.ndarray:
+        i = np.arange(n, dtype=np.float32)
+        d = np.full(n, np.float32(margin))
+        if lo:
+            d = np.minimum(d, i + 0.5)
+        if hi:
+            d = np.minimum(d, n - i - 0.5)
+        v = 0.5 - 0.5 * np.cos(np.pi * np.clip(d / margin, 0.0, 1.0))
+        return np.clip(v, 1e-4, 1.0).astype(np.float32)
+
+    return np.minimum(ramp(hh, top, bottom)[:, None], ramp(ww, left, right)[None, :])
 
 
 class ProbabilityMap(Sink):
@@ -209,8 +240,8 @@ class ProbabilityMap(Sink):
     fill : float
         Stored value where no tile ran (background tiles skipped, a cancelled run).
     blend : {"feather", "mean", "core"}
-        Overlap handling: a mean weighted by ramps over ``margin`` pixels from each tile
-        edge (no seams), a plain mean, or each pixel from the one tile owning it.
+        Overlap handling: a mean weighted by ramps over ``margin`` pixels from each inner
+        tile edge (no seams), a plain mean, or each pixel from the one tile owning it.
     margin : int, optional
         Feathering ramp (default half the overlap).
     channels_last : bool
@@ -263,17 +294,22 @@ class ProbabilityMap(Sink):
         self._store = RowStore((rows,) + tail, self.dtype, path=self._file())
 
     def _weight(self, r: int, c: int, hh: int, ww: int) -> np.ndarray:
+        p = self.plan
         if self.blend == "core":
-            r0, c0, r1, c1 = self.plan.core(r, c)
+            r0, c0, r1, c1 = p.core(r, c)
             w = np.zeros((hh, ww), np.float32)
             w[r0:r1, c0:c1] = 1.0
             return w
         if self.blend == "mean":
             return np.ones((hh, ww), np.float32)
-        w = self._weights.get((hh, ww))
+        # feather only the sides that have a neighbour: at the output's own edges a tile is
+        # alone, and ramping there would let a neighbour's padded edge weigh as much as it
+        sides = (r > 0, r + p.tile < p.shape[0], c > 0, c + p.tile < p.shape[1])
+        key = sides + (hh, ww)
+        w = self._weights.get(key)
         if w is None:
-            margin = self.plan.overlap // 2 if self.margin is None else self.margin
-            w = self._weights[(hh, ww)] = feather_weights((hh, ww), margin=margin)
+            margin = p.overlap // 2 if self.margin is None else self.margin
+            w = self._weights[key] = _feather(hh, ww, sides=sides, margin=margin)
         return w
 
     def add(self, tiles: Sequence[tuple[int, int]], outputs: Mapping[str, Any]) -> None:
@@ -328,7 +364,7 @@ class ProbabilityMap(Sink):
         self._store.close()
         rows, cols = self.plan.shape
         return MapResult(store=self._store, plan=self.plan, scale=self.scale, classes=self.classes,
-                         coverage=self._covered / float(rows * cols), key=self.key)
+                         coverage=self._covered / float(rows * cols), key=self.key, peak_rows=self._band.peak)
 
 
 # ----------------------------------------------------------------------------- tile scores
