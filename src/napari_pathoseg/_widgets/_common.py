@@ -10,7 +10,16 @@
   :func:`show_progress`, :func:`idle_progress`);
 * where the user looks: the camera (:func:`camera`), the part of a slide layer on screen
   (:func:`view_rect`) and a drawn box over it (:func:`shape_rect`), in level-0 pixels; and
-  where a coarser result goes over the slide (:func:`grid_placement`).
+  where a coarser result goes over the slide (:func:`grid_placement`);
+* one world unit for every layer (:func:`adopt_units`, :func:`follow_slide_units`): napari
+  turns the scale bar's unit off ("Inconsistent units") as soon as one layer is in pixels
+  while the slide is in µm;
+* layer data prepared off the GUI thread (:func:`display_levels`): a large result becomes a
+  multiscale pyramid so napari only draws what is on screen.
+
+Background jobs run through :mod:`napari_pathoseg._widgets._jobs` (``JobController``); the
+worker helpers below (:func:`connect_worker`, :func:`request_stop`...) remain for docks not
+yet moved onto it.
 """
 
 from __future__ import annotations
@@ -42,11 +51,14 @@ if TYPE_CHECKING:
     import napari
 
 __all__ = [
+    "adopt_units",
     "ask_directory",
     "ask_open_file",
     "camera",
     "connect_worker",
+    "display_levels",
     "docked_widgets",
+    "follow_slide_units",
     "form",
     "grid_placement",
     "hbox",
@@ -334,3 +346,67 @@ def grid_placement(
     if units is not None:
         out["units"] = tuple(str(u) for u in units[-2:])
     return out
+
+
+# ---------------------------------------------------------------------- units
+
+
+def _is_pixels(units: Any) -> bool:
+    return units is None or all(str(u) in ("pixel", "px", "") for u in units)
+
+
+def adopt_units(layer: Any, reference: Any) -> bool:
+    """Give ``layer`` the world units of ``reference`` (a slide layer) when it is still in pixels.
+
+    A layer the user adds (a Shapes layer to draw a rectangle, Points to mark cells) comes in
+    napari's default ``pixel`` units; next to a slide in µm napari then drops units altogether
+    and the scale bar shows none. Layers with physical units of their own are left alone.
+    Returns True when the units were changed.
+    """
+    ref = getattr(reference, "units", None)
+    units = getattr(layer, "units", None)
+    if ref is None or _is_pixels(ref) or not _is_pixels(units) or layer is reference:
+        return False
+    ndim = len(units) if units is not None else layer.ndim
+    ref = tuple(ref)
+    layer.units = (ref[:1] * (ndim - len(ref)) + ref)[-ndim:]
+    return True
+
+
+def follow_slide_units(viewer: "napari.Viewer", slide_layers: Callable[["napari.Viewer"], Sequence[Any]]) -> None:
+    """Give every Shapes, Points or Labels layer added to ``viewer`` in pixels the slides' units.
+
+    ``slide_layers(viewer)`` lists the slide layers; nothing changes while there is none or
+    while they disagree among themselves.
+    """
+    from napari.layers import Labels, Points, Shapes
+
+    def on_inserted(event: Any) -> None:
+        layer = getattr(event, "value", None)
+        if not isinstance(layer, (Shapes, Points, Labels)):
+            return
+        slides = list(slide_layers(viewer))
+        if slides and len({tuple(str(u) for u in s.units) for s in slides}) == 1:
+            adopt_units(layer, slides[0])
+
+    viewer.layers.events.inserted.connect(on_inserted)
+
+
+# ---------------------------------------------------------------------- layer data
+
+
+def display_levels(array: Any, *, max_side: int = 2048, min_side: int = 512) -> list[Any]:
+    """The levels napari should get for a large 2-D result (labels, image): built off the GUI thread.
+
+    An array whose sides are all at most ``max_side`` stays one level. A larger one gets a
+    nearest-neighbour pyramid (every second pixel) down to ``min_side``, each coarser level
+    an in-memory copy made here (call this in the job, not on the GUI thread), so napari
+    draws only the part on screen at a fitting level instead of colouring and uploading the
+    whole array at once. The full-resolution level stays as given (an array or memmap).
+    """
+    levels = [array]
+    if max(array.shape[:2]) <= max_side:
+        return levels
+    while max(levels[-1].shape[:2]) > min_side:
+        levels.append(np.ascontiguousarray(levels[-1][::2, ::2]))
+    return levels

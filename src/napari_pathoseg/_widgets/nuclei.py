@@ -1,46 +1,54 @@
-"""The "Nuclei" dock: segment nuclei on the view, a drawn rectangle or the whole slide."""
+"""The "Nuclei" dock: segment nuclei on the view, a drawn rectangle or the whole slide.
+
+The run goes through the dock job controller (:mod:`napari_pathoseg._widgets._jobs`): the model
+is loaded and the slide segmented in a background thread (tissue tiles only, in every mode),
+the result layers are prepared there too (a multiscale pyramid for large results), and the GUI
+thread only adds them. Stop keeps the nuclei of the tiles already finished.
+"""
 
 from __future__ import annotations
 
 import logging
 import tempfile
-import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QProgressBar, QPushButton, QWidget
 
 from napari_pathoseg._widgets._common import (
+    adopt_units,
     ask_open_file,
-    connect_worker,
+    display_levels,
+    follow_slide_units,
     form,
     grid_placement,
     hbox,
     layer_named,
     refill_combo,
-    request_stop,
-    show_worker_error,
     status_label,
     stop_button,
     vbox,
     view_rect,
     watch_layer_list,
 )
-from napari_pathoseg.errors import CancelledError, PathosegError
-from napari_pathoseg.methods.nuclei.segment import NucleiResult, Progress, iter_segment_nuclei
+from napari_pathoseg._widgets._jobs import JobController
 from napari_pathoseg._widgets.slide import slide_layers, slide_of_layer
+from napari_pathoseg.errors import PathosegError
+from napari_pathoseg.events import Progress
+from napari_pathoseg.methods.nuclei.segment import NucleiResult, iter_segment_nuclei
 
 if TYPE_CHECKING:
     import napari
 
-__all__ = ["NucleiWidget", "view_region", "shape_region", "place_result"]
+__all__ = ["NucleiWidget", "view_region", "shape_region", "place_result", "nucleus_models"]
 
 logger = logging.getLogger(__name__)
 
 REGIONS = ("Current view", "Drawn rectangle", "Whole slide")
+TASK = "nuclei"
 
 
 def view_region(layer: Any, viewer: Any) -> tuple[int, int, int, int]:
@@ -67,9 +75,51 @@ def shape_region(shapes_layer: Any, slide_layer: Any) -> tuple[int, int, int, in
 
 
 def place_result(slide_layer: Any, result: NucleiResult) -> dict[str, Any]:
-    """Scale and translate that put a result (model grid) exactly over ``slide_layer``."""
+    """Scale, translate and units that put a result (model grid) exactly over ``slide_layer``."""
     x, y, _, _ = result.region
     return grid_placement(slide_layer, row=y, col=x, downsample=result.scale)
+
+
+def nucleus_models() -> list[Any]:
+    """The registered models of the nuclei task (shipped first); each maps ``name`` and ``path``."""
+    from napari_pathoseg.models.registry import list_models
+
+    try:
+        return list(list_models(task=TASK))
+    except TypeError:  # a registry without tasks: every model is a nucleus model unless it says otherwise
+        return [m for m in list_models() if (m.get("task") or TASK) == TASK]
+
+
+@dataclass
+class NucleiLayers:
+    """A segmentation result with its layer data prepared off the GUI thread."""
+
+    result: NucleiResult
+    labels: list[Any]
+    normalized: list[Any] | None
+
+    @property
+    def cancelled(self) -> bool:
+        return bool(getattr(self.result, "cancelled", False))
+
+
+def segment_job(slide: Any, model_ref: str, *, region: Any, mpp: float | None, work_dir: str | None, cancel: Any):
+    """The dock's job: load the model, segment the tissue tiles, prepare the layers (worker thread)."""
+    from napari_pathoseg.models.registry import load_model
+
+    yield Progress(0, 0, "loading the model…", stage="model")
+    model = load_model(model_ref, task=TASK)
+    for ev in iter_segment_nuclei(
+        slide, model, region=region, mpp=mpp, tissue_only=True, cancel=cancel, work_dir=work_dir
+    ):
+        if isinstance(ev, NucleiResult):
+            yield Progress(ev.tiles, max(ev.tiles, getattr(ev, "tiles_total", 0) or ev.tiles), "preparing the layers…")
+            norm = ev.normalized
+            # no tissue tile: nothing was normalised (the engine may give a blank 2-D array)
+            normalized = display_levels(norm) if norm is not None and norm.ndim == 3 and ev.tiles else None
+            yield NucleiLayers(ev, display_levels(ev.labels), normalized)
+        else:
+            yield ev
 
 
 class NucleiWidget(QWidget):
@@ -78,9 +128,7 @@ class NucleiWidget(QWidget):
     def __init__(self, napari_viewer: "napari.Viewer") -> None:
         super().__init__()
         self.viewer = napari_viewer
-        self._worker = None
-        self._cancel: threading.Event | None = None
-        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._tmps: list[tempfile.TemporaryDirectory] = []
         self._models: dict[str, str] = {}
 
         self.layer_combo = QComboBox()
@@ -89,6 +137,8 @@ class NucleiWidget(QWidget):
         self.region_combo = QComboBox()
         self.region_combo.addItems(REGIONS)
         self.shapes_combo = QComboBox()
+        self.draw_btn = QPushButton("Draw…")
+        self.draw_btn.setToolTip("Add a rectangle layer over the slide and start drawing")
         self.mpp_spin = QDoubleSpinBox()
         self.mpp_spin.setDecimals(4)
         self.mpp_spin.setRange(0.0, 100.0)
@@ -106,7 +156,7 @@ class NucleiWidget(QWidget):
                 ("Slide", self.layer_combo),
                 ("Model", hbox((self.model_combo, 1), self.model_btn)),
                 ("Region", self.region_combo),
-                ("Rectangle layer", self.shapes_combo),
+                ("Rectangle layer", hbox((self.shapes_combo, 1), self.draw_btn)),
                 ("µm/px", self.mpp_spin),
             ),
             hbox(self.run_btn, self.stop_btn),
@@ -114,52 +164,59 @@ class NucleiWidget(QWidget):
             self.status,
             stretch_end=True,
         )
+        self.jobs = JobController(
+            self,
+            progress=self.progress,
+            status=self.status,
+            stop_button=self.stop_btn,
+            run_buttons=[self.run_btn],
+            why_not=self._why_not,
+            action="Nucleus segmentation",
+        )
 
         self.run_btn.clicked.connect(self._on_run)
-        self.stop_btn.clicked.connect(self._on_stop)
         self.model_btn.clicked.connect(self._on_browse_model)
-        self.layer_combo.currentIndexChanged.connect(self._update_run_state)
-        self.region_combo.currentIndexChanged.connect(self._update_run_state)
+        self.draw_btn.clicked.connect(self._on_draw)
+        self.layer_combo.currentIndexChanged.connect(self.jobs.refresh)
+        self.region_combo.currentIndexChanged.connect(self.jobs.refresh)
+        self.shapes_combo.currentIndexChanged.connect(self.jobs.refresh)
+        self.model_combo.currentIndexChanged.connect(self.jobs.refresh)
         watch_layer_list(self.viewer, self._refresh)
+        follow_slide_units(self.viewer, slide_layers)
         self.refresh_models()
         self._refresh()
 
     # ------------------------------------------------------------------ state
     def refresh_models(self, select: str | None = None) -> None:
-        """Fill the model list from the registry (shipped and user models)."""
-        from napari_pathoseg.models.registry import list_models
-
+        """Fill the model list with the registry's nucleus models (shipped and user)."""
         current = select or self.model_combo.currentText()
         try:
-            models = list_models()
+            models = nucleus_models()
         except PathosegError as exc:
             show_error(str(exc))
             models = []
         for m in models:
-            self._models[m["name"]] = m["path"]
+            self._models[m["name"]] = str(m["path"])
         refill_combo(self.model_combo, list(self._models), current=current)
-        self._update_run_state()
+        self.jobs.refresh()
 
     def _refresh(self, event: Any = None) -> None:
         from napari.layers import Shapes
 
         refill_combo(self.layer_combo, [ly.name for ly in slide_layers(self.viewer)])
         refill_combo(self.shapes_combo, [ly.name for ly in self.viewer.layers if isinstance(ly, Shapes)])
-        self._update_run_state()
+        self.jobs.refresh()
 
-    def _update_run_state(self, *args: Any) -> None:
-        why = ""
+    def _why_not(self) -> str:
         if not self.layer_combo.currentText():
-            why = "Open a slide first (File > Open or the Slide dock)."
-        elif not self.model_combo.currentText():
-            why = "No nucleus model: choose a checkpoint file."
-        elif self.region_combo.currentText() == "Drawn rectangle" and not self.shapes_combo.currentText():
-            why = "Add a Shapes layer and draw a rectangle on the slide."
-        running = self._worker is not None
-        self.run_btn.setEnabled(not why and not running)
-        self.run_btn.setToolTip(why or "Run in the background; Stop cancels.")
+            return "Open a slide first (File > Open or the Slide dock)."
+        if not self.model_combo.currentText():
+            return "No nucleus model: choose a checkpoint file."
+        if self.region_combo.currentText() == "Drawn rectangle" and not self.shapes_combo.currentText():
+            return "Draw a rectangle on the slide first (Draw…)."
+        return ""
 
-    def slide_layer(self):
+    def slide_layer(self) -> Any:
         return layer_named(self.viewer, self.layer_combo.currentText())
 
     # ------------------------------------------------------------------ callbacks
@@ -176,13 +233,29 @@ class NucleiWidget(QWidget):
             self.model_combo.addItem(name)
         self.model_combo.setCurrentText(name)
 
+    def _on_draw(self) -> Any:
+        """Add a rectangle layer in the slide's units, chosen for "Drawn rectangle", in draw mode."""
+        slide = self.slide_layer()
+        units = tuple(slide.units) if slide is not None else None
+        shapes = self.viewer.add_shapes(
+            name="nuclei region", shape_type="rectangle", edge_color="yellow", face_color="transparent",
+            edge_width=4 * float(slide.scale[-1]) if slide is not None else 4, units=units,
+        )
+        shapes.mode = "add_rectangle"
+        self.shapes_combo.setCurrentText(shapes.name)
+        self.region_combo.setCurrentText("Drawn rectangle")
+        return shapes
+
     def current_region(self) -> tuple[int, int, int, int] | None:
         layer = self.slide_layer()
         choice = self.region_combo.currentText()
         if choice == "Whole slide":
             return None
         if choice == "Drawn rectangle":
-            return shape_region(layer_named(self.viewer, self.shapes_combo.currentText()), layer)
+            shapes = layer_named(self.viewer, self.shapes_combo.currentText())
+            if shapes is not None:
+                adopt_units(shapes, layer)
+            return shape_region(shapes, layer)
         return view_region(layer, self.viewer)
 
     def _on_run(self) -> None:
@@ -198,43 +271,41 @@ class NucleiWidget(QWidget):
             return
         mpp = self.mpp_spin.value() or None
         model_ref = self._models.get(self.model_combo.currentText(), self.model_combo.currentText())
-        self._cancel = threading.Event()
-        if region is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="pathoseg-nuclei-")
-        work_dir = self._tmp.name if (region is None and self._tmp) else None
-        self.progress.setValue(0)
-        self.status.setText("loading model…")
-        worker = connect_worker(
-            _segment_worker(slide, model_ref, region=region, mpp=mpp, cancel=self._cancel, work_dir=work_dir),
-            yielded=self._on_progress,
-            returned=lambda res, _l=layer: self._on_done(_l, res),
-            errored=self._on_error,
-            finished=self._on_finished,
+        work_dir = None
+        if region is None:  # whole slide: labels as files, kept while the dock lives
+            tmp = tempfile.TemporaryDirectory(prefix="pathoseg-nuclei-")
+            self._tmps.append(tmp)
+            work_dir = tmp.name
+        self.jobs.start(
+            lambda token: segment_job(slide, model_ref, region=region, mpp=mpp, work_dir=work_dir, cancel=token),
+            done_type=NucleiLayers,
+            on_event=self._on_progress,
+            on_done=lambda prepared, _l=layer: self._on_done(_l, prepared),
+            message="loading the model…",
         )
-        self._worker = worker
-        self.stop_btn.setEnabled(True)
-        self._update_run_state()
-        worker.start()
 
-    def _on_stop(self) -> None:
-        request_stop(self._cancel, status=self.status)
+    def _on_progress(self, ev: Any) -> None:
+        if isinstance(ev, Progress) and ev.total:
+            self.status.setText(f"{ev.done}/{ev.total} tiles · {ev.message}")
 
-    def _on_progress(self, ev: Progress) -> None:
-        self.progress.setMaximum(max(1, ev.total))
-        self.progress.setValue(ev.done)
-        self.status.setText(f"{ev.done}/{ev.total} tiles · {ev.message}")
-
-    def _on_done(self, slide_layer: Any, result: NucleiResult) -> None:
+    def _on_done(self, slide_layer: Any, prepared: NucleiLayers) -> None:
+        result = prepared.result
         place = place_result(slide_layer, result)
         name = f"{slide_layer.name} nuclei"
         norm_name = f"{slide_layer.name} normalised"
         for n in (name, norm_name):
             if n in self.viewer.layers:
                 self.viewer.layers.remove(n)
-        if result.normalized is not None:
-            self.viewer.add_image(result.normalized, name=norm_name, rgb=True, contrast_limits=(0, 255), visible=False, **place)
+        if prepared.normalized is not None:
+            levels = prepared.normalized
+            self.viewer.add_image(
+                levels if len(levels) > 1 else levels[0], multiscale=len(levels) > 1, name=norm_name, rgb=True,
+                contrast_limits=(0, 255), visible=False, **place,
+            )
+        levels = prepared.labels
         self.viewer.add_labels(
-            result.labels,
+            levels if len(levels) > 1 else levels[0],
+            multiscale=len(levels) > 1,
             name=name,
             opacity=0.6,
             metadata={
@@ -242,6 +313,7 @@ class NucleiWidget(QWidget):
                 "region_xywh": list(result.region),
                 "table": result.table,
                 "mpp": result.mpp,
+                "cancelled": prepared.cancelled,
                 # the slide under the labels: the Export dock and the GeoJSON writer read it
                 "slide": slide_layer.metadata.get("slide"),
                 "pathoseg_slide": slide_of_layer(slide_layer),
@@ -251,38 +323,16 @@ class NucleiWidget(QWidget):
             **place,
         )
         self.viewer.layers.selection.active = slide_layer
+        if prepared.cancelled:
+            total = getattr(result, "tiles_total", 0) or result.tiles
+            self.status.setText(f"stopped: {result.n_nuclei} nuclei in the {result.tiles} of {total} tiles finished are kept")
+            show_info(f"Stopped: the {result.n_nuclei} nuclei of {result.tiles} finished tiles are kept")
+            return
         self.status.setText(
             f"{result.n_nuclei} nuclei · {result.tiles} tiles · {result.timings.get('total_s', 0):.1f} s ({result.model})"
         )
         show_info(f"{result.n_nuclei} nuclei found")
 
-    def _on_error(self, exc: Exception) -> None:
-        if isinstance(exc, CancelledError):
-            self.status.setText(f"stopped: {exc}")
-            show_info("Nucleus segmentation stopped.")
-        else:
-            show_worker_error(exc, action="Nucleus segmentation", status=self.status)
-
-    def _on_finished(self) -> None:
-        self._worker = None
-        self.stop_btn.setEnabled(False)
-        self._update_run_state()
-
     def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
-        if self._cancel is not None:
-            self._cancel.set()
+        self.jobs.stop()
         super().closeEvent(event)
-
-
-@thread_worker(ignore_errors=True)  # errors go to NucleiWidget._on_error
-def _segment_worker(slide, model_ref, *, region, mpp, cancel, work_dir):
-    from napari_pathoseg.models.registry import load_model
-
-    model = load_model(model_ref)
-    result = None
-    for ev in iter_segment_nuclei(slide, model, region=region, mpp=mpp, cancel=cancel, work_dir=work_dir):
-        if isinstance(ev, Progress):
-            yield ev
-        else:
-            result = ev
-    return result
