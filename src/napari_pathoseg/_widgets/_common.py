@@ -57,6 +57,7 @@ __all__ = [
     "camera",
     "connect_worker",
     "display_levels",
+    "load_small_levels",
     "docked_widgets",
     "follow_slide_units",
     "form",
@@ -410,3 +411,18 @@ def display_levels(array: Any, *, max_side: int = 2048, min_side: int = 512) -> 
     while max(levels[-1].shape[:2]) > min_side:
         levels.append(np.ascontiguousarray(levels[-1][::2, ::2]))
     return levels
+
+
+def load_small_levels(levels: Sequence[Any], *, max_pixels: int = 4 << 20) -> list[Any]:
+    """Compute the lazy levels of a pyramid that hold at most ``max_pixels`` pixels (call in a job).
+
+    napari reads a lazy (dask) layer on the GUI thread when it draws it; the coarse levels it
+    shows first (the whole slide in view) are computed here instead, once, off the GUI thread.
+    The large levels stay lazy. Arrays without ``compute`` are returned as they are.
+    """
+    out = []
+    for level in levels:
+        if hasattr(level, "compute") and int(np.prod(level.shape[:2])) <= max_pixels:
+            level = np.asarray(level.compute())
+        out.append(level)
+    return out

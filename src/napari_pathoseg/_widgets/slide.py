@@ -1,19 +1,24 @@
-"""The "Slide" dock: open a slide, see its metadata and thumbnail, toggle a tissue mask."""
+"""The "Slide" dock: open a slide, see its metadata and thumbnail, toggle a tissue mask.
+
+Opening (the slide, its thumbnail, its coarse levels) and the tissue mask run as background jobs
+(:mod:`napari_pathoseg._widgets._jobs`); the GUI thread only adds the prepared layers.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt
 from qtpy.QtGui import QImage, QPixmap
 from qtpy.QtWidgets import (
     QCheckBox,
+    QProgressBar,
     QComboBox,
     QLabel,
     QLineEdit,
@@ -24,17 +29,17 @@ from qtpy.QtWidgets import (
 
 from napari_pathoseg._widgets._common import (
     ask_open_file,
-    connect_worker,
     grid_placement,
     hbox,
     layer_named,
+    load_small_levels,
     refill_combo,
-    report_error,
+    status_label,
     vbox,
     watch_layer_list,
 )
+from napari_pathoseg._widgets._jobs import JobController
 from napari_pathoseg._reader import slide_layer_data
-from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.wsi.slide import SLIDE_EXTENSIONS, Slide, open_slide
 from napari_pathoseg.tiling import tissue_mask
 
@@ -76,7 +81,8 @@ class SlideWidget(QWidget):
     def __init__(self, napari_viewer: "napari.Viewer") -> None:
         super().__init__()
         self.viewer = napari_viewer
-        self._worker = None
+        self._thumbs: weakref.WeakKeyDictionary[Slide, np.ndarray] = weakref.WeakKeyDictionary()
+        self._shown: Slide | None = None
 
         self.path_edit = QLineEdit()
         self.path_edit.setPlaceholderText("slide file (.svs, .ndpi, .mrxs, .tif, ...)")
@@ -91,7 +97,10 @@ class SlideWidget(QWidget):
         self.thumb.setAlignment(Qt.AlignCenter)
         self.thumb.setMinimumHeight(160)
         self.mask_check = QCheckBox("Show tissue mask")
-        self.status = QLabel("")
+        self.progress = QProgressBar()
+        self.progress.setMaximumHeight(8)
+        self.progress.setTextVisible(False)
+        self.status = status_label()
 
         vbox(
             self,
@@ -102,13 +111,23 @@ class SlideWidget(QWidget):
             self.thumb,
             self.meta_text,
             self.mask_check,
+            self.progress,
             self.status,
             stretch_end=True,
         )
+        self.jobs = JobController(
+            self, progress=self.progress, status=self.status, run_buttons=[self.open_btn],
+            why_not=lambda: "" if self.path_edit.text().strip() else "Choose a slide file first.",
+            on_busy=lambda running: self.mask_check.setEnabled(not running),
+            action="Opening the slide",
+        )
+        #: thumbnails of slides opened elsewhere (File > Open), read in the background
+        self.thumb_jobs = JobController(self, action="Reading the thumbnail")
 
         self.browse_btn.clicked.connect(self._on_browse)
         self.open_btn.clicked.connect(self._on_open)
         self.path_edit.returnPressed.connect(self._on_open)
+        self.path_edit.textChanged.connect(self.jobs.refresh)
         self.layer_combo.currentIndexChanged.connect(self._on_layer_changed)
         self.mask_check.toggled.connect(self._on_mask_toggled)
         watch_layer_list(self.viewer, self._refresh_layers)
@@ -133,48 +152,58 @@ class SlideWidget(QWidget):
         if not path:
             show_error("Choose a slide file first.")
             return
-        self.open_btn.setEnabled(False)
-        self.status.setText(f"opening {Path(path).name}…")
-        worker = connect_worker(
-            _open_worker(path),
-            returned=self._on_opened,
-            errored=self._on_error,
-            finished=lambda: self.open_btn.setEnabled(True),
+        self.jobs.start(
+            lambda token: _open_job(path), on_done=self._on_opened, message=f"opening {Path(path).name}…",
+            abandon_on_stop=True,
         )
-        self._worker = worker
-        worker.start()
 
-    def _on_opened(self, result: tuple[Slide, np.ndarray]) -> None:
-        slide, _thumb = result
-        data, kwargs, _ = slide_layer_data(slide)
+    def _on_opened(self, result: tuple[Slide, np.ndarray, tuple]) -> None:
+        slide, thumb, (data, kwargs, _) = result
+        self._thumbs[slide] = thumb
         layer = self.viewer.add_image(data, **kwargs)
-        self.status.setText("")
         self._refresh_layers()
         self.layer_combo.setCurrentText(layer.name)
         show_info(f"Opened {layer.name}")
 
-    def _on_error(self, exc: Exception) -> None:
-        self.status.setText("")
-        report_error(exc, action="Opening the slide")
-
     def _on_layer_changed(self, *args: Any) -> None:
         layer = self.current_layer()
         slide = slide_of_layer(layer) if layer is not None else None
+        if slide is not self._shown:  # the metadata and thumbnail change only with the slide
+            self._shown = slide
+            self._show_slide(slide)
+        if slide is None:
+            return
+        name = f"{layer.name} tissue"
+        self.mask_check.blockSignals(True)
+        self.mask_check.setChecked(name in self.viewer.layers and self.viewer.layers[name].visible)
+        self.mask_check.blockSignals(False)
+
+    def _show_slide(self, slide: Slide | None) -> None:
         if slide is None:
             self.meta_text.setPlainText("")
             self.thumb.setText("no slide")
             return
         d = slide.metadata.to_dict()
-        show = {k: d[k] for k in ("path", "format", "vendor", "levels", "mpp_x", "mpp_y", "objective_power", "bounds_x", "bounds_y", "associated_images", "tile_size")}
-        self.meta_text.setPlainText(json.dumps(show, indent=1, default=str))
-        try:
-            self.thumb.setPixmap(_pixmap(slide.thumbnail(max_size=512)))
-        except PathosegError as exc:
+        keys = ("path", "format", "vendor", "levels", "mpp_x", "mpp_y", "objective_power", "bounds_x", "bounds_y", "associated_images", "tile_size")
+        self.meta_text.setPlainText(json.dumps({k: d[k] for k in keys}, indent=1, default=str))
+        thumb = self._thumbs.get(slide)
+        if thumb is not None:
+            self.thumb.setPixmap(_pixmap(thumb))
+            return
+        self.thumb.setText("reading the thumbnail…")
+        self.thumb_jobs.stop()
+
+        def shown(img: np.ndarray, _s: Slide = slide) -> None:
+            self._thumbs[_s] = img
+            if self._shown is _s:
+                self.thumb.setPixmap(_pixmap(img))
+
+        def failed(exc: BaseException) -> None:
             self.thumb.setText(str(exc))
-        name = f"{layer.name} tissue"
-        self.mask_check.blockSignals(True)
-        self.mask_check.setChecked(name in self.viewer.layers and self.viewer.layers[name].visible)
-        self.mask_check.blockSignals(False)
+
+        self.thumb_jobs.start(
+            lambda token: slide.thumbnail(max_size=512), on_done=shown, on_error=failed, abandon_on_stop=True
+        )
 
     def _on_mask_toggled(self, checked: bool) -> None:
         layer = self.current_layer()
@@ -187,17 +216,41 @@ class SlideWidget(QWidget):
             return
         if not checked:
             return
-        try:
-            mask, ds = tissue_mask(slide)
-        except PathosegError as exc:
-            show_error(str(exc))
-            return
-        # a mask pixel covers ds level-0 pixels: centred on them
-        self.viewer.add_labels(mask.astype(np.uint8), name=name, opacity=0.35, **grid_placement(layer, downsample=ds))
+
+        def add_mask(result: tuple[np.ndarray, float]) -> None:
+            mask, ds = result
+            if name in self.viewer.layers:
+                return
+            # a mask pixel covers ds level-0 pixels: centred on them
+            self.viewer.add_labels(mask, name=name, opacity=0.35, **grid_placement(layer, downsample=ds))
+            self.viewer.layers.selection.active = layer
+
+        def failed(exc: BaseException) -> None:
+            self.mask_check.blockSignals(True)
+            self.mask_check.setChecked(False)
+            self.mask_check.blockSignals(False)
+
+        self.jobs.start(
+            lambda token: _mask_job(slide), on_done=add_mask, on_error=failed, message="finding the tissue…",
+            action="The tissue mask", abandon_on_stop=True,
+        )
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
+        self.jobs.stop()
+        self.thumb_jobs.stop()
+        super().closeEvent(event)
 
 
-@thread_worker(ignore_errors=True)  # errors go to SlideWidget._on_error
-def _open_worker(path: str):
+def _open_job(path: str) -> tuple[Slide, np.ndarray, tuple]:
+    """Open the slide, read its thumbnail and the coarse levels napari shows first (worker thread)."""
     slide = open_slide(path)
     thumb = slide.thumbnail(max_size=512)
-    return slide, thumb
+    data, kwargs, layer_type = slide_layer_data(slide)
+    if kwargs.get("multiscale"):
+        data = load_small_levels(data)
+    return slide, thumb, (data, kwargs, layer_type)
+
+
+def _mask_job(slide: Slide) -> tuple[np.ndarray, float]:
+    mask, ds = tissue_mask(slide)
+    return mask.astype(np.uint8), ds
