@@ -159,6 +159,23 @@ def test_short_jobs_return_their_result_and_generators_their_return_value(dock, 
 
 
 @pytest.mark.gui
+def test_callback_style_progress_is_posted(dock, qtbot):
+    """Core functions that report through a callback use jobs.post, from the worker thread."""
+    seen = []
+
+    def job(token):
+        for i in range(1, 5):
+            dock.jobs.post(Progress(i, 4, message=f"tile {i}"))
+        return "written"
+
+    got = []
+    dock.jobs.start(job, on_event=seen.append, on_done=got.append)
+    qtbot.waitUntil(lambda: not dock.jobs.running, timeout=20_000)
+    qtbot.waitUntil(lambda: len(seen) == 4, timeout=5_000)
+    assert [e.done for e in seen] == [1, 2, 3, 4] and got == ["written"]
+
+
+@pytest.mark.gui
 def test_job_runs_on_a_worker_thread_and_stop_keeps_finished_steps(dock, qtbot):
     import time
 

@@ -37,7 +37,7 @@ def errors(monkeypatch):
 
 
 def _wait(qtbot, widget, timeout=60_000):
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=timeout)
+    qtbot.waitUntil(lambda: not widget.jobs.running, timeout=timeout)
 
 
 def _look_at(viewer, *, row, col, size):
@@ -46,7 +46,7 @@ def _look_at(viewer, *, row, col, size):
     viewer.camera.zoom = min(viewer.canvas.size) / (size * 0.5)
 
 
-def test_fit_from_view_preview_and_normalised_layer(qtbot, slide_viewer, errors):
+def test_fit_from_view_preview_and_normalised_layer(qtbot, slide_viewer, errors, sync_jobs):
     from napari_pathoseg._widgets.stain import TARGET_VIEW, view_rect
 
     viewer, widget, slide = slide_viewer
@@ -77,7 +77,8 @@ def test_fit_from_view_preview_and_normalised_layer(qtbot, slide_viewer, errors)
     _wait(qtbot, widget)
     layer = viewer.layers["he [macenko]"]
     assert not layer.multiscale and slide.level_count == 1  # 1024 px: a single level
-    assert layer.data.shape == slide.pyramid[0].shape and hasattr(layer.data, "chunks")  # lazy
+    # a small level is normalised in the job, so napari's first draw computes nothing on the GUI thread
+    assert layer.data.shape == slide.pyramid[0].shape and isinstance(layer.data, np.ndarray)
     src = next(iter(widget._sources.values()))
     block = np.asarray(layer.data[100:300, 200:400])
     raw = slide.read_region(level=0, row=100, col=200, height=200, width=200)
@@ -85,7 +86,7 @@ def test_fit_from_view_preview_and_normalised_layer(qtbot, slide_viewer, errors)
     np.testing.assert_allclose(layer.scale, viewer.layers["he"].scale)
 
 
-def test_fit_from_rectangle_and_deconvolution_layers(qtbot, slide_viewer, errors):
+def test_fit_from_rectangle_and_deconvolution_layers(qtbot, slide_viewer, errors, sync_jobs):
     from napari_pathoseg._widgets.stain import TARGET_RECT, shape_rect
 
     viewer, widget, _ = slide_viewer
@@ -93,7 +94,9 @@ def test_fit_from_rectangle_and_deconvolution_layers(qtbot, slide_viewer, errors
     widget.fit_btn.click()  # no Shapes layer yet: an error is shown, nothing crashes
     assert len(errors) == 1 and "Shapes layer" in errors[-1]
     # a rectangle over level-0 rows 200..600, cols 300..700 (world units: µm at 0.5 µm/px)
-    viewer.add_shapes([np.array([[100, 150], [100, 350], [300, 350], [300, 150]])], shape_type="rectangle", name="roi", units=("µm", "µm"))
+    # drawn in a Shapes layer added in pixels (napari's default): the dock gives it the slide's µm
+    viewer.add_shapes([np.array([[100, 150], [100, 350], [300, 350], [300, 150]])], shape_type="rectangle", name="roi")
+    assert str(viewer.layers["roi"].units[0]) == "micrometer" and viewer.layers.extent.units is not None
     r, c, h, w = shape_rect(viewer.layers["roi"], viewer.layers["he"])
     assert (r, c, h, w) == pytest.approx((200, 300, 400, 400), abs=1e-6)
     widget.shapes_combo.setCurrentText("roi")
@@ -106,11 +109,12 @@ def test_fit_from_rectangle_and_deconvolution_layers(qtbot, slide_viewer, errors
     for stain in ("hematoxylin", "eosin"):
         layer = viewer.layers[f"he [{stain}]"]
         assert layer.data.dtype == np.float32 and layer.data.shape == (1024, 1024)
+        assert isinstance(layer.data, np.ndarray)  # computed in the job, not at napari's first draw
         assert layer.contrast_limits[1] > 0
     assert len(errors) == 1
 
 
-def test_reference_file_save_and_load_normaliser(qtbot, slide_viewer, errors, tmp_path, shared_data):
+def test_reference_file_save_and_load_normaliser(qtbot, slide_viewer, errors, tmp_path, shared_data, sync_jobs):
     from napari_pathoseg._widgets.stain import TARGET_FILE, TARGET_JSON
 
     viewer, widget, _ = slide_viewer
@@ -180,12 +184,15 @@ def test_export_progress_and_stop(qtbot, slide_viewer, errors, tmp_path, monkeyp
     qtbot.waitUntil(lambda: widget.progress.value() >= 2, timeout=30_000)
     assert widget.stop_btn.isEnabled()
     widget.stop_btn.click()
-    assert widget._worker is None and widget.fit_btn.isEnabled()
-    # the writer notices at its next tile and removes its temporary files
-    qtbot.waitUntil(lambda: sorted(p.name for p in tmp_path.iterdir()) == ["norm.tif"], timeout=30_000)
+    assert widget.status.text() == "stopping…" and not widget.stop_btn.isEnabled()
+    # the writer notices at its next tile and removes its temporary files; then the dock is free
+    _wait(qtbot, widget)
+    assert widget.fit_btn.isEnabled() and widget.status.text().startswith("stopped")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["norm.tif"]
+    assert errors == []
 
 
-def test_plain_rgb_layer_and_errors(qtbot, make_napari_viewer, errors, he_image):
+def test_plain_rgb_layer_and_errors(qtbot, make_napari_viewer, errors, he_image, sync_jobs):
     from napari_pathoseg._widgets.stain import TARGET_FILE, TARGET_VIEW, StainWidget
 
     viewer = make_napari_viewer()

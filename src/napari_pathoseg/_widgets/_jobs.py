@@ -71,6 +71,7 @@ import os
 from typing import Any, Callable, Sequence
 
 from napari.utils.notifications import show_info
+from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QLabel, QProgressBar, QPushButton, QWidget
 
 from napari_pathoseg._widgets._common import report_error
@@ -122,11 +123,18 @@ class Job:
         self.abandoned = False
         self.worker: Any = None
         self.abandon_on_stop = False
+        self.on_event: Callable[[Any], Any] | None = None
 
     @property
     def cancelled(self) -> bool:
         """True when the job was stopped (partial result, CancelledError or abandoned)."""
         return self.abandoned or isinstance(self.error, CancelledError) or bool(getattr(self.result, "cancelled", False))
+
+
+class _Poster(QObject):
+    """Carries events posted from a worker thread to the GUI thread (queued signal)."""
+
+    posted = Signal(object)
 
 
 def _run(job: Callable[[CancelToken], Any], token: CancelToken, done_type: type | None):
@@ -203,10 +211,12 @@ class JobController:
         self.on_busy = on_busy
         self.action = action
         self.job: Job | None = None
+        self._poster = _Poster()
+        self._poster.posted.connect(self._on_posted)
         if stop_button is not None:
             stop_button.clicked.connect(self.stop)
         self._idle_progress(0)
-        self.refresh()
+        self._update_buttons()  # on_busy is not called here: the dock may not be built yet
 
     # ------------------------------------------------------------------ state
     @property
@@ -220,7 +230,12 @@ class JobController:
         return self.job.token if self.running else None
 
     def refresh(self) -> None:
-        """Update the run / Stop buttons from the state and ``why_not()``."""
+        """Update the run / Stop buttons from the state and ``why_not()``, then call ``on_busy``."""
+        self._update_buttons()
+        if self.on_busy is not None:
+            self.on_busy(self.running)
+
+    def _update_buttons(self) -> None:
         running = self.running
         why = "" if running or self.why_not is None else (self.why_not() or "")
         for button in self.run_buttons:
@@ -228,8 +243,6 @@ class JobController:
             button.setToolTip("A job is running; Stop ends it." if running else (why or "Runs in the background; Stop cancels."))
         if self.stop_button is not None:
             self.stop_button.setEnabled(running and not self.job.token.is_set())
-        if self.on_busy is not None:
-            self.on_busy(running)
 
     def _set_status(self, text: str) -> None:
         if self.status is not None:
@@ -280,6 +293,7 @@ class JobController:
             return None
         run = Job(action or self.action)
         run.abandon_on_stop = abandon_on_stop
+        run.on_event = on_event
         self.job = run
         self._set_status(message)
         if self.progress is not None:
@@ -373,6 +387,22 @@ class JobController:
         run.ended = True
         if run is self.job:
             self.refresh()
+
+    def post(self, event: Any) -> None:
+        """Report a progress event from inside a running job (any thread).
+
+        For core functions that report through a callback (``progress=self.jobs.post``) rather
+        than by yielding: the event reaches the bar, the status line and ``on_event`` on the
+        GUI thread, exactly like a yielded one.
+        """
+        run = self.job
+        if run is None:
+            return
+        self._poster.posted.emit((run, event))  # queued from a worker thread, direct on the GUI thread
+
+    def _on_posted(self, item: tuple) -> None:
+        run, event = item
+        self._event(run, event, run.on_event)
 
     # ------------------------------------------------------------------ stop
     def stop(self) -> bool:

@@ -12,33 +12,32 @@ The dock drives :mod:`napari_pathoseg.stain` (no computation here):
 * "Save normaliser…" writes the fitted normaliser as JSON, to reuse a lab's reference;
 * "Export TIFF…" streams the normalised slide to a pyramidal TIFF with a progress bar.
 
-Every job runs in a ``thread_worker``; Stop abandons it (the TIFF export stops at the
-next tile and leaves no file). Errors are shown with ``show_error``, never raised.
+Every job runs through the dock job controller (:mod:`napari_pathoseg._widgets._jobs`):
+Stop abandons a short job, and stops the TIFF export at its next tile (it leaves no file).
+Layer data is prepared in the job (the coarse levels napari draws first are computed there),
+so the GUI thread only adds layers. Errors are shown once as notifications, never raised.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QComboBox, QFileDialog, QLabel, QLineEdit, QProgressBar, QPushButton, QWidget
 
 from napari_pathoseg._widgets._common import (
+    adopt_units,
     ask_open_file,
-    connect_worker,
+    follow_slide_units,
     form,
     hbox,
-    idle_progress,
     layer_named,
+    load_small_levels,
     refill_combo,
-    report_error,
     shape_rect,
     status_label,
     stop_button,
@@ -46,7 +45,9 @@ from napari_pathoseg._widgets._common import (
     view_rect,
     watch_layer_list,
 )
-from napari_pathoseg.errors import CancelledError, PathosegError
+from napari_pathoseg._widgets._jobs import JobController
+from napari_pathoseg.errors import PathosegError
+from napari_pathoseg.events import Progress
 from napari_pathoseg.wsi.slide import Slide
 from napari_pathoseg.stain import (
     available_normalizers,
@@ -60,7 +61,7 @@ from napari_pathoseg.stain import (
     write_normalized_tiff,
 )
 from napari_pathoseg.stain.normalizers import StainNormalizer, StainParams
-from napari_pathoseg._widgets.slide import slide_of_layer
+from napari_pathoseg._widgets.slide import slide_layers, slide_of_layer
 
 if TYPE_CHECKING:
     import napari
@@ -78,10 +79,6 @@ TARGET_MODES = (TARGET_RECT, TARGET_VIEW, TARGET_FILE, TARGET_JSON)
 MAX_SIDE = 2048
 
 
-class _Signals(QObject):
-    progress = Signal(int, int)
-
-
 # ---------------------------------------------------------------------- the dock
 
 
@@ -92,11 +89,8 @@ class StainWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.normalizer: StainNormalizer | None = None
-        self._worker: Any = None
-        self._cancel: threading.Event | None = None
         self._array_slides: dict[int, Slide] = {}
         self._sources: dict[tuple, StainParams] = {}
-        self._signals = _Signals()
 
         self.layer_combo = QComboBox()
         self.method_combo = QComboBox()
@@ -122,7 +116,6 @@ class StainWidget(QWidget):
         self.export_btn = QPushButton("Export TIFF…")
         self.stop_btn = stop_button()
         self.progress = QProgressBar()
-        idle_progress(self.progress)
         self.status = status_label()
 
         vbox(
@@ -151,12 +144,15 @@ class StainWidget(QWidget):
         self.deconv_btn.clicked.connect(self._on_add_deconvolution)
         self.save_btn.clicked.connect(self._on_save)
         self.export_btn.clicked.connect(self._on_export)
-        self.stop_btn.clicked.connect(self._on_stop)
+        self.jobs = JobController(
+            self, progress=self.progress, status=self.status, stop_button=self.stop_btn,
+            on_busy=lambda running: self._update_state(), action="Stain",
+        )
         self.target_combo.currentIndexChanged.connect(self._update_state)
         self.method_combo.currentIndexChanged.connect(self._on_method_changed)
         self.layer_combo.currentIndexChanged.connect(self._update_state)
-        self._signals.progress.connect(self._on_progress)
         watch_layer_list(self.viewer, self._refresh_layers)
+        follow_slide_units(self.viewer, slide_layers)
         self._refresh_layers()
 
     # ------------------------------------------------------------------ layers
@@ -199,7 +195,7 @@ class StainWidget(QWidget):
 
     # ------------------------------------------------------------------ state
     def _busy(self) -> bool:
-        return self._worker is not None
+        return self.jobs.running
 
     def _update_state(self, *args: Any) -> None:
         mode = self.target_combo.currentText()
@@ -216,7 +212,6 @@ class StainWidget(QWidget):
             btn.setToolTip("" if fitted else "Fit a target first.")
         self.deconv_btn.setEnabled(not busy and has_layer)
         self.save_btn.setEnabled(not busy and fitted)
-        self.stop_btn.setEnabled(busy)
 
     def _on_method_changed(self, *args: Any) -> None:
         if self.normalizer is not None and self.normalizer.name != self.method_combo.currentText():
@@ -238,70 +233,21 @@ class StainWidget(QWidget):
             parts.append("Lab mean " + ", ".join(f"{v:.1f}" for v in t.lab_mean))
         self.target_label.setText("<br>".join(parts))
 
-    # ------------------------------------------------------------------ workers
+    # ------------------------------------------------------------------ jobs
     def _start(
         self,
         func: Callable[[], Any],
         on_done: Callable[[Any], None],
         message: str,
         *,
-        determinate: bool = False,
-        cancel: threading.Event | None = None,
+        cancel_job: Callable[[Any], Any] | None = None,
     ) -> None:
-        if self._busy():
-            show_error("The Stain dock is busy; wait or press Stop.")
-            return
-        self._cancel = cancel
-        self.status.setText(message)
-        self.progress.setRange(0, 0 if not determinate else 1)
-        self.progress.setValue(0)
-        # errors are handled by `failed` below (not re-raised in the Qt event loop)
-        worker = thread_worker(func, ignore_errors=True)()
-        self._worker = worker
+        """Run ``func()`` (or ``cancel_job(token)`` for a job that checks the token) in the background.
 
-        def done(result: Any) -> None:
-            if self._worker is worker:
-                try:
-                    on_done(result)
-                except PathosegError as exc:
-                    show_error(str(exc))
-
-        def failed(exc: Exception) -> None:
-            if self._worker is not worker:
-                return
-            if isinstance(exc, CancelledError):
-                show_info(str(exc))
-            else:
-                report_error(exc, action="Stain")
-
-        def finished() -> None:
-            if self._worker is worker:
-                self._worker = None
-                self._cancel = None
-                idle_progress(self.progress)
-                self.status.setText("")
-                self._update_state()
-
-        connect_worker(worker, returned=done, errored=failed, finished=finished)
-        self._update_state()
-        worker.start()
-
-    def _on_stop(self) -> None:
-        worker = self._worker
-        if worker is None:
-            return
-        if self._cancel is not None:
-            self._cancel.set()  # the TIFF writer stops at the next tile and cleans up
-        self._worker = None  # any result that still arrives is ignored
-        self._cancel = None
-        worker.quit()
-        idle_progress(self.progress)
-        self.status.setText("stopped")
-        self._update_state()
-
-    def _on_progress(self, done: int, total: int) -> None:
-        self.progress.setRange(0, max(total, 1))
-        self.progress.setValue(done)
+        A short job (``cancel_job`` None) is abandoned by Stop; its result is dropped.
+        """
+        job = cancel_job if cancel_job is not None else (lambda token: func())
+        self.jobs.start(job, on_done=on_done, message=message, abandon_on_stop=cancel_job is None)
 
     # ------------------------------------------------------------------ target
     def _on_browse(self) -> None:
@@ -345,6 +291,7 @@ class StainWidget(QWidget):
             name = self.shapes_combo.currentText()
             if not name or name not in self.viewer.layers:
                 raise PathosegError("Add a Shapes layer and draw a rectangle on the tissue first.")
+            adopt_units(self.viewer.layers[name], layer)
             rect = shape_rect(self.viewer.layers[name], layer)
             label = f"{layer.name}, rectangle"
         r, c, h, w = rect
@@ -449,7 +396,8 @@ class StainWidget(QWidget):
         source = self._source_job(slide, norm)
 
         def job() -> list:
-            return normalized_pyramid(slide, norm, source=source())
+            # the coarse levels napari draws first are normalised here, not on the GUI thread
+            return load_small_levels(normalized_pyramid(slide, norm, source=source()))
 
         def show(levels: list) -> None:
             self.viewer.add_image(
@@ -480,8 +428,8 @@ class StainWidget(QWidget):
             matrix = source().stain_matrix if source is not None else None
             out = {}
             for stain in ("hematoxylin", "eosin"):
-                levels = deconvolution_pyramid(slide, stain=stain, stain_matrix=matrix)
-                top = np.asarray(levels[-1].compute())
+                levels = load_small_levels(deconvolution_pyramid(slide, stain=stain, stain_matrix=matrix))
+                top = np.asarray(levels[-1])
                 hi = float(np.quantile(top, 0.995)) if top.size else 1.0
                 out[stain] = (levels, max(hi, 1e-3))
             return out
@@ -536,21 +484,20 @@ class StainWidget(QWidget):
             return
         _layer, slide, norm = required
         source = self._source_job(slide, norm)
-        cancel = threading.Event()
-        signals = self._signals
+        post = self.jobs.post
 
-        def job() -> Any:
+        def job(token: Any) -> Any:
             return write_normalized_tiff(
                 slide,
                 norm,
                 path,
                 source=source(),
                 compression=compression,
-                progress=lambda p: signals.progress.emit(p.done, p.total),
-                cancel=cancel,
+                progress=lambda p: post(Progress(p.done, p.total, f"{p.done}/{p.total} tiles")),
+                cancel=token.is_set,  # the writer takes a callable or a threading.Event
             )
 
         def done(result: Any) -> None:
             show_info(f"Wrote {result.path} ({len(result.levels)} levels, {result.tiles} tiles)")
 
-        self._start(job, done, f"writing {Path(path).name}…", determinate=True, cancel=cancel)
+        self._start(job, done, f"writing {Path(path).name}…", cancel_job=job)
