@@ -290,9 +290,17 @@ def test_cancel_stops_after_the_current_batch(tmp_path, image_folder):
     first = next(gen)
     assert isinstance(first, GenerationProgress) and first.done == 4 and first.total == 18
     cancel.set()
-    with pytest.raises(CancelledError, match="stopped after 4 tiles"):
+    last = next(gen)  # the partial result, not an exception (the job contract)
+    assert isinstance(last, GenerationDone) and last.cancelled and last.processed == 4
+    assert "stopped after 4 tiles" in last.message and str(last.project.root) in last.message
+    with pytest.raises(StopIteration):
         next(gen)
     assert len(ReviewProject.open(tmp_path / "p")) == 4
+    # the headless runner says so with CancelledError (the tiles stay)
+    with pytest.raises(CancelledError, match="stopped after 0 tiles"):
+        run_pseudolabels(image_folder, tmp_path / "q", predict=teacher.predict,
+                         to_instances=teacher.to_instances, tile_size=64, cancel=cancel)
+    assert len(ReviewProject.open(tmp_path / "q")) == 0
 
 
 def test_max_tiles_and_events(tmp_path, image_folder):
@@ -463,3 +471,29 @@ def test_cli_refuses_a_project_folder_that_holds_its_input(tmp_path, image_folde
     # the library refuses an open slide too (the Review dock passes one)
     with open_slide(tile_dir / "image.png") as slide, pytest.raises(ReviewProjectError, match="inside the project"):
         run_pseudolabels(slide, proj.root, predict=teacher.predict, to_instances=teacher.to_instances, overwrite=True)
+
+
+def test_cli_ctrl_c_keeps_the_finished_tiles(tmp_path, image_folder, capsys):
+    """A real SIGINT during the first batch: the batch finishes, its tiles are kept, and the
+    driver's JobCancelled (exit 130 at the entry point) says where they are."""
+    import signal
+
+    from napari_pathoseg.cli._driver import JobCancelled, call_command
+    from napari_pathoseg.cli.review import add_commands, pseudolabel_command
+
+    class CtrlCTeacher(OtsuTeacher):
+        def predict(self, batch):
+            if self.calls == 0:
+                signal.raise_signal(signal.SIGINT)
+            return super().predict(batch)
+
+    parser = argparse.ArgumentParser(prog="pathoseg")
+    add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["pseudolabel", str(image_folder), "--out", str(tmp_path / "p"), "--batch-size", "4"])
+    with pytest.raises(JobCancelled, match=r"stopped after 4 tiles; the \d+ tiles kept so far are in .*p"):
+        pseudolabel_command(args, model=CtrlCTeacher())
+    assert 0 < len(ReviewProject.open(tmp_path / "p")) <= 4
+    args.out, args.overwrite = str(tmp_path / "p2"), False
+    assert call_command(lambda a: pseudolabel_command(a, model=CtrlCTeacher()), args) == 130
+    err = capsys.readouterr()
+    assert "kept so far" in err.err and len(err.err.strip().splitlines()) == 1 and err.out == ""

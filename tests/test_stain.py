@@ -627,3 +627,36 @@ def test_method_lists_agree():
     assert tuple(METHOD_FIELDS) == available_normalizers()
     for name, cls in NORMALIZERS.items():
         assert cls.name == name and cls.REQUIRED == METHOD_FIELDS[name]
+
+
+def test_cli_normalize_ctrl_c_stops_the_write_and_leaves_nothing(tmp_path, make_pyramid_tiff, he_image, monuseg, capsys, monkeypatch):
+    """The first Ctrl-C (a real SIGINT, sent once the first tile is written) stops the TIFF
+    write at the next tile: exit 130, one line saying the normaliser was kept, no TIFF left."""
+    import signal
+
+    import napari_pathoseg.stain.slide as stain_slide
+    from napari_pathoseg.cli.main import main
+
+    slide = make_pyramid_tiff("slide.tif", he_image[:512, :512], levels=1, tile=256)
+    target = make_pyramid_tiff("target.tif", monuseg[0][:512, :512], levels=1, tile=256)
+    real = stain_slide.write_tiled_pyramid
+    tiles = []
+
+    def write_and_press_ctrl_c(*args, progress=None, **kwargs):
+        def progress_then_sigint(p):
+            tiles.append(p.done)
+            if p.done == 1:
+                signal.raise_signal(signal.SIGINT)
+            progress(p)
+
+        return real(*args, progress=progress_then_sigint, **kwargs)
+
+    monkeypatch.setattr(stain_slide, "write_tiled_pyramid", write_and_press_ctrl_c)
+    out, saved = tmp_path / "o.tif", tmp_path / "n.json"
+    code = main(["normalize", str(slide), "--target", str(target), "--out", str(out), "--save-normalizer", str(saved),
+                 "--tile-size", "128", "--n-tiles", "2", "--compression", "zlib"])
+    err = capsys.readouterr().err.strip()
+    assert code == 130 and tiles == [1], (code, tiles, err)
+    assert len(err.splitlines()) == 1 and "cancelled" in err and str(saved) in err, err
+    assert not out.exists() and load_normalizer(saved).name == "macenko"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["n.json", "slide.tif", "target.tif"]

@@ -9,21 +9,30 @@ slide into a pyramidal TIFF and prints a JSON summary. ``--target lab_reference.
 reuses a saved normaliser.
 
 No output may name an input: ``--out`` and ``--save-normalizer`` are refused (before any work)
-when they are the slide, the ``--target`` or each other.
+when they are the slide, the ``--target`` or each other. It runs on the CLI job driver
+(:mod:`napari_pathoseg.cli._driver`): Ctrl-C stops the TIFF write at the next tile (nothing is
+left behind) and exits 130 with one line.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from napari_pathoseg._atomic import check_output
-from napari_pathoseg.errors import StainError
+from napari_pathoseg.cli._driver import (
+    existing_file,
+    int_range,
+    nonnegative_int,
+    positive_int,
+    print_json,
+    sigint_cancels,
+)
+from napari_pathoseg.errors import CancelledError, StainError
+from napari_pathoseg.events import CancelToken
 
 __all__ = ["add_commands", "run_normalize"]
 
@@ -43,22 +52,22 @@ def add_commands(subparsers: Any) -> None:
             "stream the normalised slide into a tiled pyramidal TIFF. Prints JSON."
         ),
     )
-    p.add_argument("slide", help="slide or image to normalise")
+    p.add_argument("slide", type=existing_file, help="slide or image to normalise")
     p.add_argument(
         "--method",
         choices=available_normalizers(),
         default=None,
         help="normalisation method (default macenko; a saved normaliser brings its own)",
     )
-    p.add_argument("--target", required=True, help="reference image/slide file, or a saved normaliser .json")
+    p.add_argument("--target", type=existing_file, required=True, help="reference image/slide file, or a saved normaliser .json")
     p.add_argument("--out", default=None, help="output pyramidal TIFF (.tif)")
     p.add_argument("--save-normalizer", default=None, metavar="PATH", help="save the fitted normaliser as JSON")
-    p.add_argument("--level", type=int, default=0, help="slide level written as the output's full resolution")
-    p.add_argument("--tile-size", type=int, default=512, help="TIFF tile side (multiple of 16)")
+    p.add_argument("--level", type=nonnegative_int, default=0, help="slide level written as the output's full resolution")
+    p.add_argument("--tile-size", type=positive_int, default=512, help="TIFF tile side (multiple of 16)")
     p.add_argument("--compression", choices=("jpeg", "zlib", "none"), default="jpeg")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality")
-    p.add_argument("--n-tiles", type=int, default=32, help="tissue tiles sampled to estimate the slide's stains")
-    p.add_argument("--seed", type=int, default=0, help="seed of the tissue sample")
+    p.add_argument("--quality", type=int_range(1, 100), default=90, help="JPEG quality (1-100)")
+    p.add_argument("--n-tiles", type=positive_int, default=32, help="tissue tiles sampled to estimate the slide's stains")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the tissue sample")
     p.set_defaults(func=run_normalize)
 
 
@@ -116,20 +125,26 @@ def run_normalize(args: argparse.Namespace) -> int:
         result["normalizer"] = str(norm.save(args.save_normalizer))
     if args.out:
         out = Path(args.out)
-        with open_slide(args.slide) as slide:
+        token = CancelToken()
+        with open_slide(args.slide) as slide, sigint_cancels(token, label="pathoseg normalize"):
             source = estimate_slide_stain(slide, norm, n_tiles=args.n_tiles, seed=args.seed)
-            written = write_normalized_tiff(
-                slide,
-                norm,
-                out,
-                source=source,
-                level=args.level,
-                tile_size=args.tile_size,
-                compression=None if args.compression == "none" else args.compression,
-                quality=args.quality,
-            )
+            try:
+                written = write_normalized_tiff(
+                    slide,
+                    norm,
+                    out,
+                    source=source,
+                    level=args.level,
+                    tile_size=args.tile_size,
+                    compression=None if args.compression == "none" else args.compression,
+                    quality=args.quality,
+                    cancel=token.is_set,
+                )
+            except CancelledError as exc:
+                if "normalizer" in result:
+                    raise CancelledError(f"{exc} (the normaliser was saved to {result['normalizer']})") from None
+                raise
         result["out"] = written.to_dict()
     result["seconds"] = round(time.perf_counter() - t0, 3)
-    json.dump(result, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
+    print_json(result)
     return 0

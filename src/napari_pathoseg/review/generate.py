@@ -45,11 +45,32 @@ class GenerationProgress:
 
 @dataclass
 class GenerationDone:
-    """Final event of :func:`generate_pseudolabels`."""
+    """Final event of :func:`generate_pseudolabels`.
+
+    Attributes
+    ----------
+    project : ReviewProject
+        The project, holding the ``kept`` tiles.
+    processed, kept : int
+        Tiles run through the teacher, and stored.
+    cancelled : bool
+        Stopped before the end; the tiles finished so far are in the project.
+    """
 
     project: ReviewProject
     processed: int
     kept: int
+    cancelled: bool = False
+
+    @property
+    def message(self) -> str:
+        """What happened, in one line."""
+        if self.cancelled:
+            return (
+                f"Pseudo-label generation stopped after {self.processed} tiles; the {self.kept} "
+                f"tiles kept so far are in {self.project.root}."
+            )
+        return f"Pseudo-labels: {self.kept} of {self.processed} tiles kept in {self.project.root}."
 
 
 def generate_pseudolabels(
@@ -103,15 +124,16 @@ def generate_pseudolabels(
     overwrite : bool
         Replace a project already in ``out``.
     cancel : threading.Event-like, optional
-        When ``cancel.is_set()``, stops after the current batch (the tiles stored so far
-        stay in the project) and raises :class:`~napari_pathoseg.errors.CancelledError`.
+        When ``cancel.is_set()``, stops after the current batch: the tiles stored so far stay
+        in the project, and the last event is a :class:`GenerationDone` with
+        ``cancelled=True``.
 
     Yields
     ------
     GenerationProgress
         After each batch.
     GenerationDone
-        Last, with the project.
+        Last, with the project (``cancelled`` when stopped early).
     """
     if batch_size < 1 or tile_size < 1:
         raise ReviewProjectError(f"batch_size and tile_size must be >= 1 (got {batch_size}, {tile_size}).")
@@ -166,16 +188,16 @@ def generate_pseudolabels(
     if max_tiles is not None:
         tiles_iter = itertools.islice(tiles_iter, int(max_tiles))
     done = kept = 0
+    cancelled = False
     try:
         batch: list[UnlabelledTile] = []
         it = iter(tiles_iter)
         while True:
             if cancel is not None and cancel.is_set():
                 project.save()
-                raise CancelledError(
-                    f"Pseudo-label generation stopped after {done} tiles; the {kept} tiles kept so "
-                    f"far are in {project.root}."
-                )
+                cancelled = True
+                logger.info("pseudo-label generation stopped after %d tiles (%d kept)", done, kept)
+                break
             batch = []
             for item in it:
                 batch.append(read(item) if read is not None else item)
@@ -214,7 +236,7 @@ def generate_pseudolabels(
     finally:
         if own_slide and slide is not None:
             slide.close()
-    yield GenerationDone(project=project, processed=done, kept=kept)
+    yield GenerationDone(project=project, processed=done, kept=kept, cancelled=cancelled)
 
 
 def check_source_outside(source: str | os.PathLike | Any, out: str | os.PathLike) -> None:
@@ -267,9 +289,18 @@ def run_pseudolabels(
     """Drive :func:`generate_pseudolabels` to the end (headless) and return the project.
 
     ``kwargs`` are passed on; ``progress`` is called with each progress event.
+
+    Raises
+    ------
+    napari_pathoseg.errors.CancelledError
+        A ``cancel`` passed in ``kwargs`` was set; the message says how many tiles were kept
+        and where (they stay in the project).
     """
     def report(event: Any) -> None:
         if progress is not None and not isinstance(event, GenerationDone):
             progress(event)
 
-    return run_to_end(generate_pseudolabels(source, out, **kwargs), GenerationDone, progress=report).project
+    done = run_to_end(generate_pseudolabels(source, out, **kwargs), GenerationDone, progress=report)
+    if done.cancelled:
+        raise CancelledError(done.message)
+    return done.project
