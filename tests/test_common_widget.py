@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
@@ -97,61 +95,46 @@ def test_file_dialogs_fill_the_edit(common, qtbot, monkeypatch):
     assert edit.text() == "/x/slide.svs"
 
 
-def test_worker_wiring(common, qtbot, monkeypatch):
-    from napari.qt.threading import thread_worker
-    from qtpy.QtWidgets import QLabel, QProgressBar
-
+def test_report_error_shows_input_errors_as_is_and_bugs_with_their_type(common, monkeypatch, caplog):
     from napari_pathoseg.errors import PathosegError
 
     shown = []
     monkeypatch.setattr(common, "show_error", shown.append)
-    status, bar, stop = QLabel(), QProgressBar(), common.stop_button()
-    stop.setEnabled(True)
+    assert common.report_error(PathosegError("bad.svs is empty"), action="Opening") == "bad.svs is empty"
+    assert common.report_error(ValueError("boom"), action="Export") == "Export failed: ValueError: boom"
+    assert shown == ["bad.svs is empty", "Export failed: ValueError: boom"]
+    assert [r.exc_info is not None for r in caplog.records if r.levelname == "ERROR"] == [True]
 
-    # Stop: sets the token, says so, disables the button; nothing to stop -> False
-    assert not common.request_stop(None, status=status)
-    cancel = threading.Event()
-    assert common.request_stop(cancel, status=status, message="halt", stop_button=stop)
-    assert cancel.is_set() and status.text() == "halt" and not stop.isEnabled()
 
-    # progress: an unknown total leaves the bar alone
-    bar.setRange(0, 0)
-    common.show_progress(bar, 3, 0)
-    assert (bar.minimum(), bar.maximum()) == (0, 0)
-    common.show_progress(bar, 3, 10)
-    assert (bar.maximum(), bar.value()) == (10, 3)
-    common.idle_progress(bar, 1)
-    assert (bar.maximum(), bar.value()) == (1, 1)
+def test_adopt_units_and_follow_slide_units(common, make_napari_viewer):
+    viewer = make_napari_viewer()
+    slide = viewer.add_image(np.zeros((64, 80, 3), np.uint8), rgb=True, scale=(0.5, 0.5), units=("µm", "µm"))
+    common.follow_slide_units(viewer, lambda v: [slide])
+    shapes = viewer.add_shapes(name="drawn")  # napari's default: pixels
+    points = viewer.add_points(np.zeros((1, 2)), name="marks")
+    assert str(shapes.units[0]) == str(points.units[0]) == "micrometer"
+    assert viewer.layers.extent.units is not None
+    # a layer with physical units of its own keeps them; pixels next to pixels stay pixels
+    nm = viewer.add_labels(np.zeros((4, 4), np.uint8), units=("nm", "nm"))
+    assert str(nm.units[0]) == "nanometer"
+    plain = viewer.add_image(np.zeros((4, 4)), name="plain")
+    assert not common.adopt_units(plain, viewer.add_image(np.zeros((4, 4)), name="pixels"))
 
-    # errors: shown, written on the status line, the bar idle
-    bar.setRange(0, 0)
-    assert common.show_worker_error(PathosegError("bad.svs is empty"), action="Opening", status=status,
-                                    progress=bar) == "bad.svs is empty"
-    assert status.text() == "bad.svs is empty" and shown[-1] == "bad.svs is empty"
-    assert (bar.maximum(), bar.value()) == (1, 0)
-    text = common.show_worker_error(ValueError("boom"), action="Export", status=status)
-    assert text == "Export failed: ValueError: boom" == shown[-1]
 
-    # connect_worker: every named signal reaches its slot; the worker is not started
-    @thread_worker(ignore_errors=True)
-    def job(n):
-        for i in range(n):
-            yield i
-        return "done"
+def test_display_and_small_levels(common):
+    import dask.array as da
 
-    got = {"yielded": [], "returned": [], "finished": 0}
-    worker = common.connect_worker(
-        job(3),
-        yielded=got["yielded"].append,
-        returned=got["returned"].append,
-        errored=None,
-        finished=lambda: got.__setitem__("finished", got["finished"] + 1),
-    )
-    assert not worker.is_running
-    with qtbot.waitSignal(worker.finished, timeout=10_000):
-        worker.start()
-    qtbot.waitUntil(lambda: got["finished"] == 1, timeout=10_000)
-    assert got["yielded"] == [0, 1, 2] and got["returned"] == ["done"]
+    small = np.arange(100 * 80, dtype=np.uint32).reshape(100, 80)
+    assert common.display_levels(small) == [small]
+    big = np.zeros((3000, 2200), np.uint32)
+    big[::7, ::5] = 3
+    levels = common.display_levels(big)
+    assert levels[0] is big and [lv.shape for lv in levels[1:]] == [(1500, 1100), (750, 550), (375, 275)]
+    np.testing.assert_array_equal(levels[2], big[::4, ::4])
+    assert all(lv.flags["C_CONTIGUOUS"] for lv in levels[1:])
+    lazy = [da.ones((4096, 4096), chunks=512), da.ones((2048, 2048), chunks=512), da.ones((1024, 1024), chunks=512)]
+    loaded = common.load_small_levels(lazy, max_pixels=2048 * 2048)
+    assert hasattr(loaded[0], "chunks") and all(isinstance(lv, np.ndarray) for lv in loaded[1:])
 
 
 def test_grid_placement_puts_coarse_pixels_exactly_over_the_slide(common, make_napari_viewer):

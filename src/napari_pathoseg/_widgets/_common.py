@@ -1,13 +1,11 @@
 """What every dock shares.
 
-* how an error from the core reaches the user (:func:`report_error`, :func:`show_worker_error`);
+* how an error from the core reaches the user (:func:`report_error`);
 * building the layout (:func:`hbox`, :func:`vbox`, :func:`form`, :func:`status_label`,
   :func:`stop_button`);
 * the layer choices (:func:`layer_named`, :func:`watch_layer_list`, :func:`refill_combo`,
   :func:`docked_widgets`);
 * file dialogs that fill a line edit (:func:`ask_open_file`, :func:`ask_directory`);
-* the wiring of a background worker (:func:`connect_worker`, :func:`request_stop`,
-  :func:`show_progress`, :func:`idle_progress`);
 * where the user looks: the camera (:func:`camera`), the part of a slide layer on screen
   (:func:`view_rect`) and a drawn box over it (:func:`shape_rect`), in level-0 pixels; and
   where a coarser result goes over the slide (:func:`grid_placement`);
@@ -17,15 +15,13 @@
 * layer data prepared off the GUI thread (:func:`display_levels`): a large result becomes a
   multiscale pyramid so napari only draws what is on screen.
 
-Background jobs run through :mod:`napari_pathoseg._widgets._jobs` (``JobController``); the
-worker helpers below (:func:`connect_worker`, :func:`request_stop`...) remain for docks not
-yet moved onto it.
+Background jobs (worker thread, progress bar, Stop, errors) run through
+:mod:`napari_pathoseg._widgets._jobs` (``JobController``).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 
 import numpy as np
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar, Union
@@ -39,7 +35,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QLayout,
     QLineEdit,
-    QProgressBar,
     QPushButton,
     QVBoxLayout,
     QWidget,
@@ -55,7 +50,6 @@ __all__ = [
     "ask_directory",
     "ask_open_file",
     "camera",
-    "connect_worker",
     "display_levels",
     "load_small_levels",
     "docked_widgets",
@@ -63,14 +57,10 @@ __all__ = [
     "form",
     "grid_placement",
     "hbox",
-    "idle_progress",
     "layer_named",
     "refill_combo",
     "report_error",
-    "request_stop",
     "shape_rect",
-    "show_progress",
-    "show_worker_error",
     "status_label",
     "stop_button",
     "vbox",
@@ -101,18 +91,6 @@ def report_error(exc: BaseException, *, action: str) -> str:
         logger.error("%s failed", action, exc_info=exc)
         text = f"{action} failed: {type(exc).__name__}: {exc}"
     show_error(text)
-    return text
-
-
-def show_worker_error(exc: BaseException, *, action: str, status: QLabel, progress: QProgressBar | None = None) -> str:
-    """Report a worker's error (:func:`report_error`) and write it on ``status``.
-
-    ``progress``, when given, is set back to idle first. Returns the text shown.
-    """
-    if progress is not None:
-        idle_progress(progress)
-    text = report_error(exc, action=action)
-    status.setText(text)
     return text
 
 
@@ -228,55 +206,6 @@ def ask_directory(parent: QWidget, caption: str, *, into: QLineEdit | None = Non
     if path and into is not None:
         into.setText(path)
     return path
-
-
-# ---------------------------------------------------------------------- workers
-
-
-def connect_worker(worker: W, **slots: Callable[..., Any] | None) -> W:
-    """Connect ``signal=callback`` pairs (``yielded``, ``returned``, ``errored``, ``finished``...).
-
-    A callback of None is skipped. Returns ``worker``, not started: the dock records it as
-    running, updates its buttons, then calls ``worker.start()``.
-    """
-    for signal, slot in slots.items():
-        if slot is not None:
-            getattr(worker, signal).connect(slot)
-    return worker
-
-
-def request_stop(
-    cancel: threading.Event | None,
-    *,
-    status: QLabel,
-    message: str = "stopping…",
-    stop_button: QPushButton | None = None,
-) -> bool:
-    """Set the cancel token of a running job and say so; False when nothing runs.
-
-    The worker checks the token between batches and ends on its own; ``stop_button``, when
-    given, is disabled so Stop is not pressed twice.
-    """
-    if cancel is None:
-        return False
-    cancel.set()
-    status.setText(message)
-    if stop_button is not None:
-        stop_button.setEnabled(False)
-    return True
-
-
-def show_progress(bar: QProgressBar, done: int, total: int | None) -> None:
-    """Show ``done`` of ``total`` on ``bar``; while the total is unknown (0 or None) it is left as is."""
-    if total:
-        bar.setRange(0, total)
-        bar.setValue(done)
-
-
-def idle_progress(bar: QProgressBar, value: int = 0) -> None:
-    """Show a determinate bar at rest: empty (``value=0``) or full (``value=1``)."""
-    bar.setRange(0, 1)
-    bar.setValue(value)
 
 
 # ---------------------------------------------------------------------- where the user looks

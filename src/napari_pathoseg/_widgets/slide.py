@@ -71,8 +71,8 @@ def slide_of_layer(layer: Any) -> Slide | None:
 def _pixmap(rgb: np.ndarray, max_side: int = 280) -> QPixmap:
     rgb = np.ascontiguousarray(rgb[..., :3])
     h, w = rgb.shape[:2]
-    img = QImage(rgb.data, w, h, 3 * w, QImage.Format_RGB888).copy()
-    return QPixmap.fromImage(img).scaled(max_side, max_side, Qt.KeepAspectRatio, Qt.SmoothTransformation)
+    img = QImage(rgb.tobytes(), w, h, 3 * w, QImage.Format.Format_RGB888).copy()  # bytes: every Qt binding
+    return QPixmap.fromImage(img).scaled(max_side, max_side, Qt.AspectRatioMode.KeepAspectRatio, Qt.TransformationMode.SmoothTransformation)
 
 
 class SlideWidget(QWidget):
@@ -94,7 +94,7 @@ class SlideWidget(QWidget):
         self.meta_text.setReadOnly(True)
         self.meta_text.setMinimumHeight(140)
         self.thumb = QLabel("no slide")
-        self.thumb.setAlignment(Qt.AlignCenter)
+        self.thumb.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.thumb.setMinimumHeight(160)
         self.mask_check = QCheckBox("Show tissue mask")
         self.progress = QProgressBar()
