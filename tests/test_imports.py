@@ -47,3 +47,27 @@ def test_manifest_valid_and_targets_import():
         for part in attr.split("."):
             obj = getattr(obj, part)
         assert callable(obj), cmd.python_name
+
+
+def test_new_core_packages_are_checked_too():
+    """The Qt-free check walks the whole package: new modules (CLI driver, engines) are in it."""
+    mods = _core_modules()
+    assert "napari_pathoseg.cli._driver" in mods and "napari_pathoseg.cli.slide" in mods
+    for p in sorted(PKG.rglob("*.py")):
+        if "_widgets" in p.parts or p.name == "__main__.py":
+            continue
+        parts = list(p.relative_to(PKG.parent).with_suffix("").parts)
+        assert ".".join(parts[:-1] if parts[-1] == "__init__" else parts) in mods
+
+
+def test_only_widgets_import_qt_in_source():
+    """No module outside _widgets/ even mentions a Qt/napari GUI import (also lazily, inside functions)."""
+    import re
+
+    pattern = re.compile(r"^\s*(from|import)\s+(qtpy|PyQt5|PyQt6|PySide2|PySide6|magicgui|napari)\b", re.M)
+    offenders = [
+        str(p.relative_to(PKG))
+        for p in PKG.rglob("*.py")
+        if "_widgets" not in p.parts and pattern.search(p.read_text(encoding="utf-8"))
+    ]
+    assert offenders == [], offenders
