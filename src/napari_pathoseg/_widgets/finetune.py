@@ -1,224 +1,114 @@
-"""The "Fine-tune" dock: train an M2 student in the background and compare it with its teacher.
+"""The "Fine-tune" dock: fine-tune a nucleus model in the background and compare it with its base.
 
-The dock drives :func:`napari_pathoseg.methods.nuclei.finetune.iter_finetune` (no computation here):
+The dock drives :func:`napari_pathoseg.methods.nuclei.finetune.iter_finetune` (no computation
+here) through the docks' :class:`~napari_pathoseg._widgets._jobs.JobController`:
 
-* base model (registered names + a checkpoint file), student preset, data (strong-label
-  folders and/or a review project: the one open in the Review dock or one on disk),
-  epochs, steps per epoch, learning rate, model name and output folder;
-* Start runs the generator in napari's ``thread_worker``; every yielded step moves the
-  progress bar and the live plot (per-step segmentation loss, per-epoch validation AJI);
-* Stop sets the cancel token: the worker finishes its step, saves a resumable checkpoint
-  and ends; Start with the same output folder resumes;
-* when the run ends the model is registered and the nuclei of the current view are
-  segmented by the new model and by its base model (in a second worker) and overlaid as two
-  Labels layers over the slide for comparison;
-* closing napari (or the dock) while training sets the cancel token and waits (bounded)
-  for the worker, so the checkpoint is saved and nothing is left running.
+* base model (the registry's nucleus models, a checkpoint file, or none), student
+  architecture (default: the base's own, so the run fine-tunes the base), data (strong-label
+  folders and/or a review project: the one open in the Review dock or one on disk), epochs,
+  steps per epoch, learning rate, model name and output folder;
+* Start runs the generator in a worker thread; every step moves the progress bar and the live
+  plot (:class:`~._plot.LossPlot`: per-step loss, per-epoch validation AJI, the base's AJI);
+  scoring the base and each validation say so ("validating…");
+* Stop sets the cancel token: the worker finishes its step, saves a resumable checkpoint and
+  ends; Start with the same output folder resumes;
+* when the run ends the status compares the new model with its base (validation AJI on the
+  same images); its warnings (not registered below the AJI floor, not better than the base)
+  are shown as warnings, never silently; the nuclei of the current view are segmented by the
+  new model and by its base (:mod:`._widgets.finetune_compare`) and overlaid;
+* closing napari (or the dock) while training stops the run and waits (bounded) for the
+  checkpoint to be saved, so nothing is left running.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import math
+import os
 import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
-from napari.qt.threading import thread_worker
-from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QEvent, QObject, QPointF
-from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
-from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QDoubleSpinBox,
-    QLineEdit,
-    QProgressBar,
-    QPushButton,
-    QSpinBox,
-    QWidget,
-)
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QEvent, QObject
+from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QLineEdit, QProgressBar, QPushButton, QSpinBox, QWidget
 
 from napari_pathoseg._widgets._common import (
     ask_directory,
     ask_open_file,
-    connect_worker,
     docked_widgets,
     form,
     hbox,
     refill_combo,
-    request_stop,
-    show_worker_error,
     status_label,
     stop_button,
     vbox,
 )
-from napari_pathoseg.errors import PathosegError
-from napari_pathoseg.methods.nuclei.finetune import FinetuneConfig, FinetuneDone, FinetuneStage, iter_finetune, parse_strong
-from napari_pathoseg.methods.nuclei.train import EpochEvent, StepEvent
+from napari_pathoseg._widgets._jobs import JobController
+from napari_pathoseg._widgets._models import nuclei_models
+from napari_pathoseg._widgets._plot import LossPlot
+from napari_pathoseg._widgets.finetune_compare import OverlayLayer, compare_job, compare_region
 from napari_pathoseg._widgets.nuclei import place_result, view_region
 from napari_pathoseg._widgets.slide import slide_layers
+from napari_pathoseg.errors import PathosegError
+from napari_pathoseg.methods.nuclei.finetune import FinetuneConfig, FinetuneDone, FinetuneStage, iter_finetune, parse_strong
+from napari_pathoseg.training.engine import EpochEvent, StepEvent, ValidationEvent
 
 if TYPE_CHECKING:
     import napari
 
-__all__ = ["FinetuneWidget", "LossPlot", "WorkerStarted"]
+__all__ = ["FinetuneWidget", "LossPlot", "WorkerStarted", "compare_region"]
 
 logger = logging.getLogger(__name__)
 
 FRESH = "(none: fresh student)"
+SAME_AS_BASE = "same as base (fine-tune it)"
 STUDENT_PRESETS = ("transcycle-lite", "transcycle", "attcycle-lite", "attcycle")
 #: Seconds :meth:`FinetuneWidget.shutdown` waits for the worker to save and end.
 SHUTDOWN_TIMEOUT = 60.0
-#: Largest side (level-0 pixels) of the view compared after training; a larger view is
-#: cropped to its centre so the comparison stays quick at any zoom.
-MAX_COMPARE_SIDE = 4096
-
-
-def compare_region(view: tuple[int, int, int, int], *, max_side: int = MAX_COMPARE_SIDE) -> tuple[int, int, int, int]:
-    """The centre of a level-0 ``(x, y, w, h)`` view, at most ``max_side`` pixels a side."""
-    x, y, w, h = (int(v) for v in view)
-    cw, ch = min(w, max_side), min(h, max_side)
-    return (x + (w - cw) // 2, y + (h - ch) // 2, cw, ch)
 
 
 @dataclass
 class WorkerStarted:
-    """First event of the training worker: the id of the thread it runs on."""
+    """First event of the training job: the id of the thread it runs on."""
 
     thread_id: int
 
 
-@dataclass
-class OverlayResult:
-    """Nuclei of one model over the view (event of the overlay worker)."""
-
-    label: str
-    result: Any  # NucleiResult
-
-
-# ------------------------------------------------------------------------------------------
-# workers (run in napari's thread pool)
-
-
-@thread_worker(ignore_errors=True)  # errors go to FinetuneWidget._on_error
-def _train_worker(config: FinetuneConfig, cancel: threading.Event, ended: threading.Event):
-    try:
-        yield WorkerStarted(threading.get_ident())
-        yield from iter_finetune(config, cancel=cancel)
-    finally:
-        ended.set()
-
-
-@thread_worker(ignore_errors=True)
-def _overlay_worker(slide: Any, models: list[tuple[str, str]], region: tuple[int, int, int, int],
-                    cancel: threading.Event, ended: threading.Event):
-    from napari_pathoseg.models.registry import load_model
-    from napari_pathoseg.methods.nuclei.segment import segment_nuclei
-
-    try:
-        for label, ref in models:
-            if cancel.is_set():
-                return
-            model = load_model(ref)
-            yield OverlayResult(label, segment_nuclei(slide, model, region=region, cancel=cancel,
-                                                      with_normalized=False))
-    finally:
-        ended.set()
-
-
-def _shutdown_on_destroy(cancel_box: dict[str, Any], *args: Any) -> None:
-    """Set the cancel tokens when the dock is deleted without a close event."""
-    for key in ("train", "overlay"):
-        ev = cancel_box.get(key)
-        if ev is not None:
-            ev.set()
-
-
-# ------------------------------------------------------------------------------------------
-# the live plot
-
-
-class LossPlot(QWidget):
-    """A small line plot: per-step loss (left axis) and per-epoch validation AJI (right, 0..1).
-
-    Attributes
-    ----------
-    steps : list of (global step, loss)
-    epochs : list of (global step at the epoch's end, AJI)
-    """
-
-    LOSS_COLOR = QColor(230, 120, 40)
-    AJI_COLOR = QColor(60, 160, 230)
-
-    def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.steps: list[tuple[int, float]] = []
-        self.epochs: list[tuple[int, float]] = []
-        self.total_steps = 1
-        self.setMinimumHeight(130)
-        self.setToolTip("orange: segmentation loss per step; blue: validation AJI per epoch (right axis, 0-1)")
-
-    def clear(self, total_steps: int = 1) -> None:
-        self.steps, self.epochs = [], []
-        self.total_steps = max(1, int(total_steps))
-        self.update()
-
-    def add_step(self, step: int, loss: float) -> None:
-        if math.isfinite(loss):
-            self.steps.append((int(step), float(loss)))
-            self.update()
-
-    def add_epoch(self, step: int, aji: float) -> None:
-        if math.isfinite(aji):
-            self.epochs.append((int(step), float(aji)))
-            self.update()
-
-    def paintEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
-        p = QPainter(self)
+def _training_job(config: FinetuneConfig, ended: threading.Event):
+    def job(token: Any) -> Iterator[Any]:
         try:
-            p.setRenderHint(QPainter.Antialiasing)
-            w, h = self.width(), self.height()
-            left, right, top, bottom = 34, 30, 8, 18
-            pw, ph = max(1, w - left - right), max(1, h - top - bottom)
-            p.fillRect(self.rect(), QColor(38, 41, 48))
-            p.setPen(QPen(QColor(120, 120, 120), 1))
-            p.drawRect(left, top, pw, ph)
-            pal = QColor(200, 200, 200)
-            p.setPen(pal)
-            n = max(self.total_steps, max((s for s, _ in self.steps), default=1))
-            p.drawText(left, h - 4, "0")
-            p.drawText(left + pw - 30, h - 4, f"{n} steps")
-            lmax = max((v for _, v in self.steps), default=1.0) or 1.0
-            p.drawText(2, top + 10, f"{lmax:.2g}")
-            p.drawText(w - right + 3, top + 10, "1.0")
-            p.drawText(w - right + 3, top + ph, "0")
-
-            def pt(step: float, frac: float) -> QPointF:
-                return QPointF(left + pw * step / n, top + ph * (1.0 - min(max(frac, 0.0), 1.0)))
-
-            if self.steps:
-                p.setPen(QPen(self.LOSS_COLOR, 1.5))
-                p.drawPolyline(QPolygonF([pt(s, v / lmax) for s, v in self.steps]))
-            if self.epochs:
-                p.setPen(QPen(self.AJI_COLOR, 2))
-                pts = [pt(s, v) for s, v in self.epochs]
-                if len(pts) > 1:
-                    p.drawPolyline(QPolygonF(pts))
-                p.setBrush(self.AJI_COLOR)
-                for q in pts:
-                    p.drawEllipse(q, 3, 3)
-                last, best = self.epochs[-1][1], max(v for _, v in self.epochs)
-                p.drawText(left + 4, top + 12, f"val AJI {last:.3f} (best {best:.3f})")
+            yield WorkerStarted(threading.get_ident())
+            yield from iter_finetune(config, cancel=token)
         finally:
-            p.end()
+            ended.set()
+
+    return job
 
 
-# ------------------------------------------------------------------------------------------
-# the dock
+def training_threads() -> int:
+    """torch threads for training in napari: every core but one, which stays with the GUI."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+def _aji(metrics: dict[str, Any] | None) -> float | None:
+    if not metrics:
+        return None
+    value = metrics.get("best_aji", metrics.get("aji"))
+    return None if value is None else float(value)
+
+
+def _shutdown_on_destroy(tokens: dict[str, Any], *args: Any) -> None:
+    """Stop the jobs when the dock is deleted without a close event."""
+    for job in tokens.values():
+        if job is not None and not job.ended:
+            job.token.set()
 
 
 class _CloseFilter(QObject):
@@ -229,13 +119,13 @@ class _CloseFilter(QObject):
         self._callback = callback
 
     def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt name)
-        if event.type() == QEvent.Close:
+        if event.type() == QEvent.Type.Close:
             self._callback()
         return False
 
 
 class FinetuneWidget(QWidget):
-    """Fine-tune a nucleus student on strong labels + reviewed pseudo-labels, in the background.
+    """Fine-tune a nucleus model on strong labels + reviewed pseudo-labels, in the background.
 
     Parameters
     ----------
@@ -243,44 +133,45 @@ class FinetuneWidget(QWidget):
 
     Attributes
     ----------
-    worker : GeneratorWorker or None
-        The running training worker.
+    jobs, compare_jobs : JobController
+        Training, and the comparison of the new model with its base on the view.
     worker_thread_id : int or None
-        Thread the last training worker ran on (not the GUI thread).
+        Thread the last training job ran on (not the GUI thread).
     last_done : FinetuneDone or None
         Last event of the last run.
     overlay_layers : list of str
         Names of the Labels layers added for the comparison.
+    done_message : str
+        The finished run's status text.
+    overlay_counts : dict
+        Nuclei each compared model finds in the view.
     """
 
     def __init__(self, napari_viewer: "napari.Viewer") -> None:
         super().__init__()
         self.viewer = napari_viewer
-        self.worker = None
-        self.overlay_worker = None
         self.worker_thread_id: int | None = None
         self.last_done: FinetuneDone | None = None
         self.overlay_layers: list[str] = []
         self.compare_models: list[str] = []
-        #: the finished run's status text, and the nuclei each compared model finds in the view
         self.done_message = ""
         self.overlay_counts: dict[str, int] = {}
-        self._cancel: threading.Event | None = None
         self._ended: threading.Event | None = None
-        self._overlay_cancel: threading.Event | None = None
-        self._overlay_ended: threading.Event | None = None
-        self._cancel_box: dict[str, Any] = {}
+        self._compare_ended: threading.Event | None = None
+        self._running_jobs: dict[str, Any] = {}
         self._config: FinetuneConfig | None = None
+        self._presets: dict[str, str] = {}  # model name -> architecture preset
         self._extra_models: dict[str, str] = {}
 
         # --- widgets
         self.base_combo = QComboBox()
+        self.base_combo.setToolTip("The model to fine-tune (the teacher); its weights start the student.")
         self.base_btn = QPushButton("Checkpoint…")
         self.preset_combo = QComboBox()
-        self.preset_combo.addItems(STUDENT_PRESETS)
+        self.preset_combo.addItems([SAME_AS_BASE, *STUDENT_PRESETS])
         self.preset_combo.setToolTip(
-            "Student architecture. The base model's weights are used when it has the same "
-            "architecture (e.g. attcycle-lite on nuclei-lite); otherwise the student starts fresh."
+            "Student architecture. 'same as base' fine-tunes the base model itself (all its weights); "
+            "another architecture takes only the base's matching weights (a fresh student without a base)."
         )
         self.strong_edit = QLineEdit()
         self.strong_edit.setPlaceholderText("folders with images/ + instance_masks/ (; separated)")
@@ -339,13 +230,23 @@ class FinetuneWidget(QWidget):
             stretch_end=True,
         )
 
+        self._inputs = (self.base_combo, self.base_btn, self.preset_combo, self.strong_edit, self.strong_btn,
+                        self.project_edit, self.project_btn, self.review_btn, self.epochs_spin, self.steps_spin,
+                        self.lr_spin, self.name_edit, self.out_edit, self.out_btn, self.strong_mpp, self.pending_check)
+        self.jobs = JobController(
+            self, progress=self.progress, status=self.status, stop_button=self.stop_btn,
+            run_buttons=[self.start_btn], why_not=self._why_not, on_busy=self._on_busy, action="Fine-tuning",
+        )
+        self.compare_jobs = JobController(
+            self, progress=self.progress, stop_button=self.stop_btn, action="Comparing the models",
+        )
         self.base_btn.clicked.connect(self._on_browse_base)
         self.strong_btn.clicked.connect(self._on_add_strong)
         self.project_btn.clicked.connect(self._on_browse_project)
         self.review_btn.clicked.connect(self.use_review_project)
         self.out_btn.clicked.connect(self._on_browse_out)
         self.start_btn.clicked.connect(self._on_start)
-        self.stop_btn.clicked.connect(self.stop)
+        self.base_combo.currentIndexChanged.connect(self._update_enabled)
         for edit in (self.strong_edit, self.project_edit, self.name_edit):
             edit.textChanged.connect(self._update_enabled)
 
@@ -353,21 +254,17 @@ class FinetuneWidget(QWidget):
         # starts, when the dock is surely inside it) or when the dock is deleted
         self._close_filter = _CloseFilter(self.shutdown)
         self._watched_window: Any = None  # weakref to the window watched (no strong ref: no leak)
-        self.destroyed.connect(functools.partial(_shutdown_on_destroy, self._cancel_box))
+        self.destroyed.connect(functools.partial(_shutdown_on_destroy, self._running_jobs))
         self.refresh_models()
         self._update_enabled()
 
     # ================================================================== inputs
     def refresh_models(self, select: str | None = None) -> None:
-        """Fill the base-model combo from the registry (plus checkpoints chosen on disk)."""
-        from napari_pathoseg.models.registry import list_models
-
+        """Fill the base-model combo with the registry's nucleus models (plus checkpoints chosen on disk)."""
         current = select or self.base_combo.currentText()
-        try:
-            names = [m["name"] for m in list_models()]
-        except PathosegError as exc:
-            show_error(str(exc))
-            names = []
+        models = nuclei_models()
+        self._presets.update({str(m["name"]): str(m.get("preset") or "") for m in models})
+        names = [str(m["name"]) for m in models]
         refill_combo(self.base_combo, names + list(self._extra_models) + [FRESH], current=current)
 
     def add_base_checkpoint(self, path: str) -> None:
@@ -415,6 +312,10 @@ class FinetuneWidget(QWidget):
             return None
         return self._extra_models.get(text, text)
 
+    def _preset(self) -> str | None:
+        text = self.preset_combo.currentText()
+        return None if text == SAME_AS_BASE else text
+
     def _out_dir(self, name: str) -> str:
         text = self.out_edit.text().strip()
         if text:
@@ -434,7 +335,7 @@ class FinetuneWidget(QWidget):
             out_dir=self._out_dir(name or "student"),
             name=name,
             base=self._base_ref(),
-            preset=self.preset_combo.currentText(),
+            preset=self._preset(),
             strong=parse_strong(self.strong_edit.text()),
             strong_mpp=mpp if mpp > 0 else None,
             projects=(project,) if project else (),
@@ -442,55 +343,58 @@ class FinetuneWidget(QWidget):
             epochs=self.epochs_spin.value(),
             steps_per_epoch=self.steps_spin.value(),
             lr=self.lr_spin.value(),
+            threads=training_threads(),
         )
 
-    def _update_enabled(self, *args: Any) -> None:
-        running = self.worker is not None
-        reason = ""
+    def _why_not(self) -> str:
         if not parse_strong(self.strong_edit.text()):
-            reason = "Add a strong-label folder: validation (and the best epoch) needs expert masks."
-        elif not self.name_edit.text().strip():
-            reason = "Give the new model a name."
-        self.start_btn.setEnabled(not running and not reason)
-        self.start_btn.setToolTip(reason or "Train in the background; Stop saves a checkpoint, Start resumes.")
-        self.stop_btn.setEnabled(running)
-        for w in (self.base_combo, self.base_btn, self.preset_combo, self.strong_edit, self.strong_btn,
-                  self.project_edit, self.project_btn, self.review_btn, self.epochs_spin, self.steps_spin,
-                  self.lr_spin, self.name_edit, self.out_edit, self.out_btn, self.strong_mpp, self.pending_check):
+            return "Add a strong-label folder: validation (and the best epoch) needs expert masks."
+        if not self.name_edit.text().strip():
+            return "Give the new model a name."
+        return ""
+
+    def _update_enabled(self, *args: Any) -> None:
+        self.jobs.refresh()
+        if self.compare_jobs.running:  # the two share Stop
+            self.compare_jobs.refresh()
+        base = self._base_ref()
+        what = (f"fine-tunes {Path(base).name if base else ''}".strip() if self._preset() is None and base
+                else "trains a fresh student" if base is None else "takes the base's matching weights")
+        self.preset_combo.setToolTip(f"This run {what}. " + (
+            "'same as base' fine-tunes the base model itself (all its weights); another architecture takes "
+            "only the base's matching weights."))
+        if not self.jobs.running:
+            self.start_btn.setToolTip(self._why_not() or
+                                      f"Train in the background ({what}); Stop saves a checkpoint, Start resumes.")
+
+    def _on_busy(self, running: bool) -> None:
+        for w in self._inputs:
             w.setEnabled(not running)
 
     # ================================================================== run
     def start(self, config: FinetuneConfig | None = None):
-        """Start (or resume) training in a worker thread; returns the worker (None on bad input)."""
-        if self.worker is not None:
-            return self.worker
+        """Start (or resume) training in the background; returns the :class:`~._jobs.Job`
+        (None on bad input or while another run is going)."""
+        if self.jobs.running:
+            return self.jobs.job
         try:
             config = config or self.make_config()
         except PathosegError as exc:
             show_error(str(exc))
             self.status.setText(str(exc))
             return None
+        self.compare_jobs.stop()
         self._config = config
         self._watch_window()
-        self._cancel = threading.Event()
         self._ended = threading.Event()
-        self._cancel_box["train"] = self._cancel
         self.last_done = None
-        total = config.epochs * config.steps_per_epoch
-        self.progress.setRange(0, total)
-        self.progress.setValue(0)
-        self.plot.clear(total)
-        worker = connect_worker(
-            _train_worker(config, self._cancel, self._ended),
-            yielded=self._on_event,
-            errored=self._on_error,
-            finished=self._on_finished,
+        self.plot.clear(config.epochs * config.steps_per_epoch)
+        job = self.jobs.start(
+            _training_job(config, self._ended), done_type=FinetuneDone, on_event=self._on_event,
+            on_done=self._on_done, message=f"starting {config.name}…",
         )
-        self.worker = worker
-        self.status.setText(f"starting {config.name} ({config.preset})…")
-        self._update_enabled()
-        worker.start()
-        return worker
+        self._running_jobs["train"] = job
+        return job
 
     def _watch_window(self) -> None:
         """Watch the napari window this dock sits in for Close (once per window)."""
@@ -506,18 +410,16 @@ class FinetuneWidget(QWidget):
         self.start()
 
     def stop(self) -> None:
-        """Ask the worker to finish its step, save a checkpoint and end."""
-        request_stop(self._cancel if self.worker is not None else None, status=self.status,
-                     message="stopping after the current step (saving a checkpoint)…", stop_button=self.stop_btn)
-        if self._overlay_cancel is not None:
-            self._overlay_cancel.set()
+        """Ask the training to finish its step, save a checkpoint and end (and stop a comparison)."""
+        self.jobs.stop()
+        self.compare_jobs.stop()
 
     def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT) -> bool:
         """Stop any work and wait (at most ``timeout`` s) for it to end; True when it ended."""
         ok = True
-        for cancel, ended in ((self._cancel, self._ended), (self._overlay_cancel, self._overlay_ended)):
-            if cancel is not None and ended is not None and not ended.is_set():
-                cancel.set()
+        for controller, ended in ((self.jobs, self._ended), (self.compare_jobs, self._compare_ended)):
+            controller.stop()
+            if ended is not None and controller.job is not None and controller.job.worker is not None:
                 if not ended.wait(timeout):
                     logger.warning("the fine-tune worker did not stop within %.0f s", timeout)
                     ok = False
@@ -525,53 +427,77 @@ class FinetuneWidget(QWidget):
 
     def _on_event(self, ev: Any) -> None:
         cfg = self._config
-        spe = cfg.steps_per_epoch if cfg is not None else 1
         if isinstance(ev, WorkerStarted):
             self.worker_thread_id = ev.thread_id
         elif isinstance(ev, FinetuneStage):
-            self.status.setText(ev.message)
+            self.plot.set_note("validating…" if ev.stage == "base" else "")
+            self.status.setText(ev.message + ("…" if ev.stage == "base" else ""))
         elif isinstance(ev, StepEvent):
-            g = ev.epoch * ev.steps_per_epoch + ev.step + 1
-            self.progress.setValue(min(g, self.progress.maximum()))
+            self.plot.set_note("")
             loss = ev.losses.get("seg", ev.losses.get("total", float("nan")))
-            self.plot.add_step(g, loss)
-            self.status.setText(f"epoch {ev.epoch + 1}/{cfg.epochs if cfg else '?'} · step {ev.step + 1}/{ev.steps_per_epoch} · seg loss {loss:.3f}")
+            self.plot.add_step(ev.done, loss)
+            epochs = cfg.epochs if cfg is not None else ev.epochs
+            self.status.setText(f"epoch {ev.epoch + 1}/{epochs} · step {ev.step + 1}/{ev.steps_per_epoch} · "
+                                f"seg loss {loss:.3f}")
+        elif isinstance(ev, ValidationEvent):
+            self.plot.set_note("validating…")
+            self.status.setText(f"epoch {ev.epoch + 1}: validating…")
         elif isinstance(ev, EpochEvent):
-            aji = ev.val_metrics.get("best_aji", ev.val_metrics.get("aji", float("nan")))
-            self.plot.add_epoch((ev.epoch + 1) * spe, aji)
+            self.plot.set_note("")
+            aji = _aji(ev.val_metrics)
+            spe = cfg.steps_per_epoch if cfg is not None else 1
+            if aji is not None:
+                self.plot.add_epoch((ev.epoch + 1) * spe, aji)
             best = " (best)" if ev.is_best else ""
-            self.status.setText(f"epoch {ev.epoch + 1}: val AJI {aji:.3f}{best} · checkpoint saved")
-        elif isinstance(ev, FinetuneDone):
-            self._on_done(ev)
+            self.status.setText(f"epoch {ev.epoch + 1}: val AJI {aji if aji is not None else float('nan'):.3f}{best} "
+                                "· checkpoint saved")
+        base_aji = _aji(getattr(ev, "base_metrics", None))
+        if base_aji is not None:
+            self.plot.set_base(base_aji)
+
+    def summary(self, done: FinetuneDone) -> str:
+        """One line: the new model against its base, and what became of it."""
+        new, base = _aji(done.best_metrics), _aji(done.base_metrics)
+        cfg = self._config
+        base_name = Path(cfg.base).stem if cfg is not None and cfg.base else "base"
+        if new is None:
+            text = "done"
+        elif base is not None:
+            text = f"done: val AJI {new:.3f} vs base {base_name} {base:.3f} ({new - base:+.3f})"
+        else:
+            text = f"done: best val AJI {new:.3f}"
+        if done.registered is not None:
+            text += f"; registered as {done.registered['name']!r}"
+        else:
+            text += "; NOT registered"
+        return text
 
     def _on_done(self, done: FinetuneDone) -> None:
         self.last_done = done
+        self.plot.set_note("")
+        self.plot.set_base(_aji(done.base_metrics))
         if done.cancelled:
             where = done.last_checkpoint or (self._config.out_dir if self._config else "")
             self.status.setText(f"stopped; checkpoint {where} (Start resumes)")
             show_info("Fine-tuning stopped; the checkpoint is saved, Start resumes it.")
             return
-        aji = done.best_metrics.get("best_aji", done.best_metrics.get("aji"))
-        msg = f"done: best val AJI {aji:.3f}" if aji is not None else "done"
-        if done.registered is not None:
-            msg += f"; registered as {done.registered['name']!r}"
-            self._refresh_nuclei_docks(done.registered["name"])
-            self.refresh_models()
+        msg = self.summary(done)
+        warnings = list(done.warnings)
+        if warnings:
+            msg += " · warning: " + "; ".join(warnings)
         self.done_message = msg
         self.overlay_counts = {}
         self.status.setText(msg)
-        show_info(f"Fine-tuning finished: {msg}")
         if done.registered is not None:
-            self.compare_on_view()
+            self._refresh_nuclei_docks()
+            self.refresh_models()
+        for text in warnings:
+            show_warning(f"Fine-tuning: {text}")
+        if not warnings:
+            show_info(f"Fine-tuning finished: {msg}")
+        self.compare_on_view()
 
-    def _on_error(self, exc: Exception) -> None:
-        show_worker_error(exc, action="Fine-tuning", status=self.status)
-
-    def _on_finished(self) -> None:
-        self.worker = None
-        self._update_enabled()
-
-    def _refresh_nuclei_docks(self, name: str) -> None:
+    def _refresh_nuclei_docks(self) -> None:
         """Make the new model selectable in open Nuclei docks."""
         from napari_pathoseg._widgets.nuclei import NucleiWidget
 
@@ -582,57 +508,67 @@ class FinetuneWidget(QWidget):
                 logger.warning("cannot refresh the Nuclei dock: %s", exc)
 
     # ================================================================== comparison overlay
-    def compare_on_view(self) -> Any:
-        """Segment the current view with the new model and its base; returns the worker or None."""
+    def compare_on_view(self):
+        """Segment the current view with the new model and its base in the background;
+        returns the :class:`~._jobs.Job` or None (no finished run, no slide, nothing in view)."""
         done, cfg = self.last_done, self._config
-        if done is None or done.registered is None or cfg is None:
+        if done is None or done.cancelled or cfg is None:
+            return None
+        new_ref = str(done.registered["name"]) if done.registered is not None else (
+            str(done.best_checkpoint) if done.best_checkpoint is not None else None)
+        if new_ref is None:
             return None
         layers = slide_layers(self.viewer)
         if not layers:
             self.status.setText(self.status.text() + " · open a slide to compare the models on it")
             return None
         layer = layers[0]
-        slide = layer.metadata["pathoseg_slide"]
         try:
             region = compare_region(view_region(layer, self.viewer))
         except (PathosegError, ValueError, IndexError, AttributeError) as exc:
             logger.warning("cannot read the view region: %s", exc)
             return None
-        # the new model by its registered name, so its layers and results carry that name
-        models = [(f"{cfg.name} nuclei", str(done.registered["name"]))]
+        # the new model by its registered name (else its best checkpoint); the base as outlines
+        models = [(f"{cfg.name} nuclei", new_ref, False)]
         if cfg.base:
-            models.append((f"{Path(cfg.base).stem} nuclei (base)", cfg.base))
-        self.compare_models = [label for label, _ in models]
-        self._overlay_cancel = threading.Event()
-        self._overlay_ended = threading.Event()
-        self._cancel_box["overlay"] = self._overlay_cancel
-        worker = connect_worker(
-            _overlay_worker(slide, models, region, self._overlay_cancel, self._overlay_ended),
-            yielded=functools.partial(self._on_overlay, layer),
-            errored=self._on_error,
+            models.append((f"{Path(cfg.base).stem} nuclei (base)", cfg.base, True))
+        self.compare_models = [label for label, _, _ in models]
+        self._compare_ended = threading.Event()
+        job = self.compare_jobs.start(
+            compare_job(layer.metadata["pathoseg_slide"], models, region, ended=self._compare_ended),
+            on_event=functools.partial(self._on_overlay, layer),
+            on_done=lambda _result: self.status.setText(self._overlay_status()),
+            message=f"{self.done_message} · segmenting the view with both models…",
         )
-        self.overlay_worker = worker
-        worker.start()
-        return worker
+        self._running_jobs["compare"] = job
+        return job
 
-    def _on_overlay(self, slide_layer: Any, ev: OverlayResult) -> None:
-        place = place_result(slide_layer, ev.result)
+    def _overlay_status(self) -> str:
+        counts = ", ".join(f"{label}: {n} nuclei" for label, n in self.overlay_counts.items())
+        return f"{self.done_message} · in the view: {counts}" if counts else self.done_message
+
+    def _on_overlay(self, slide_layer: Any, ev: Any) -> None:
+        """Add one model's prepared labels (GUI thread: no computation here)."""
+        if not isinstance(ev, OverlayLayer):
+            return
+        if slide_layer not in self.viewer.layers:
+            return
+        result = ev.result
         if ev.label in self.viewer.layers:
             self.viewer.layers.remove(ev.label)
-        layer = self.viewer.add_labels(
-            ev.result.labels, name=ev.label, opacity=0.6,
-            metadata={"model": ev.result.model, "region_xywh": list(ev.result.region), "mpp": ev.result.mpp},
-            **place,
+        self.viewer.add_labels(
+            ev.data, name=ev.label, opacity=0.9 if ev.outline else 0.6,
+            metadata={"model": result.model, "region_xywh": list(result.region), "mpp": result.mpp,
+                      "table": result.table, "pathoseg_slide": slide_layer.metadata.get("pathoseg_slide"),
+                      "object_type": "detection", "class_name": "Nucleus", "outline": ev.outline},
+            **place_result(slide_layer, result),
         )
-        if ev.label.endswith("(base)"):
-            layer.contour = 1  # the base model as outlines over the new model's filled nuclei
         if ev.label not in self.overlay_layers:
             self.overlay_layers.append(ev.label)
         self.viewer.layers.selection.active = slide_layer
         # keep the run's result on the status line; add each model's count in the view
-        self.overlay_counts[ev.label] = ev.result.n_nuclei
-        counts = ", ".join(f"{label}: {n} nuclei" for label, n in self.overlay_counts.items())
-        self.status.setText(f"{self.done_message} · in the view: {counts}")
+        self.overlay_counts[ev.label] = ev.n_nuclei
+        self.status.setText(self._overlay_status())
 
     # ================================================================== Qt
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
