@@ -30,7 +30,7 @@ def dock(make_napari_viewer, qtbot, he_image):
     viewer = make_napari_viewer()
     slide = Slide.from_array(he_image[:256, :256], mpp=0.5, name="crop")
     viewer.add_image(he_image[:256, :256], rgb=True, name="crop", scale=(2.0, 2.0), translate=(10.0, 20.0),
-                     metadata={"pathoseg_slide": slide})
+                     units=("µm", "µm"), metadata={"pathoseg_slide": slide})
     widget = FinetuneWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Fine-tune")
     yield widget
@@ -111,6 +111,7 @@ def test_fine_tune_the_base_compare_register_and_overlay(dock, qtbot, strong_fol
     for layer in (labels, base_layer):
         np.testing.assert_allclose(layer.scale, slide_layer.scale)
         np.testing.assert_allclose(layer.translate, slide_layer.translate)
+        assert tuple(layer.units) == tuple(slide_layer.units)  # the scale bar keeps reading µm
         assert layer.data.dtype in (np.uint8, np.uint16)  # drawn without napari's uint32 remapping
         assert layer.contour == 0 and len(layer.metadata["table"]) > 0
     assert labels.metadata["model"] == "dock-student"

@@ -37,6 +37,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_pathoseg._widgets._common import (
+    adopt_units,
     ask_open_file,
     hbox,
     layer_named,
@@ -74,12 +75,6 @@ _NO_CONFIDENCE = (
     "No confidence to export: choose a Probability layer (the model's map), or check nuclei "
     "segmented by the Nuclei dock (their table holds each nucleus' confidence)."
 )
-
-
-def _units_of(layer: Any) -> tuple[str, str] | None:
-    """The (row, col) world units of ``layer`` (µm for a calibrated slide), or None."""
-    units = getattr(layer, "units", None)
-    return None if units is None else tuple(str(u) for u in units[-2:])  # type: ignore[return-value]
 
 
 class ExportWidget(QWidget):
@@ -365,18 +360,18 @@ class ExportWidget(QWidget):
         returns the :class:`~._jobs.Job` (None while an export runs)."""
         slide_layer = self._layer(self.slide_combo.currentText())
         meta = slide_metadata_from_layer(slide_layer.metadata) if slide_layer is not None else None
-        units = _units_of(slide_layer) if meta else None
         path = str(path)
         return self.jobs.start(
             lambda token: geojson_layer_data(path, slide_metadata=meta),
-            on_done=lambda layer_data: self._on_imported(layer_data, units),
+            on_done=lambda layer_data: self._on_imported(layer_data, slide_layer if meta else None),
             message=f"reading {Path(path).name}…", action="GeoJSON import", abandon_on_stop=True,
         )
 
-    def _on_imported(self, layer_data: list, units: tuple[str, str] | None = None) -> None:
-        """Add the layers read; over a slide they carry its units (µm), like the slide layer."""
+    def _on_imported(self, layer_data: list, slide_layer: Any = None) -> None:
+        """Add the layers read; placed over ``slide_layer`` they take its units (µm), so the
+        scale bar keeps reading physical units."""
         for data, kwargs, layer_type in layer_data:
-            if units is not None and "units" not in kwargs:
-                kwargs = dict(kwargs, units=units)
-            self.viewer.add_layer(Layer.create(data, kwargs, layer_type))
+            layer = self.viewer.add_layer(Layer.create(data, kwargs, layer_type))
+            if slide_layer is not None:
+                adopt_units(layer, slide_layer)
         self.status.setText(f"opened {len(layer_data)} layer(s)")
