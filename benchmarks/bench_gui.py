@@ -8,9 +8,12 @@ docks in a real (Xvfb) window. Run from the repository root::
 
     xvfb-run -a -s "-screen 0 1600x1000x24" python benchmarks/bench_gui.py [--skip-nuclei]
 
-Prints one JSON document: for each action, ``max_stall_ms`` (the freeze a user feels),
-``stalls_over_200ms`` (their count) and ``wall_s`` (the action's total time, background work
-included).
+Prints one JSON document: for each action, ``max_gui_cpu_ms`` (the most CPU time the GUI
+thread spent between two heartbeats: the cost of one GUI-thread step, what the docks control,
+little affected by other load on the machine), ``max_stall_ms`` (the longest wall-clock gap: the
+freeze a user feels, which also grows when the machine is busy or a worker holds the GIL), the
+count of each over 200 ms, and ``wall_s`` (the action's total time, background work included).
+``ok`` is true when no GUI-thread step took more than 200 ms of CPU.
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ class Heartbeat:
         self.timer.setInterval(period_ms)
         self.timer.timeout.connect(self._tick)
         self.last = time.perf_counter()
+        self.last_cpu = time.thread_time()
         self.gaps: list[float] = []
+        self.cpu_gaps: list[float] = []
         self.samples: collections.Counter = collections.Counter()
         self._gui = threading.get_ident()
         self._sampling = False
@@ -68,13 +73,15 @@ class Heartbeat:
                 self.samples[key] += 1
 
     def _tick(self) -> None:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.thread_time()  # thread_time: this (GUI) thread's CPU
         self.gaps.append((now - self.last) * 1000.0)
-        self.last = now
+        self.cpu_gaps.append((cpu - self.last_cpu) * 1000.0)
+        self.last, self.last_cpu = now, cpu
 
     def start(self) -> None:
         self.gaps.clear()
-        self.last = time.perf_counter()
+        self.cpu_gaps.clear()
+        self.last, self.last_cpu = time.perf_counter(), time.thread_time()
         self.timer.start()
 
     def stop(self) -> dict[str, Any]:
@@ -82,6 +89,8 @@ class Heartbeat:
         self._tick()
         gaps = self.gaps
         out: dict[str, Any] = {
+            "max_gui_cpu_ms": round(max(self.cpu_gaps), 1) if self.cpu_gaps else None,
+            "gui_cpu_steps_over_200ms": sum(g > BUDGET_MS for g in self.cpu_gaps),
             "max_stall_ms": round(max(gaps), 1) if gaps else None,
             "stalls_over_200ms": sum(g > BUDGET_MS for g in gaps),
         }
@@ -190,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             app, beat, nuclei_dock.run_btn.click, lambda: f"{slide_name} nuclei" in viewer.layers and not _busy(nuclei_dock)
         )
     results["ok"] = all(
-        v["max_stall_ms"] is not None and v["max_stall_ms"] <= BUDGET_MS for k, v in results.items() if isinstance(v, dict)
+        v["max_gui_cpu_ms"] is not None and v["max_gui_cpu_ms"] <= BUDGET_MS for k, v in results.items() if isinstance(v, dict)
     )
     text = json.dumps(results, indent=2)
     print(text)

@@ -224,6 +224,31 @@ def test_abandon_on_stop_drops_a_short_job(dock, qtbot):
 
 
 @pytest.mark.gui
+def test_shutdown_stops_the_job_and_drops_its_result(dock, qtbot):
+    import time
+
+    got, stopped_at = [], []
+
+    def job(token):
+        for i in range(2000):
+            if token.is_set():
+                stopped_at.append(i)
+                yield Done(i, cancelled=True)
+                return
+            time.sleep(0.005)
+            yield Progress(i + 1, 2000)
+        yield Done(2000)
+
+    run = dock.jobs.start(job, done_type=Done, on_done=got.append)
+    qtbot.waitUntil(lambda: dock.bar.value() >= 2, timeout=20_000)
+    dock.jobs.shutdown()
+    assert not dock.jobs.running and run.token.is_set()
+    qtbot.waitUntil(lambda: not run.worker.is_running, timeout=20_000)
+    qtbot.wait(50)
+    assert got == [] and len(stopped_at) <= 1
+
+
+@pytest.mark.gui
 def test_env_switch(monkeypatch):
     from napari_pathoseg._widgets import _jobs
 

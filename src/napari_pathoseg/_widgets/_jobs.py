@@ -45,7 +45,7 @@ Usage
             )
 
         def closeEvent(self, event):
-            self.jobs.stop()
+            self.jobs.shutdown()             # stop the job and drop what it still delivers
             super().closeEvent(event)
 
 Call ``self.jobs.refresh()`` when the inputs change, so the run buttons and their tooltips
@@ -214,7 +214,7 @@ class JobController:
         self._poster = _Poster()
         self._poster.posted.connect(self._on_posted)
         if stop_button is not None:
-            stop_button.clicked.connect(self.stop)
+            stop_button.clicked.connect(lambda *_: self.stop())
         self._idle_progress(0)
         self._update_buttons()  # on_busy is not called here: the dock may not be built yet
 
@@ -229,7 +229,7 @@ class JobController:
         """The cancel token of the running job, or None."""
         return self.job.token if self.running else None
 
-    def refresh(self) -> None:
+    def refresh(self, *_: Any) -> None:
         """Update the run / Stop buttons from the state and ``why_not()``, then call ``on_busy``."""
         self._update_buttons()
         if self.on_busy is not None:
@@ -426,6 +426,17 @@ class JobController:
             self._set_status("stopping…")
         self.refresh()
         return True
+
+    def shutdown(self) -> None:
+        """The dock is closing: stop the running job and drop whatever it still delivers."""
+        run = self.job
+        if run is None or run.ended:
+            return
+        run.token.set()
+        run.abandoned = True
+        run.ended = True
+        if run.worker is not None:
+            run.worker.quit()
 
     def wait(self, timeout_s: float = 30.0) -> bool:
         """Block (processing Qt events) until the job ended; False on timeout. For scripts and shutdown."""

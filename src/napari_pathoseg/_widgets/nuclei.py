@@ -334,5 +334,5 @@ class NucleiWidget(QWidget):
         show_info(f"{result.n_nuclei} nuclei found")
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
-        self.jobs.stop()
+        self.jobs.shutdown()
         super().closeEvent(event)

@@ -236,8 +236,8 @@ class SlideWidget(QWidget):
         )
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
-        self.jobs.stop()
-        self.thumb_jobs.stop()
+        self.jobs.shutdown()
+        self.thumb_jobs.shutdown()
         super().closeEvent(event)
 
 

@@ -472,6 +472,10 @@ class StainWidget(QWidget):
         show_info(f"Saved {out}")
         return out
 
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
+        self.jobs.shutdown()  # the TIFF export stops at its next tile and removes its files
+        super().closeEvent(event)
+
     def _on_export(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Export normalised slide", "normalised.tif", "TIFF (*.tif *.tiff)")
         if path:
