@@ -113,7 +113,8 @@ TASKS: dict[str, Task] = {
     ),
     "lesion": Task(
         "lesion", "M3", "multi-scale lesion-region detection",
-        "the lesion detection", ("lesion",),
+        "the Lesions dock and `pathoseg lesion`", ("lesion",),
+        loader="napari_pathoseg.methods.lesion.model:load_lesion_model",
     ),
     "tissue": Task(
         "tissue", "M5", "weakly supervised tissue-type segmentation",
@@ -132,6 +133,7 @@ TASKS: dict[str, Task] = {
 #: Checkpoint ``kind`` -> :class:`Architecture`.
 ARCHITECTURES: dict[str, Architecture] = {
     "m2": Architecture("m2", "nuclei", "napari_pathoseg.methods.nuclei.model:validate_m2_config"),
+    "m3": Architecture("m3", "lesion", "napari_pathoseg.methods.lesion.model:validate_m3_config"),
 }
 
 
