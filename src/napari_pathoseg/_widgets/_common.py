@@ -304,16 +304,18 @@ def adopt_units(layer: Any, reference: Any) -> bool:
 
 
 def follow_slide_units(viewer: "napari.Viewer", slide_layers: Callable[["napari.Viewer"], Sequence[Any]]) -> None:
-    """Give every Shapes, Points or Labels layer added to ``viewer`` in pixels the slides' units.
+    """Give every Shapes or Points layer added to ``viewer`` in pixels the slides' units.
 
-    ``slide_layers(viewer)`` lists the slide layers; nothing changes while there is none or
-    while they disagree among themselves.
+    These are the layers a user adds to draw on the slide (a rectangle for the Nuclei or Stain
+    dock, marks); the plugin's own result layers get their units where they are made
+    (:func:`grid_placement`). ``slide_layers(viewer)`` lists the slide layers; nothing changes
+    while there is none or while they disagree among themselves.
     """
-    from napari.layers import Labels, Points, Shapes
+    from napari.layers import Points, Shapes
 
     def on_inserted(event: Any) -> None:
         layer = getattr(event, "value", None)
-        if not isinstance(layer, (Shapes, Points, Labels)):
+        if not isinstance(layer, (Shapes, Points)):
             return
         slides = list(slide_layers(viewer))
         if slides and len({tuple(str(u) for u in s.units) for s in slides}) == 1:
