@@ -284,3 +284,26 @@ def test_cli_parsers():
     assert parse_classes(["TUM=2", "STR"]) == {"TUM": 2.0, "STR": 1.0}
     with pytest.raises(PathosegError):
         parse_classes(["TUM=-1"])
+
+
+def test_plan_proportions_outline_and_cell_size(shared_data):
+    from napari_pathoseg.wsi.mosaic_layout import plan_mosaic
+
+    ds = load_mosaic_dataset(shared_data / KATHER)
+    lay = plan_mosaic(ds, size=2048, mpp=0.5, seed=0, classes={"02_stroma": 3, "04_lympho": 1}, tumour_fraction=0.25, outline=False)
+    assert lay.tissue.all() and lay.cell_px == 148  # 150 px at 0.495 -> 148.5 -> 148 at 0.5
+    names, counts = np.unique(np.array(lay.classes)[lay.cls.ravel()], return_counts=True)
+    n = dict(zip(names.tolist(), counts.tolist()))
+    total = lay.n_cells
+    assert n["01_tumor"] == round(0.25 * total)
+    assert abs(n["02_stroma"] - 3 * n["04_lympho"]) <= 3
+    # tumour cells form regions: most tumour cells touch another tumour cell
+    tum = lay.cls == lay.classes.index("01_tumor")
+    neighbours = np.zeros_like(tum)
+    neighbours[1:] |= tum[:-1]
+    neighbours[:-1] |= tum[1:]
+    neighbours[:, 1:] |= tum[:, :-1]
+    neighbours[:, :-1] |= tum[:, 1:]
+    assert (neighbours & tum).sum() > 0.8 * tum.sum()
+    with pytest.raises(MosaicDataError, match="lower --cell-um"):
+        plan_mosaic(ds, size=2048, mpp=0.5, cell_um=100.0)

@@ -95,6 +95,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--tile-size", type=positive_int, default=256, help="TIFF tile side (multiple of 16)")
     p.add_argument("--compression", choices=("jpeg", "zlib", "none"), default="jpeg", help="RGB compression (labels are zlib)")
     p.add_argument("--quality", type=positive_int, default=90, help="JPEG quality")
+    p.add_argument("--cache-mb", type=positive_float(), default=None,
+                   help="memory for resampled source tiles (default: two rows of cells, >= 32 MB)")
     p.add_argument("--force", action="store_true", help="replace existing outputs")
     p.set_defaults(func=run_mosaic)
 
@@ -142,6 +144,7 @@ def run_mosaic(args: argparse.Namespace) -> int:
         compression=args.compression,
         quality=args.quality,
         overwrite=args.force,
+        cache_mb=args.cache_mb,
     )
     result = drive(lambda token: iter_make_mosaic(args.data, args.out, cancel=token, **options), MosaicResult, label="pathoseg mosaic")
     print_json(result.to_dict())

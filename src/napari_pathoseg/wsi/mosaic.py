@@ -21,7 +21,7 @@ uint8 label pyramid ``OUT.labels.tif`` on the same grid (label ids in the sideca
 take the label at each pixel's centre), ``OUT.cells.csv`` (one row per cell: level-0 box, class,
 source tile, crop) and ``OUT.mosaic.json`` (options, data set and licence, label ids, pixel
 counts, the slide label with its rule, per-cell provenance). Memory stays a few tiles plus the
-resampled source tiles in use (an LRU of ``cache_mb``), whatever the slide size.
+resampled source tiles of about two rows of cells (an LRU), whatever the slide height.
 
 Examples
 --------
@@ -233,7 +233,7 @@ def iter_make_mosaic(
     compression: str | None = "jpeg",
     quality: int = 90,
     overwrite: bool = False,
-    cache_mb: float = 256.0,
+    cache_mb: float | None = None,
     cancel: Cancellable | None = None,
 ) -> Iterator[Progress | MosaicResult]:
     """Lay real labelled tiles into a pyramidal slide with ground truth; yield progress, then the result.
@@ -276,8 +276,9 @@ def iter_make_mosaic(
         TIFF tile side, RGB compression (``"jpeg"``, ``"zlib"``, None) and JPEG quality.
     overwrite : bool
         Replace existing outputs (else they are refused).
-    cache_mb : float
-        Memory budget for resampled source tiles.
+    cache_mb : float, optional
+        Memory budget for resampled source tiles (default: the tiles of two rows of cells,
+        32-512 MB).
     cancel : object with ``is_set()``, optional
         Stops the job at the next tile: nothing is written, ``CancelledError`` is raised.
 
@@ -294,6 +295,10 @@ def iter_make_mosaic(
         Bad data set, options or output path (``OutputError``); ``CancelledError`` when cancelled.
     """
     compression = check_options(tile=tile, compression=compression)
+    if not (min_tumour_um2 >= 0 and np.isfinite(min_tumour_um2)):
+        raise MosaicDataError(f"the minimum tumour area must be a number >= 0 µm², got {min_tumour_um2}")
+    if cache_mb is not None and not cache_mb > 0:
+        raise MosaicDataError(f"the source cache must be > 0 MB, got {cache_mb}")
     paths = mosaic_paths(out)
     ds = data if isinstance(data, MosaicDataset) else load_mosaic_dataset(data, kind=kind, mpp=source_mpp)
     folder = ds.folder.resolve()

@@ -131,13 +131,20 @@ class MosaicRenderer:
     ----------
     ds : MosaicDataset
     layout : MosaicLayout
-    cache_mb : float
-        Budget of resampled source images kept in memory.
+    cache_mb : float, optional
+        Budget of resampled source images kept in memory. Default: enough for the tiles of two
+        rows of cells (rows are drawn in turn, so they are not resampled again), 32-512 MB.
     """
 
-    def __init__(self, ds: MosaicDataset, layout: MosaicLayout, *, cache_mb: float = 256.0) -> None:
+    def __init__(self, ds: MosaicDataset, layout: MosaicLayout, *, cache_mb: float | None = None) -> None:
         self.ds, self.layout = ds, layout
-        self.cache = _SourceCache(ds, ds.mpp / layout.mpp, int(cache_mb * 2**20))
+        scale = ds.mpp / layout.mpp
+        if cache_mb is None:
+            per_tile = np.median([np.prod(resampled_shape(t.height, t.width, scale)) * (4 if t.mask else 3) for t in ds.tiles])
+            budget = int(np.clip(2 * layout.n_cols * per_tile, 32 * 2**20, 512 * 2**20))
+        else:
+            budget = int(cache_mb * 2**20)
+        self.cache = _SourceCache(ds, scale, budget)
         #: Level-0 pixels inside the outline per cell, filled by the level-0 label pass.
         self.inside_px = np.zeros((layout.n_rows, layout.n_cols), np.int64)
         #: Level-0 pixels per label id, filled by the level-0 label pass.
