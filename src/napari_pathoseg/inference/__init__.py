@@ -10,6 +10,7 @@ from napari_pathoseg.inference.engine import (
     read_window,
     run_predict,
 )
+from napari_pathoseg.inference.predictors import StainDensityPredictor
 from napari_pathoseg.inference.sinks import (
     Instances,
     InstancesResult,
@@ -38,4 +39,5 @@ __all__ = [
     "Sink",
     "TileScores",
     "paste_owned",
+    "StainDensityPredictor",
 ]

@@ -121,6 +121,7 @@ def iter_segment_nuclei(
     tissue_only: bool | None = None,
     with_normalized: bool = True,
     work_dir: str | os.PathLike | None = None,
+    prefetch: bool = True,
     cancel: Cancellable | None = None,
 ) -> Iterator[Progress | NucleiResult]:
     """Segment the nuclei of a slide region; yield :class:`~napari_pathoseg.events.Progress`,
@@ -150,6 +151,8 @@ def iter_segment_nuclei(
     work_dir : path, optional
         Folder for the labels and normalised image as files (bounded memory for whole
         slides); the caller owns it and must keep it while the result is used.
+    prefetch : bool
+        Read the next batch of tiles while the network runs.
     cancel : object with ``is_set()``, optional
         Checked between batches; a set token ends the run early with a result whose
         ``cancelled`` is True (the nuclei of the finished tiles).
@@ -174,6 +177,7 @@ def iter_segment_nuclei(
         batch_size=batch_size,
         tissue_only=tissue_only,
         work_dir=work_dir,
+        prefetch=prefetch,
         cancel=cancel,
     ):
         if isinstance(ev, Progress):
