@@ -22,6 +22,7 @@ from napari_pathoseg.training.engine import (
     DoneEvent,
     EpochEvent,
     StepEvent,
+    ThreadPolicy,
     TrainStart,
     ValidationEvent,
     available_cores,
@@ -335,6 +336,16 @@ def test_threads_default_to_every_usable_core_and_are_restored(tmp_path, crops, 
     task1 = TinySeg(crops)
     _train(task1, tmp_path / "c", epochs=1, steps_per_epoch=1, threads=1)
     assert task1.threads_seen == [1]
+    assert torch.get_num_threads() == before
+    # "auto": every usable core on a quiet machine, 1 while it is busier than its cores
+    monkeypatch.setattr(os, "getloadavg", lambda: (available_cores() + 5.0, 0.0, 0.0))
+    busy = TinySeg(crops)
+    _train(busy, tmp_path / "d", epochs=1, steps_per_epoch=2, threads="auto")
+    assert busy.threads_seen == [1, 1]
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert ThreadPolicy("auto").want() == available_cores()
+    with pytest.raises(TrainingError, match="'auto'"):
+        ThreadPolicy("many")
     assert torch.get_num_threads() == before
 
 

@@ -13,6 +13,7 @@ import argparse
 from typing import Any
 
 from napari_pathoseg.cli._driver import device, drive, fraction, positive_float, positive_int, print_json
+from napari_pathoseg.cli.train import THREADS_HELP, threads_arg
 
 __all__ = ["add_commands", "cmd_finetune"]
 
@@ -40,8 +41,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--lr", type=positive_float(high=1.0), default=2e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads (default: every core this process may use)")
+    p.add_argument("--threads", type=threads_arg, default=None, help=THREADS_HELP)
     p.add_argument("--force", action="store_true", help="start over in an --out that holds a run (replacing it)")
     p.add_argument("--no-register", action="store_true", help="do not register the finished model")
     p.add_argument("--min-aji", type=fraction, default=0.05,

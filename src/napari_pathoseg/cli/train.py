@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 from napari_pathoseg.cli._driver import device, drive, positive_float, positive_int, print_json
 
-__all__ = ["add_commands", "cmd_train", "cmd_evaluate_nuclei", "DEFAULT_DATA", "SHIPPED_SPLIT", "epoch_line"]
+__all__ = ["add_commands", "cmd_train", "cmd_evaluate_nuclei", "DEFAULT_DATA", "SHIPPED_SPLIT", "epoch_line", "threads_arg"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +62,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="pseudo-label review project (pathoseg pseudolabels): accepted tiles join X, "
         "their normalised images join Y",
     )
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads (default: every core this process may use)")
+    p.add_argument("--threads", type=threads_arg, default=None, help=THREADS_HELP)
     p.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     p.set_defaults(func=cmd_train)
 
@@ -77,6 +76,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     n.add_argument("--method", default="auto", choices=("auto", "boundary", "distance"))
     n.add_argument("--per-image", action="store_true", help="include per-image metrics")
     n.set_defaults(func=cmd_evaluate_nuclei)
+
+
+THREADS_HELP = ("torch CPU threads: a number, or 'auto' (all usable cores, 1 while the machine is busier "
+                "than its cores); default: every core this process may use")
+
+
+def threads_arg(text: str) -> int | str:
+    """argparse ``type`` of ``--threads``: an integer >= 1 or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    return positive_int(text)
 
 
 def _err(text: str) -> None:

@@ -26,7 +26,8 @@ What the engine owns (every method gets it the same way):
 * **Schedule**: every optimiser group's learning rate is ``initial_lr * factor(epoch, epochs)``
   (:data:`SCHEDULES`: ``constant``, ``cyclegan``, ``cosine``, ``inverse:<decay>``, or a callable).
 * **Threads and device**: torch uses every core the process may use
-  (``len(os.sched_getaffinity(0))``) unless ``threads`` says otherwise, restored afterwards;
+  (``len(os.sched_getaffinity(0))``) unless ``threads`` says otherwise (a number, or ``"auto"``:
+  all of them, but 1 while the machine's load exceeds them - :class:`ThreadPolicy`), restored afterwards;
   the device is CUDA / MPS when present, else CPU.
 
 Example
@@ -81,6 +82,7 @@ __all__ = [
     "resolve_schedule",
     "check_run_folder",
     "available_cores",
+    "ThreadPolicy",
     "select_device",
     "TrainingError",
     "RunExistsError",
@@ -249,6 +251,57 @@ def select_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+class ThreadPolicy:
+    """How many intra-op threads torch uses during a run.
+
+    Parameters
+    ----------
+    threads : int, "auto" or None
+        A number; None: :func:`available_cores`; ``"auto"``: :func:`available_cores`, but 1
+        while the 1-minute load average exceeds them + 1 (re-checked every ``every_s``).
+    """
+
+    def __init__(self, threads: int | str | None, *, every_s: float = 20.0) -> None:
+        if threads == "auto":
+            self.fixed = None
+        elif threads is None:
+            self.fixed = available_cores()
+        else:
+            try:
+                self.fixed = int(threads)
+            except (TypeError, ValueError):
+                self.fixed = 0
+            if self.fixed < 1:
+                raise TrainingError(f"threads must be a number >= 1 or 'auto' (got {threads!r}).")
+        self.every_s = every_s
+        self._checked = -math.inf
+        self.current = 0
+
+    def want(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        cores = available_cores()
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return cores
+        return 1 if load > cores + 1 else cores
+
+    def apply(self) -> int:
+        """Set torch's thread count if due; returns the count in use."""
+        now = time.monotonic()
+        if self.current and (self.fixed is not None or now - self._checked < self.every_s):
+            return self.current
+        self._checked = now
+        n = self.want()
+        if n != self.current:
+            if self.current:
+                logger.info("torch threads %d -> %d (load)", self.current, n)
+            torch.set_num_threads(n)
+            self.current = n
+        return n
+
+
 # ------------------------------------------------------------------------------------------ helpers
 
 
@@ -326,7 +379,7 @@ def iter_train(
     resume: bool = False,
     force: bool = False,
     cancel: Cancellable | None = None,
-    threads: int | None = None,
+    threads: int | str | None = None,
     seed: int = 0,
     schedule: str | Callable[[int, int], float] = "constant",
     device: str | torch.device | None = None,
@@ -349,8 +402,10 @@ def iter_train(
     cancel : object with ``is_set()``, optional
         Checked after every step and before every epoch; when set, ``last`` is saved and a
         cancelled :class:`DoneEvent` ends the run.
-    threads : int, optional
-        torch intra-op threads (default: every core this process may use).
+    threads : int, "auto" or None
+        torch intra-op threads. None (default): every core this process may use; ``"auto"``:
+        the same, but 1 while the 1-minute load average exceeds those cores + 1 (checked every
+        20 s; intra-op threads that wait on busy cores slow a step down many times).
     seed : int
         Seeds torch and the numpy generator handed to ``task.build``.
     schedule : str or callable
@@ -377,8 +432,7 @@ def iter_train(
     """
     if epochs < 1 or steps_per_epoch < 1:
         raise TrainingError(f"epochs and steps_per_epoch must be >= 1 (got {epochs}, {steps_per_epoch}).")
-    if threads is not None and threads < 1:
-        raise TrainingError(f"threads must be >= 1 (got {threads}).")
+    policy = ThreadPolicy(threads)
     if task.best_mode not in ("max", "min"):
         raise TrainingError(f"{type(task).__name__}.best_mode must be 'max' or 'min', got {task.best_mode!r}.")
     sched_name, factor = resolve_schedule(schedule)
@@ -392,8 +446,7 @@ def iter_train(
     prev_threads = torch.get_num_threads()
     try:
         resuming = _prepare_folder(out, resume=resume, force=force)
-        n_threads = int(threads) if threads is not None else available_cores()
-        torch.set_num_threads(n_threads)
+        n_threads = policy.apply()
         dev = select_device(device)
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
@@ -493,6 +546,7 @@ def iter_train(
             task.on_epoch_start(epoch, epochs)
             for step in range(start_step, steps_per_epoch):
                 global_step = epoch * steps_per_epoch + step
+                policy.apply()
                 losses = {k: float(v) for k, v in task.train_step(next(batches), global_step).items()}
                 task.after_step(global_step)
                 for k, v in losses.items():

@@ -71,8 +71,9 @@ class FinetuneConfig:
         Seeds the split, crops and weights.
     device : str or None
         ``"cpu"``, ``"cuda"``, ``"mps"`` or None for the best available.
-    threads : int or None
-        torch CPU threads (None: every core the process may use).
+    threads : int, "auto" or None
+        torch CPU threads (None: every core the process may use; ``"auto"``: the same, but 1
+        while the machine is busier than its cores).
     register : bool
         Register the best checkpoint under ``name`` when the run finishes.
     min_aji : float
@@ -100,7 +101,7 @@ class FinetuneConfig:
     lr: float = 2e-4
     seed: int = 0
     device: str | None = None
-    threads: int | None = None
+    threads: int | str | None = None
     register: bool = True
     min_aji: float = 0.05
     force_register: bool = False
@@ -129,8 +130,8 @@ class FinetuneConfig:
             raise FinetuneError(f"min_score must be in [0, 1], got {self.min_score}.")
         if not 0.0 <= self.min_aji <= 1.0:
             raise FinetuneError(f"min_aji (the registration floor) must be in [0, 1], got {self.min_aji}.")
-        if self.threads is not None and self.threads < 1:
-            raise FinetuneError(f"threads must be >= 1, got {self.threads}.")
+        if self.threads is not None and self.threads != "auto" and not (isinstance(self.threads, int) and self.threads >= 1):
+            raise FinetuneError(f"threads must be a number >= 1 or 'auto', got {self.threads!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -294,7 +294,7 @@ def train_m2(
     device: str | torch.device | None = None,
     stain_augment: StainAugment | None = default_stain_augment,
     meta: dict[str, Any] | None = None,
-    threads: int | None = None,
+    threads: int | str | None = None,
     init_from: Any = None,
     schedule: str | Callable[[int, int], float] = "cyclegan",
 ) -> Iterator[TrainEvent]:
@@ -321,8 +321,9 @@ def train_m2(
     stain_augment : callable or None
     meta : dict, optional
         Extra metadata saved in the checkpoints (e.g. the command line).
-    threads : int, optional
-        torch threads (default: every core the process may use).
+    threads : int, "auto" or None
+        torch threads (default: every core the process may use; see
+        :class:`~napari_pathoseg.training.engine.ThreadPolicy`).
     init_from : path, module or state dicts, optional
         Start a fresh run from these weights (matching names and shapes; fine-tuning).
     schedule : str or callable
