@@ -269,7 +269,10 @@ def test_cli_prints_json_and_refuses_existing_output(shared_data, tmp_path, caps
     assert _cli(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "already exists" in err and "\n" not in err and "Traceback" not in err
-    assert _cli(["mosaic", "--data", str(shared_data / KATHER), "--info"]) == 0
+    # the real entry point finds the command by itself
+    from napari_pathoseg.cli.main import main
+
+    assert main(["mosaic", "--data", str(shared_data / KATHER), "--info"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["classes"]["01_tumor"] > 0 and info["label_ids"]["0"] == "background"
 
