@@ -126,7 +126,7 @@ class M3Task(TrainTask):
         return self.cfg.to_dict()
 
     def meta(self) -> dict[str, Any]:
-        return {"data": self.data.summary(), "stain_failures": self.data.stain_failures[:50]}
+        return {"data_counts": self.data.summary(), "stain_failures": self.data.stain_failures[:50]}
 
     def build(self, *, device: torch.device, rng: np.random.Generator) -> None:
         self.device, self.rng = device, rng
