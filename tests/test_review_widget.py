@@ -176,6 +176,7 @@ def test_generate_in_background_and_stop(widget, folder, tmp_path, qtbot):
     assert threading.get_ident() not in teacher.threads  # ran on a worker thread
     widget.stop_btn.click()
     qtbot.waitUntil(lambda: job.ended, timeout=10000)
+    assert job.cancelled and job.error is None  # a stop, not a failure
     proj = ReviewProject.open(tmp_path / "gen")
     assert 4 <= len(proj) < 18  # stopped early, the tiles done so far are kept
     assert widget.project is not None and widget.project.root == proj.root  # and opened

@@ -82,8 +82,10 @@ def generation_job(source: str, out: str, model_name: str, loader: Callable[[str
         if done is None:
             raise RuntimeError("pseudo-label generation ended without a result")
         cancelled = bool(getattr(done, "cancelled", False))
+        what = f"{done.kept} of {done.processed} tiles kept"
         return GenerationEnded(done.project.root, done.processed, done.kept, cancelled=cancelled,
-                               message=f"Pseudo-labels: {done.kept} of {done.processed} tiles kept.")
+                               message=f"Pseudo-labels stopped: {what} in {done.project.root.name}." if cancelled
+                               else f"Pseudo-labels: {what}.")
 
     return job
 
