@@ -1,0 +1,171 @@
+"""One slide of a cohort, as it runs on a dask worker.
+
+:func:`run_slide_job` is the function the cohort runner submits, once per slide. On the worker
+it opens the slide by path, takes the task's model from the worker's cache (loaded once per
+worker process, shared by its threads), runs the task's slide runner with a scratch folder
+inside the slide's output folder, hashes the outputs and writes the slide's record
+(:mod:`.outputs`) last. It never raises for a bad slide: any error becomes a ``failed`` row with
+one line, so one bad slide cannot stop a cohort. Only a dying worker (a crash, the memory limit)
+surfaces on the client, which retries the slide.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SlideJob", "run_slide_job", "cached_model", "model_loads", "one_line_error", "worker_name"]
+
+logger = logging.getLogger(__name__)
+
+_CACHE: dict[tuple[str, str], Any] = {}
+_CACHE_LOCK = threading.Lock()
+_LOADS = {"n": 0}
+_THREADS_SET = {"done": False}
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    """Everything a worker needs for one slide (plain data, sent to the worker).
+
+    Attributes
+    ----------
+    index : int
+        Position in the cohort.
+    path : str
+        The slide file (visible from the worker).
+    out_dir : str
+        The slide's folder ``DIR/<stem>/``.
+    task : str
+        Batch task name.
+    runner : str
+        ``"module:function"`` of the task's slide runner.
+    model_task, model : str or None
+        Registry task and model name / checkpoint path (None: no model).
+    mpp : float or None
+    region : (x, y, w, h) or None
+    params : dict
+        The settings recorded with the result (resume compares them).
+    torch_threads : int
+        Intra-op torch threads of each worker thread (1).
+    """
+
+    index: int
+    path: str
+    out_dir: str
+    task: str
+    runner: str
+    model_task: str | None
+    model: str | None
+    mpp: float | None
+    region: tuple[int, int, int, int] | None
+    params: dict
+    torch_threads: int = 1
+
+
+def one_line_error(exc: BaseException) -> str:
+    """A one-line message: the text of a PathosegError, ``Type: text`` for anything else."""
+    from napari_pathoseg.errors import PathosegError
+
+    text = " ".join(str(exc).split())
+    if isinstance(exc, PathosegError) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def worker_name() -> str:
+    """The dask worker's address, or ``pid N`` outside a worker."""
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):
+        return f"pid {os.getpid()}"
+
+
+def _set_threads(n: int) -> None:
+    """One torch intra-op thread per worker thread (once per process)."""
+    if _THREADS_SET["done"]:
+        return
+    _THREADS_SET["done"] = True
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return
+    torch.set_num_threads(max(1, int(n)))
+
+
+def model_loads() -> int:
+    """How many models this process loaded (the cache makes it one per task and model)."""
+    return _LOADS["n"]
+
+
+def cached_model(model_task: str, model: str) -> tuple[Any, bool]:
+    """The model ``model`` of ``model_task``, loaded once per process; ``(model, was_cached)``."""
+    key = (model_task, model)
+    with _CACHE_LOCK:  # two worker threads never load the same model twice
+        if key in _CACHE:
+            return _CACHE[key], True
+        from napari_pathoseg.models.registry import load_model
+
+        loaded = load_model(model, task=model_task, device="cpu")
+        _CACHE[key] = loaded
+        _LOADS["n"] += 1
+        return loaded, False
+
+
+def run_slide_job(job: SlideJob) -> dict[str, Any]:
+    """Run one slide; return its row for ``summary.csv`` (``status`` ``ok`` or ``failed``)."""
+    import dask
+
+    from napari_pathoseg.cohort import outputs
+    from napari_pathoseg.cohort.tasks import resolve_runner
+    from napari_pathoseg.wsi.slide import open_slide
+
+    t0 = time.perf_counter()
+    folder = Path(job.out_dir)
+    row: dict[str, Any] = {"index": job.index, "status": "failed", "error": "", "worker": worker_name()}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        outputs.clear_record(folder)
+        outputs.clean_work_dirs(folder)
+        _set_threads(job.torch_threads)
+        runner = resolve_runner(job.runner)
+        model, cached = (None, True)
+        if job.model is not None and job.model_task is not None:
+            model, cached = cached_model(job.model_task, job.model)
+        row["model_cached"] = cached
+        # the slide's dask arrays are computed here, in this thread, not sent back to the cluster
+        with dask.config.set(scheduler="synchronous"), open_slide(job.path) as slide, \
+                tempfile.TemporaryDirectory(prefix=outputs.WORK_PREFIX, dir=folder) as wd:
+            out = runner(slide, model=model, out_dir=folder, region=job.region, mpp=job.mpp, work_dir=wd, cancel=None)
+        files = {k: Path(v) for k, v in out.files.items()}
+        seconds = time.perf_counter() - t0
+        record = {
+            "status": "ok",
+            "task": job.task,
+            "slide": str(job.path),
+            "params": job.params,
+            "source": outputs.source_record(job.path),
+            "figures": out.figures,
+            "files": {k: os.path.relpath(p, folder) for k, p in files.items()},
+            "outputs": [outputs.file_record(p, folder=folder) for p in files.values()],
+            "seconds": round(seconds, 3),
+            "worker": row["worker"],
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        outputs.write_record(folder, record)
+        row.update(status="ok", figures=out.figures, files=record["files"])
+    except Exception as exc:  # noqa: BLE001 - one bad slide must not stop the cohort
+        row["error"] = one_line_error(exc)
+        logger.info("slide %s failed: %s", job.path, row["error"], exc_info=True)
+    row["seconds"] = round(time.perf_counter() - t0, 3)
+    row["model_loads"] = model_loads()
+    row["pid"] = os.getpid()
+    return row

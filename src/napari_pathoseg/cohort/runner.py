@@ -1,0 +1,459 @@
+"""Run an analysis over a cohort of slides on dask.distributed: resumable, failures isolated.
+
+:func:`iter_cohort` is the job behind ``pathoseg batch`` and the Cohort dock. It yields a
+:class:`CohortStarted`, one :class:`SlideFinished` per slide as results arrive (in any order),
+and finally a :class:`CohortResult`. :func:`run_cohort` drives it headless.
+
+How a run goes
+--------------
+1. The output folder is locked (one run per folder, ``.pathoseg-batch.lock``).
+2. Every slide whose folder holds a verified complete result for the same settings and input
+   (:func:`~napari_pathoseg.cohort.outputs.verify_slide`) is ``skipped``, unless ``force``; the
+   others are submitted, one dask task per slide (:func:`~napari_pathoseg.cohort.job.run_slide_job`).
+3. The cluster: an existing scheduler (``scheduler="tcp://host:8786"``), else a ``LocalCluster``
+   of ``workers`` processes (default: one per core the process may use) with
+   ``threads_per_worker`` threads each (default 1) and one torch thread per worker thread. A run
+   with nothing to compute starts no cluster.
+4. ``summary.csv`` is rewritten atomically after every slide.
+5. A slide that raises inside the worker is ``failed`` at once with its one-line error (a corrupt
+   file stays corrupt); a slide whose worker dies (a crash, the memory limit) is submitted again,
+   up to ``retries`` times, then ``failed``.
+6. A Stop (``cancel``) cancels the slides not yet finished; they stay ``pending`` and a re-run
+   does them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from napari_pathoseg.cohort import outputs
+from napari_pathoseg.cohort.job import SlideJob, run_slide_job
+from napari_pathoseg.cohort.manifest import CohortSlide
+from napari_pathoseg.cohort.summary import SUMMARY, new_row, summary_columns, write_summary
+from napari_pathoseg.cohort.tasks import get_batch_task
+from napari_pathoseg.errors import PathosegError
+from napari_pathoseg.events import Cancellable, run_to_end
+
+__all__ = [
+    "CohortError",
+    "CohortStarted",
+    "SlideFinished",
+    "CohortResult",
+    "iter_cohort",
+    "run_cohort",
+    "default_workers",
+    "available_cores",
+    "LOCK",
+]
+
+logger = logging.getLogger(__name__)
+
+LOCK = ".pathoseg-batch.lock"
+
+
+class CohortError(PathosegError):
+    """A cohort cannot run (folder in use, scheduler unreachable, bad settings)."""
+
+
+@dataclass(frozen=True)
+class CohortStarted:
+    """The run starts: ``to_run`` of ``total`` slides will be computed, ``skipped`` are complete."""
+
+    total: int
+    to_run: int
+    skipped: int
+    workers: int
+    threads_per_worker: int
+    scheduler: str
+    dashboard: str | None
+    out_dir: str
+    done: int = 0
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class SlideFinished:
+    """One slide ended (``row["status"]`` ``ok`` or ``failed``); counts over the cohort."""
+
+    row: dict
+    done: int
+    total: int
+    ok: int
+    failed: int
+    skipped: int
+    remaining: int
+    elapsed_s: float
+    eta_s: float | None
+
+    @property
+    def message(self) -> str:
+        eta = "" if self.eta_s is None else f" · ETA {format_seconds(self.eta_s)}"
+        return f"{self.done}/{self.total} slides · {self.failed} failed · {self.remaining} remaining{eta}"
+
+
+@dataclass
+class CohortResult:
+    """The end of a run.
+
+    Attributes
+    ----------
+    rows : list of dict
+        One per slide, in manifest order (the rows of ``summary.csv``).
+    summary : Path
+    out_dir : Path
+    n_ok, n_failed, n_skipped, n_pending : int
+        ``n_pending``: slides left by a Stop.
+    seconds : float
+    cancelled : bool
+    task, model : str
+    """
+
+    rows: list[dict]
+    summary: Path
+    out_dir: Path
+    n_ok: int
+    n_failed: int
+    n_skipped: int
+    n_pending: int
+    seconds: float
+    cancelled: bool
+    task: str
+    model: str | None
+    scheduler: str = ""
+    workers: int = 0
+
+
+def format_seconds(s: float) -> str:
+    """``"1h02m"``, ``"3m20s"``, ``"12s"``."""
+    s = max(0, int(round(s)))
+    if s >= 3600:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+def available_cores() -> int:
+    """Cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_workers(threads_per_worker: int = 1) -> int:
+    """Workers of the default local cluster: the cores divided by the threads of each worker."""
+    return max(1, available_cores() // max(1, int(threads_per_worker)))
+
+
+# ----------------------------------------------------------------------------- lock
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    path = folder / LOCK
+    me = f"{os.getpid()} {socket.gethostname()}\n"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid_s, _, host = path.read_text().strip().partition(" ")
+                pid = int(pid_s)
+            except (OSError, ValueError):
+                pid, host = -1, ""
+            if pid > 0 and (host not in ("", socket.gethostname()) or _pid_alive(pid)):
+                raise CohortError(
+                    f"{folder} is in use by another batch run (process {pid}{' on ' + host if host else ''}); "
+                    "wait for it to end or choose another --out"
+                ) from None
+            with contextlib.suppress(OSError):
+                path.unlink()  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(me)
+        break
+    else:
+        raise CohortError(f"cannot take the lock {path}; remove it if no batch runs there")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if path.read_text() == me:
+                path.unlink()
+
+
+# ----------------------------------------------------------------------------- cluster
+
+
+@contextlib.contextmanager
+def _client(*, scheduler: str | None, workers: int, threads_per_worker: int, processes: bool,
+            dashboard: str | None, retries: int) -> Iterator[tuple[Any, str, str | None, int]]:
+    """A dask client: (client, scheduler address, dashboard link or None, workers)."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="20s", set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            raise CohortError(f"cannot reach the dask scheduler at {scheduler} ({exc}); check the address and that it runs") from exc
+        try:
+            n = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+            yield client, scheduler, _dashboard(client), n
+        finally:
+            client.close()
+        return
+    # a worker that dies is retried by the runner (retries), not silently by the scheduler
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=threads_per_worker, processes=processes,
+            dashboard_address=dashboard, silence_logs=logging.ERROR, host="127.0.0.1" if processes else None,
+        )
+    try:
+        client = Client(cluster, set_as_default=False)
+        try:
+            yield client, str(cluster.scheduler_address), _dashboard(client), workers
+        finally:
+            client.close()
+    finally:
+        cluster.close()
+
+
+def _dashboard(client: Any) -> str | None:
+    import importlib.util
+
+    if importlib.util.find_spec("bokeh") is None:  # the scheduler serves no dashboard pages without it
+        return None
+    try:
+        info = client.scheduler_info(n_workers=0)
+    except Exception:  # noqa: BLE001 - only for the message
+        return None
+    if "dashboard" not in (info.get("services") or {}):
+        return None
+    with contextlib.suppress(Exception):
+        return str(client.dashboard_link)
+    return None
+
+
+def _lost_worker(exc: BaseException) -> bool:
+    """The exception means the worker died or the connection broke (worth a retry)."""
+    name = type(exc).__name__
+    return name in ("KilledWorker", "CommClosedError", "FutureCancelledError") or isinstance(exc, (OSError, TimeoutError))
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def iter_cohort(
+    slides: Sequence[CohortSlide],
+    *,
+    task: str,
+    out_dir: str | os.PathLike,
+    model: str | None = None,
+    workers: int | None = None,
+    threads_per_worker: int = 1,
+    scheduler: str | None = None,
+    processes: bool = True,
+    retries: int = 1,
+    force: bool = False,
+    dashboard: str | None = ":8787",
+    cancel: Cancellable | None = None,
+    poll_s: float = 0.1,
+) -> Iterator[CohortStarted | SlideFinished | CohortResult]:
+    """Run ``task`` over ``slides``; yield events, finally a :class:`CohortResult`.
+
+    Parameters
+    ----------
+    slides : sequence of CohortSlide
+        From :func:`~napari_pathoseg.cohort.manifest.read_manifest`.
+    task : str
+        A batch task (:data:`~napari_pathoseg.cohort.tasks.BATCH_TASKS`).
+    out_dir : path
+        ``DIR``: ``DIR/<slide-stem>/`` per slide and ``DIR/summary.csv``.
+    model : str, optional
+        Model name or checkpoint (default: the task's default model).
+    workers : int, optional
+        Worker processes of the local cluster (default :func:`default_workers`).
+    threads_per_worker : int
+        Threads of each local worker (one torch thread each).
+    scheduler : str, optional
+        Address of a running dask scheduler; the local cluster is not started.
+    processes : bool
+        Local workers as processes (default) or as threads of this process.
+    retries : int
+        Times a slide whose worker died is submitted again.
+    force : bool
+        Recompute complete slides too.
+    dashboard : str or None
+        Dashboard address of the local cluster (None: none).
+    cancel : object with ``is_set()``, optional
+        Stop: unfinished slides are cancelled and stay ``pending``.
+
+    Raises
+    ------
+    CohortError, BatchTaskError
+        Folder in use, unknown or unavailable task, scheduler unreachable, bad numbers.
+    """
+    spec = get_batch_task(task)
+    if workers is not None and int(workers) < 1:
+        raise CohortError(f"workers must be at least 1, got {workers}")
+    if int(threads_per_worker) < 1:
+        raise CohortError(f"threads per worker must be at least 1, got {threads_per_worker}")
+    if int(retries) < 0:
+        raise CohortError(f"retries must be 0 or more, got {retries}")
+    if not slides:
+        raise CohortError("the cohort holds no slides")
+    out = Path(out_dir).expanduser().resolve()
+    inputs = {s.path for s in slides}
+    if out in inputs or (out / SUMMARY) in inputs:
+        raise CohortError(f"--out {out} is a slide of the cohort; choose a folder for the results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CohortError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
+    model_ref = (model or spec.default_model) if spec.model_task else None
+    n_workers = int(workers) if workers else default_workers(threads_per_worker)
+    t_start = time.perf_counter()
+    columns = summary_columns(spec.figures, slides)
+    summary_path = out / SUMMARY
+
+    with _folder_lock(out):
+        rows = [new_row(s) for s in slides]
+        jobs: list[SlideJob] = []
+        for i, s in enumerate(slides):
+            params = {"task": spec.name, "model": model_ref, "mpp": s.mpp,
+                      "region": list(s.region) if s.region else None}
+            folder = out / s.stem
+            if not force:
+                ok, why, rec = outputs.verify_slide(folder, params=params, source=s.path)
+                if ok and rec is not None:
+                    rows[i].update(status="skipped", seconds=rec.get("seconds", ""), worker=rec.get("worker", ""),
+                                   **(rec.get("figures") or {}))
+                    continue
+                if rec is not None:
+                    logger.info("%s: recomputed: %s", s.stem, why)
+            jobs.append(SlideJob(
+                index=i, path=str(s.path), out_dir=str(folder), task=spec.name, runner=str(spec.runner),
+                model_task=spec.model_task, model=model_ref, mpp=s.mpp, region=s.region, params=params,
+                torch_threads=1 if processes or scheduler else 0,
+            ))
+        n_skip = len(slides) - len(jobs)
+        write_summary(summary_path, rows, columns)
+
+        def result(cancelled: bool, address: str = "", nw: int = 0) -> CohortResult:
+            write_summary(summary_path, rows, columns)
+            count = {k: sum(r["status"] == k for r in rows) for k in ("ok", "failed", "skipped", "pending")}
+            return CohortResult(
+                rows=rows, summary=summary_path, out_dir=out, n_ok=count["ok"], n_failed=count["failed"],
+                n_skipped=count["skipped"], n_pending=count["pending"], seconds=time.perf_counter() - t_start,
+                cancelled=cancelled, task=spec.name, model=model_ref, scheduler=address, workers=nw,
+            )
+
+        if not jobs:
+            yield CohortStarted(len(slides), 0, n_skip, 0, threads_per_worker, "", None, str(out),
+                                done=n_skip, message=f"all {n_skip} slides are complete; nothing to run")
+            yield result(False)
+            return
+        if cancel is not None and cancel.is_set():
+            yield result(True)
+            return
+        with _client(scheduler=scheduler, workers=n_workers, threads_per_worker=int(threads_per_worker),
+                     processes=processes, dashboard=dashboard, retries=retries) as (client, address, link, nw):
+            yield CohortStarted(
+                len(slides), len(jobs), n_skip, nw, int(threads_per_worker), address, link, str(out), done=n_skip,
+                message=f"{len(jobs)} slides to run on {nw} worker(s), {n_skip} complete",
+            )
+            yield from _gather(client, jobs, rows, slides, summary_path, columns, retries=int(retries),
+                               cancel=cancel, poll_s=poll_s, n_skip=n_skip)
+            stopped = cancel is not None and cancel.is_set()
+            yield result(stopped, address, nw)
+
+
+def _gather(client: Any, jobs: list[SlideJob], rows: list[dict], slides: Sequence[CohortSlide], summary_path: Path,
+            columns: list[str], *, retries: int, cancel: Cancellable | None, poll_s: float,
+            n_skip: int) -> Iterator[SlideFinished]:
+    """Submit the jobs, collect them as they finish, retry lost workers; yield one event per slide."""
+    from distributed import as_completed
+
+    t0 = time.perf_counter()
+    attempt: dict[int, int] = {}
+    by_key: dict[str, SlideJob] = {}
+
+    def submit(job: SlideJob) -> Any:
+        attempt[job.index] = attempt.get(job.index, 0) + 1
+        key = f"pathoseg-{job.task}-{job.index}-{slides[job.index].stem}-{attempt[job.index]}-{time.time_ns()}"
+        fut = client.submit(run_slide_job, job, key=key, pure=False, retries=0)
+        by_key[fut.key] = job
+        return fut
+
+    futures = [submit(j) for j in jobs]
+    for j in jobs:
+        rows[j.index]["status"] = "pending"
+    ac = as_completed(futures, loop=client.loop)
+    finished = 0
+    total = len(rows)
+    while not ac.is_empty():
+        if cancel is not None and cancel.is_set():
+            pending = [f for f in futures if not f.done()]
+            client.cancel(pending)
+            for f in pending:
+                rows[by_key[f.key].index]["error"] = "stopped before it finished"
+            return
+        if not ac.has_ready():
+            time.sleep(poll_s)
+            continue
+        for fut in ac.next_batch(block=False):
+            job = by_key[fut.key]
+            row = rows[job.index]
+            if fut.status == "finished":
+                out = fut.result()
+                row.update(status=out["status"], error=out.get("error", ""), seconds=out.get("seconds", ""),
+                           worker=out.get("worker", ""), **(out.get("figures") or {}))
+                row["model_loads"], row["pid"], row["model_cached"] = out.get("model_loads"), out.get("pid"), out.get("model_cached")
+            elif fut.status == "cancelled":
+                continue
+            else:
+                exc = fut.exception()
+                if _lost_worker(exc) and attempt[job.index] <= retries:
+                    logger.warning("%s: its worker was lost (%s); retrying", slides[job.index].stem, type(exc).__name__)
+                    new = submit(job)
+                    futures.append(new)
+                    ac.add(new)
+                    continue
+                from napari_pathoseg.cohort.job import one_line_error
+
+                what = "the worker running it died" if _lost_worker(exc) else "error on the worker"
+                row.update(status="failed", error=f"{what} ({attempt[job.index]} attempt(s)): {one_line_error(exc)}")
+            row["attempts"] = attempt[job.index]
+            finished += 1
+            write_summary(summary_path, rows, columns)
+            done = finished + n_skip
+            failed = sum(r["status"] == "failed" for r in rows)
+            elapsed = time.perf_counter() - t0
+            remaining = total - done
+            eta = elapsed / finished * remaining if finished else None
+            yield SlideFinished(dict(row), done, total, sum(r["status"] == "ok" for r in rows), failed, n_skip,
+                                remaining, elapsed, eta)
+
+
+def run_cohort(slides: Sequence[CohortSlide], *, progress: Any = None, **kwargs: Any) -> CohortResult:
+    """Run :func:`iter_cohort` to its end (``progress(event)`` for every event)."""
+    return run_to_end(iter_cohort(slides, **kwargs), CohortResult, progress=progress)
