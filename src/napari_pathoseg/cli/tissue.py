@@ -1,0 +1,120 @@
+"""``pathoseg tissue-train`` (M5, both stages) and ``pathoseg tissue`` (tissue maps).
+
+``tissue-train`` trains stage 1 (classifier), makes Grad-CAM++ pseudo masks and trains stage 2
+(PSPNet) in one resumable run folder (``--resume`` / ``--force``); progress on stderr, one JSON
+document on stdout; Ctrl-C or SIGTERM saves a resumable checkpoint (exit 130). See
+``docs/tissue.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from napari_pathoseg.cli._driver import device, drive, positive_int, print_json
+from napari_pathoseg.cli.train import DEFAULT_DATA, THREADS_HELP, _err, threads_arg, with_sigterm
+
+__all__ = ["add_commands", "cmd_tissue_train"]
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``tissue-train`` (and ``tissue``, see :mod:`napari_pathoseg.cli.tissue`)."""
+    p = subparsers.add_parser("tissue-train", help="train an M5 tissue model from patch-level labels (both stages)")
+    p.add_argument("--preset", default="tissue-lite",
+                   help="tissue-lite (PDA + ONS), tissue-lite-ce (plain CE in stage 2), tissue-lite-nopda "
+                   "(no progressive dropout attention), m5 (ResNet-38 widths and depth, method-sized)")
+    p.add_argument("--out", required=True, help="run folder (stage1/, pseudo/, stage2/)")
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help="shared data folder holding wsss4luad_tissue_masks (its held-out split is used)")
+    p.add_argument("--labels", default=None,
+                   help="your own patches instead: a CSV or a folder of multi-hot labels (WSSS4LUAD names included)")
+    p.add_argument("--classes", default=None, help="comma-separated class names of --labels (ids 1..n in the map)")
+    p.add_argument("--mpp", type=float, default=None, help="µm per pixel of --labels patches (default: the preset's)")
+    p.add_argument("--epochs1", type=positive_int, default=20, help="stage 1 epochs (M5: 20)")
+    p.add_argument("--steps1", type=positive_int, default=12, help="stage 1 steps per epoch")
+    p.add_argument("--epochs2", type=positive_int, default=20, help="stage 2 epochs")
+    p.add_argument("--steps2", type=positive_int, default=15, help="stage 2 steps per epoch")
+    p.add_argument("--supervised", action="store_true",
+                   help="the fully supervised reference: stage 2 on the true masks of the training patches (CE)")
+    p.add_argument("--seed", type=int, default=0)
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--resume", action="store_true", help="continue the run in --out")
+    run.add_argument("--force", action="store_true", help="start over in an --out that holds a run")
+    p.add_argument("--threads", type=threads_arg, default=None, help=THREADS_HELP)
+    p.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:N or mps")
+    p.set_defaults(func=cmd_tissue_train)
+
+
+def _progress():
+    from napari_pathoseg.methods.tissue.pipeline import StageStart
+    from napari_pathoseg.training.engine import EpochEvent, TrainStart
+
+    def on_event(ev: Any) -> None:
+        if isinstance(ev, StageStart):
+            _err(f"pathoseg tissue-train: {ev.message}")
+        elif isinstance(ev, TrainStart):
+            _err(f"pathoseg tissue-train: {ev.message}")
+        elif isinstance(ev, EpochEvent):
+            v = ev.val_metrics
+            _err(f"pathoseg tissue-train: epoch {ev.epoch + 1}: loss {ev.losses.get('loss', float('nan')):.4f}, "
+                 f"val mIoU {v.get('miou', float('nan')):.4f} score {v.get('score', float('nan')):.4f}"
+                 f"{' (best)' if ev.is_best else ''}, {ev.seconds:.0f} s")
+
+    return on_event
+
+
+def _load_data(args: argparse.Namespace, cfg: Any) -> Any:
+    from napari_pathoseg.errors import PathosegError
+    from napari_pathoseg.methods.tissue.data import load_patches, load_wsss4luad
+    from napari_pathoseg.methods.tissue.labels import read_label_csv, read_label_folder
+
+    if args.labels is None:
+        if args.classes:
+            raise PathosegError("--classes goes with --labels; the WSSS4LUAD classes are fixed.")
+        return load_wsss4luad(args.data)
+    if not args.classes:
+        raise PathosegError("--labels needs --classes (comma-separated class names, in the order of the vectors).")
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    src = Path(args.labels)
+    labels = read_label_csv(src, classes) if src.is_file() else read_label_folder(src, classes)
+    return load_patches(labels, classes, seed=args.seed)
+
+
+def cmd_tissue_train(args: argparse.Namespace) -> int:
+    from napari_pathoseg.methods.tissue.network import get_preset
+    from napari_pathoseg.methods.tissue.pipeline import M5Done, iter_m5
+    from napari_pathoseg.training.engine import check_run_folder
+
+    cfg = get_preset(args.preset)
+    out = Path(args.out)
+    for sub in ("stage1", "stage2", "supervised"):
+        check_run_folder(out / sub, resume=args.resume, force=args.force)
+    t0 = time.perf_counter()
+    data = _load_data(args, cfg)
+    overrides: dict[str, Any] = {}
+    if data.classes != list(cfg.classes):
+        overrides["classes"] = list(data.classes)
+    if args.mpp is not None:
+        overrides["mpp"] = float(args.mpp)
+    if overrides:
+        cfg = get_preset(args.preset, **overrides)
+    _err(f"pathoseg tissue-train: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test patches "
+         f"({data.source}), classes {data.classes}")
+    command = "pathoseg tissue-train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "pathoseg tissue-train"
+    result = drive(
+        with_sigterm(lambda token: iter_m5(
+            cfg, data, out_dir=out, epochs1=args.epochs1, steps1=args.steps1, epochs2=args.epochs2,
+            steps2=args.steps2, resume=args.resume, force=args.force, cancel=token, threads=args.threads,
+            seed=args.seed, device=args.device, supervised=args.supervised, meta={"command": command},
+        )),
+        M5Done,
+        on_event=_progress(),
+        on_cancelled=lambda r: f"{r.message}; add --resume to the same command to continue",
+        label="pathoseg tissue-train",
+    )
+    print_json({"best_checkpoint": str(result.best_checkpoint), "stage1": result.stage1, "stage2": result.stage2,
+                "test": result.test, "wall_seconds": round(time.perf_counter() - t0, 1)})
+    return 0

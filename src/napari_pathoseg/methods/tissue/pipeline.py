@@ -1,0 +1,210 @@
+"""Both M5 stages as one resumable run: ``RUN/stage1``, ``RUN/pseudo``, ``RUN/stage2``.
+
+:func:`iter_m5` yields the training engine's events of stage 1, a :class:`PseudoEvent` per
+pseudo mask, the engine's events of stage 2, and ends with one :class:`M5Done`:
+
+1. stage 1 (:class:`~.train.Stage1Task`) in ``RUN/stage1``;
+2. Grad-CAM++ pseudo masks of the training patches from stage 1's best checkpoint, written as
+   PNGs to ``RUN/pseudo/`` (atomically; ``manifest.json`` names the checkpoint they came from,
+   so a resumed run reuses them and a retrained stage 1 remakes them);
+3. stage 2 (:class:`~.train.Stage2Task`) in ``RUN/stage2`` on those masks;
+4. the held-out test patches (when they have masks): stage 2 by M5's sliding windows and by
+   one fully convolutional pass, their agreement, and the pseudo masks' own mIoU.
+
+``resume=True`` continues whichever stage was running (a finished stage is kept); ``force``
+starts both over. With ``supervised=True`` stage 1 is skipped and stage 2 trains on the true
+masks of the training patches with plain cross-entropy in ``RUN/supervised`` (the reference
+a weakly supervised model is judged against).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from napari_pathoseg.errors import PathosegError
+from napari_pathoseg.methods.tissue.data import TissueData, TissueImage
+from napari_pathoseg.methods.tissue.network import M5Config, TissueClassifier, TissuePSPNet
+from napari_pathoseg.methods.tissue.train import Stage1Task, Stage2Task, cam_scores
+
+__all__ = ["PseudoEvent", "StageStart", "M5Done", "iter_m5", "make_pseudo_masks", "evaluate_test"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageStart:
+    """A stage begins (``stage``: ``"stage1"``, ``"pseudo"``, ``"stage2"``, ``"test"``)."""
+
+    stage: str
+    message: str = ""
+
+
+@dataclass
+class PseudoEvent:
+    """One pseudo mask made (``done`` of ``total``)."""
+
+    done: int
+    total: int
+    name: str
+
+
+@dataclass
+class M5Done:
+    """The end of an M5 run."""
+
+    best_checkpoint: Path | None
+    cancelled: bool = False
+    stage1: dict[str, Any] = field(default_factory=dict)
+    stage2: dict[str, Any] = field(default_factory=dict)
+    test: dict[str, Any] = field(default_factory=dict)
+    message: str = ""
+
+
+def _load_net(cls: type, path: Path, kind: str, device: Any) -> tuple[torch.nn.Module, M5Config]:
+    from napari_pathoseg.models.checkpoint import load_checkpoint, load_state_strict
+
+    tensors, config, _ = load_checkpoint(path, expected_kind=kind)
+    cfg = M5Config.from_dict(config)
+    net = cls(cfg)
+    load_state_strict(net, tensors["net"], what="net", path=path)
+    return net.to(device).eval(), cfg
+
+
+def _stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{path.name}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def make_pseudo_masks(classifier: TissueClassifier, train: list[TissueImage], out_dir: Path, *, stamp: str,
+                      threshold: float, device: Any = "cpu", cancel: Any = None) -> Iterator[Any]:
+    """Write (or reuse) the Grad-CAM++ pseudo masks; yields :class:`PseudoEvent`, returns {name: mask}."""
+    from skimage.io import imread, imsave
+
+    from napari_pathoseg._atomic import atomic_path, write_json
+    from napari_pathoseg.methods.tissue.cam import gradcam_pp, pseudo_mask
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = out_dir / "manifest.json"
+    done: dict[str, Any] = {}
+    if manifest.is_file():
+        try:
+            done = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            done = {}
+    if done.get("checkpoint") != stamp:
+        done = {"checkpoint": stamp, "masks": []}
+    masks: dict[str, np.ndarray] = {}
+    for i, item in enumerate(train):
+        if cancel is not None and cancel.is_set():
+            return None
+        path = out_dir / f"{item.name}.png"
+        if item.name in done["masks"] and path.is_file():
+            masks[item.name] = np.asarray(imread(str(path))).astype(np.uint8)
+        else:
+            present = [k for k, v in enumerate(item.labels) if v]
+            cams = gradcam_pp(classifier, item.image, classes=present, device=device)
+            m = pseudo_mask(cams, present, item.image, threshold=threshold)
+            with atomic_path(path) as tmp:
+                imsave(str(tmp), m, check_contrast=False, extension=".png")
+            masks[item.name] = m
+            done["masks"].append(item.name)
+            write_json(manifest, done)
+        yield PseudoEvent(i + 1, len(train), item.name)
+    return masks
+
+
+def evaluate_test(net: TissuePSPNet, cfg: M5Config, test: list[TissueImage], *, device: Any = "cpu") -> dict[str, Any]:
+    """Test scores: M5's sliding windows, the fully convolutional pass, and their pixel agreement."""
+    from napari_pathoseg.methods.tissue.evaluate import evaluate_net, tissue_map, whole_probs, window_probs
+
+    res = {"window": evaluate_net(net, test, cfg.classes, tile=cfg.tile_size, mode="window", device=device,
+                                  threshold=cfg.background_grey),
+           "whole": evaluate_net(net, test, cfg.classes, tile=cfg.tile_size, mode="whole", device=device,
+                                 threshold=cfg.background_grey)}
+    same = total = 0
+    for item in test:
+        a = tissue_map(window_probs(net, item.image, tile=cfg.tile_size, device=device), item.image)
+        b = tissue_map(whole_probs(net, item.image, tile=cfg.tile_size, device=device), item.image)
+        same += int((a == b).sum())
+        total += a.size
+    res["window_whole_agreement"] = same / total if total else float("nan")
+    return res
+
+
+def iter_m5(cfg: M5Config, data: TissueData, *, out_dir: str | os.PathLike, epochs1: int, steps1: int, epochs2: int,
+            steps2: int, resume: bool = False, force: bool = False, cancel: Any = None, threads: Any = None,
+            seed: int = 0, device: Any = None, supervised: bool = False, meta: dict[str, Any] | None = None,
+            ) -> Iterator[Any]:
+    """Run M5 (see the module docstring); a generator of events ending in :class:`M5Done`."""
+    from napari_pathoseg.training.engine import DoneEvent, iter_train, select_device
+
+    out = Path(out_dir).expanduser()
+    meta = dict(meta or {}, data=data.summary())
+    dev = select_device(device)
+    if list(cfg.classes) != list(data.classes):
+        raise PathosegError(f"The model's classes {list(cfg.classes)} differ from the data's {list(data.classes)}; "
+                            "train a model for these classes (pass --classes).")
+    stage1: dict[str, Any] = {}
+    if supervised:
+        if any(t.mask is None for t in data.train):
+            raise PathosegError("The supervised reference needs masks for the training patches.")
+        cfg = replace(cfg, loss="ce")
+        train2 = data.train
+        folder2 = out / "supervised"
+        source = "true masks (fully supervised reference)"
+    else:
+        train1 = [replace(t, mask=None) for t in data.train]  # image-level labels only
+        yield StageStart("stage1", f"stage 1: classifier on {len(train1)} labelled patches")
+        done1 = None
+        for ev in iter_train(Stage1Task(cfg, train1, data.val), out_dir=out / "stage1", epochs=epochs1,
+                             steps_per_epoch=steps1, resume=resume, force=force, cancel=cancel, threads=threads,
+                             seed=seed, device=dev, meta=meta):
+            yield ev
+            if isinstance(ev, DoneEvent):
+                done1 = ev
+        if done1 is None or done1.cancelled or done1.best_checkpoint is None:
+            yield M5Done(None, cancelled=True, message=f"stopped in stage 1; resumable checkpoint {out / 'stage1'}")
+            return
+        stage1 = {"best_checkpoint": str(done1.best_checkpoint), "best_metrics": done1.best_metrics}
+        yield StageStart("pseudo", "Grad-CAM++ pseudo masks")
+        clf, _ = _load_net(TissueClassifier, Path(done1.best_checkpoint), "m5-cls", dev)
+        masks = yield from make_pseudo_masks(clf, train1, out / "pseudo", stamp=_stamp(Path(done1.best_checkpoint)),
+                                             threshold=cfg.background_grey, device=dev, cancel=cancel)
+        if masks is None:
+            yield M5Done(None, cancelled=True, stage1=stage1, message="stopped while making pseudo masks")
+            return
+        train2 = [replace(t, mask=masks[t.name]) for t in train1]
+        folder2 = out / "stage2"
+        source = "Grad-CAM++ pseudo masks"
+    yield StageStart("stage2", f"stage 2: PSPNet ({cfg.loss}) on {source}")
+    done2 = None
+    for ev in iter_train(Stage2Task(cfg, train2, data.val, mask_source=source), out_dir=folder2, epochs=epochs2,
+                         steps_per_epoch=steps2, resume=resume, force=force, cancel=cancel, threads=threads,
+                         seed=seed, device=dev, meta=meta):
+        yield ev
+        if isinstance(ev, DoneEvent):
+            done2 = ev
+    if done2 is None or done2.cancelled or done2.best_checkpoint is None:
+        yield M5Done(None, cancelled=True, stage1=stage1, message=f"stopped in stage 2; resumable checkpoint {folder2}")
+        return
+    stage2 = {"best_checkpoint": str(done2.best_checkpoint), "best_metrics": done2.best_metrics,
+              "best_epoch": done2.best_epoch}
+    test: dict[str, Any] = {}
+    if any(t.mask is not None for t in data.test):
+        yield StageStart("test", f"held-out test on {len(data.test)} patches")
+        net, _ = _load_net(TissuePSPNet, Path(done2.best_checkpoint), "m5", dev)
+        with torch.inference_mode():
+            test = evaluate_test(net, cfg, data.test, device=dev)
+        if not supervised:
+            clf, _ = _load_net(TissueClassifier, Path(stage1["best_checkpoint"]), "m5-cls", dev)
+            test["pseudo_masks"] = cam_scores(clf, data.test, cfg.classes, device=dev, threshold=cfg.background_grey)
+    yield M5Done(Path(done2.best_checkpoint), stage1=stage1, stage2=stage2, test=test,
+                 message=f"done; best checkpoint {done2.best_checkpoint}")
