@@ -39,6 +39,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps2", type=positive_int, default=15, help="stage 2 steps per epoch")
     p.add_argument("--supervised", action="store_true",
                    help="the fully supervised reference: stage 2 on the true masks of the training patches (CE)")
+    p.add_argument("--pseudo-from", default=None,
+                   help="skip stage 1: stage 2 on the pseudo masks of this earlier run (ablations on the same masks)")
     p.add_argument("--seed", type=int, default=0)
     run = p.add_mutually_exclusive_group()
     run.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -74,7 +76,7 @@ def _load_data(args: argparse.Namespace, cfg: Any) -> Any:
     if args.labels is None:
         if args.classes:
             raise PathosegError("--classes goes with --labels; the WSSS4LUAD classes are fixed.")
-        return load_wsss4luad(args.data)
+        return load_wsss4luad(args.data, train_masks=args.supervised)
     if not args.classes:
         raise PathosegError("--labels needs --classes (comma-separated class names, in the order of the vectors).")
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
@@ -108,7 +110,7 @@ def cmd_tissue_train(args: argparse.Namespace) -> int:
         with_sigterm(lambda token: iter_m5(
             cfg, data, out_dir=out, epochs1=args.epochs1, steps1=args.steps1, epochs2=args.epochs2,
             steps2=args.steps2, resume=args.resume, force=args.force, cancel=token, threads=args.threads,
-            seed=args.seed, device=args.device, supervised=args.supervised, meta={"command": command},
+            seed=args.seed, device=args.device, supervised=args.supervised, pseudo_from=args.pseudo_from, meta={"command": command},
         )),
         M5Done,
         on_event=_progress(),

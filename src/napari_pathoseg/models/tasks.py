@@ -118,7 +118,8 @@ TASKS: dict[str, Task] = {
     ),
     "tissue": Task(
         "tissue", "M5", "weakly supervised tissue-type segmentation",
-        "the tissue segmentation", (),  # the classes depend on the organ: every card names them
+        "the Tissue dock and `pathoseg tissue`", (),  # the classes depend on the organ: every card names them
+        loader="napari_pathoseg.methods.tissue.model:load_tissue_model",
     ),
     "malignancy": Task(
         "malignancy", "M1", "malignancy classification and region segmentation",
@@ -134,6 +135,7 @@ TASKS: dict[str, Task] = {
 ARCHITECTURES: dict[str, Architecture] = {
     "m2": Architecture("m2", "nuclei", "napari_pathoseg.methods.nuclei.model:validate_m2_config"),
     "m3": Architecture("m3", "lesion", "napari_pathoseg.methods.lesion.model:validate_m3_config"),
+    "m5": Architecture("m5", "tissue", "napari_pathoseg.methods.tissue.model:validate_m5_config"),
 }
 
 

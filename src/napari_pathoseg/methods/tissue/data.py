@@ -107,8 +107,12 @@ def wsss4luad_split(folder: str | Path) -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in split.items()}
 
 
-def load_wsss4luad(folder: str | Path, *, parts: Sequence[str] = ("train", "val", "test")) -> TissueData:
-    """WSSS4LUAD patches by :func:`wsss4luad_split`: train without masks, val / test with masks."""
+def load_wsss4luad(folder: str | Path, *, parts: Sequence[str] = ("train", "val", "test"),
+                   train_masks: bool = False) -> TissueData:
+    """WSSS4LUAD patches by :func:`wsss4luad_split`: train without masks, val / test with masks.
+
+    ``train_masks=True`` reads the training masks too: only for the fully supervised reference.
+    """
     from napari_pathoseg.methods.tissue.network import LUAD_CLASSES
 
     folder = Path(folder)
@@ -122,7 +126,7 @@ def load_wsss4luad(folder: str | Path, *, parts: Sequence[str] = ("train", "val"
             r = rows[name]
             vec = parse_vector(r["image_level_label_tumor_stroma_normal"], 3, where=f"{folder}/index.csv")
             mask = None
-            if part != "train":  # masks only to validate and test
+            if part != "train" or train_masks:  # masks only to validate and test (and the reference)
                 mask = _load_mask(folder / r["mask"])
             out[part].append(TissueImage(name, load_rgb(folder / r["image"]), vec, mask))
     return TissueData(list(LUAD_CLASSES), out["train"], out["val"], out["test"], source=str(folder.name))

@@ -14,7 +14,8 @@ pseudo mask, the engine's events of stage 2, and ends with one :class:`M5Done`:
 ``resume=True`` continues whichever stage was running (a finished stage is kept); ``force``
 starts both over. With ``supervised=True`` stage 1 is skipped and stage 2 trains on the true
 masks of the training patches with plain cross-entropy in ``RUN/supervised`` (the reference
-a weakly supervised model is judged against).
+a weakly supervised model is judged against). With ``pseudo_from=RUN`` stage 1 is skipped and
+stage 2 trains on the pseudo masks of another run (the ONS vs plain CE ablation on the same masks).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from napari_pathoseg.methods.tissue.data import TissueData, TissueImage
 from napari_pathoseg.methods.tissue.network import M5Config, TissueClassifier, TissuePSPNet
 from napari_pathoseg.methods.tissue.train import Stage1Task, Stage2Task, cam_scores
 
-__all__ = ["PseudoEvent", "StageStart", "M5Done", "iter_m5", "make_pseudo_masks", "evaluate_test"]
+__all__ = ["PseudoEvent", "StageStart", "M5Done", "iter_m5", "make_pseudo_masks", "read_pseudo_masks", "evaluate_test"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +122,27 @@ def make_pseudo_masks(classifier: TissueClassifier, train: list[TissueImage], ou
     return masks
 
 
+def read_pseudo_masks(run: str | os.PathLike, train: list[TissueImage]) -> list[np.ndarray]:
+    """The pseudo masks another run made for ``train`` (``RUN/pseudo``), for an ablation on the same masks."""
+    from skimage.io import imread
+
+    folder = Path(run) / "pseudo"
+    try:
+        done = set(json.loads((folder / "manifest.json").read_text())["masks"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PathosegError(f"{run} holds no finished pseudo masks (pseudo/manifest.json); run its stage 1 first.") from None
+    missing = [t.name for t in train if t.name not in done or not (folder / f"{t.name}.png").is_file()]
+    if missing:
+        raise PathosegError(f"{run}: no pseudo mask for {missing[:3]}; resume that run to make them.")
+    out = []
+    for t in train:
+        m = np.asarray(imread(str(folder / f"{t.name}.png"))).astype(np.uint8)
+        if m.shape != t.image.shape[:2]:
+            raise PathosegError(f"{run}: pseudo mask of {t.name} has shape {m.shape}, the patch {t.image.shape[:2]}.")
+        out.append(m)
+    return out
+
+
 def evaluate_test(net: TissuePSPNet, cfg: M5Config, test: list[TissueImage], *, device: Any = "cpu") -> dict[str, Any]:
     """Test scores: M5's sliding windows, the fully convolutional pass, and their pixel agreement."""
     from napari_pathoseg.methods.tissue.evaluate import evaluate_net, tissue_map, whole_probs, window_probs
@@ -141,8 +163,8 @@ def evaluate_test(net: TissuePSPNet, cfg: M5Config, test: list[TissueImage], *, 
 
 def iter_m5(cfg: M5Config, data: TissueData, *, out_dir: str | os.PathLike, epochs1: int, steps1: int, epochs2: int,
             steps2: int, resume: bool = False, force: bool = False, cancel: Any = None, threads: Any = None,
-            seed: int = 0, device: Any = None, supervised: bool = False, meta: dict[str, Any] | None = None,
-            ) -> Iterator[Any]:
+            seed: int = 0, device: Any = None, supervised: bool = False, pseudo_from: str | os.PathLike | None = None,
+            meta: dict[str, Any] | None = None) -> Iterator[Any]:
     """Run M5 (see the module docstring); a generator of events ending in :class:`M5Done`."""
     from napari_pathoseg.training.engine import DoneEvent, iter_train, select_device
 
@@ -160,6 +182,11 @@ def iter_m5(cfg: M5Config, data: TissueData, *, out_dir: str | os.PathLike, epoc
         train2 = data.train
         folder2 = out / "supervised"
         source = "true masks (fully supervised reference)"
+    elif pseudo_from is not None:
+        train2 = [replace(t, mask=m) for t, m in zip(data.train, read_pseudo_masks(pseudo_from, data.train))]
+        stage1 = {"pseudo_from": str(pseudo_from)}
+        folder2 = out / "stage2"
+        source = f"the pseudo masks of {pseudo_from}"
     else:
         train1 = [replace(t, mask=None) for t in data.train]  # image-level labels only
         yield StageStart("stage1", f"stage 1: classifier on {len(train1)} labelled patches")
@@ -203,7 +230,7 @@ def iter_m5(cfg: M5Config, data: TissueData, *, out_dir: str | os.PathLike, epoc
         net, _ = _load_net(TissuePSPNet, Path(done2.best_checkpoint), "m5", dev)
         with torch.inference_mode():
             test = evaluate_test(net, cfg, data.test, device=dev)
-        if not supervised:
+        if not supervised and pseudo_from is None:
             clf, _ = _load_net(TissueClassifier, Path(stage1["best_checkpoint"]), "m5-cls", dev)
             test["pseudo_masks"] = cam_scores(clf, data.test, cfg.classes, device=dev, threshold=cfg.background_grey)
     yield M5Done(Path(done2.best_checkpoint), stage1=stage1, stage2=stage2, test=test,
