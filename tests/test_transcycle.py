@@ -111,5 +111,9 @@ def test_registered_with_m2_and_student_generator_trains():
     assert rgb.shape == (2, 3, 64, 96) and seg.shape == (2, cfg.seg_channels, 64, 96)
     (rgb.abs().mean() + seg.mean()).backward()
     assert gen.encoder.pos_embed.grad is not None
-    method = m2.get_preset("transcycle")
-    assert method.widths == TRANSCYCLE_PRESETS["transcycle"].out_channels
+    # the one preset table holds the student presets with the widths of this encoder
+    for name in ("transcycle", "transcycle-lite"):
+        assert m2.PRESETS[name].widths == TRANSCYCLE_PRESETS[name].out_channels
+        assert m2.PRESETS[name].encoder == "resnet50_transformer"
+    with pytest.raises(PathosegError, match="transcycle-lite"):
+        m2.get_preset("transcycle_lite")
