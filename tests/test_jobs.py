@@ -249,6 +249,27 @@ def test_shutdown_stops_the_job_and_drops_its_result(dock, qtbot):
 
 
 @pytest.mark.gui
+def test_in_turns_adds_one_step_per_event_loop_turn(dock, qtbot, monkeypatch):
+    from napari_pathoseg._widgets import _jobs
+
+    monkeypatch.setattr(_jobs, "SYNC", False)
+    done = []
+    _jobs.in_turns(lambda: done.append(1), lambda: done.append(2), lambda: done.append(3))
+    assert done == [1]  # the rest waits for the event loop
+    qtbot.waitUntil(lambda: done == [1, 2, 3], timeout=5_000)
+
+    def boom():
+        raise PathosegError("the layer cannot be added")
+
+    _jobs.in_turns(boom, lambda: done.append(4))
+    qtbot.wait(50)
+    assert dock.shown["error"] == ["the layer cannot be added"] and done == [1, 2, 3]
+    monkeypatch.setattr(_jobs, "SYNC", True)
+    _jobs.in_turns(lambda: done.append(5), lambda: done.append(6))
+    assert done[-2:] == [5, 6]
+
+
+@pytest.mark.gui
 def test_env_switch(monkeypatch):
     from napari_pathoseg._widgets import _jobs
 

@@ -45,7 +45,7 @@ from napari_pathoseg._widgets._common import (
     view_rect,
     watch_layer_list,
 )
-from napari_pathoseg._widgets._jobs import JobController
+from napari_pathoseg._widgets._jobs import JobController, in_turns
 from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.events import Progress
 from napari_pathoseg.wsi.slide import Slide
@@ -436,7 +436,8 @@ class StainWidget(QWidget):
 
         def show(result: dict) -> None:
             cmaps = {"hematoxylin": "I Purple", "eosin": "I Bordeaux"}
-            for stain, (levels, hi) in result.items():
+
+            def add(stain: str, levels: list, hi: float) -> None:
                 self.viewer.add_image(
                     levels if len(levels) > 1 else levels[0],
                     name=f"{layer.name} [{stain}]",
@@ -449,6 +450,9 @@ class StainWidget(QWidget):
                     units=layer.units,
                     metadata={"pathoseg_stain_output": True},
                 )
+
+            # one layer per turn of the event loop: napari stays responsive between them
+            in_turns(*(lambda s=stain, v=value: add(s, *v) for stain, value in result.items()))
 
         self._start(job, show, "colour deconvolution…")
 
