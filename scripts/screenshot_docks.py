@@ -247,13 +247,14 @@ def finetune_picture(viewer: Any, work: Path, out_png: Path, *, epochs: int, ste
     if not dock.start_btn.isEnabled():
         raise SystemExit(f"Start is disabled: {dock.start_btn.toolTip()}")
     dock.start_btn.click()
-    _wait_until(lambda: dock.worker is None, timeout=timeout, what="the fine-tune run")
+    _wait_until(lambda: not dock.jobs.running, timeout=timeout, what="the fine-tune run")
     done = dock.last_done
     if done is None or done.cancelled or done.registered is None:
         raise SystemExit(f"the fine-tune run did not finish: {dock.status.text()}")
     train_s = time.monotonic() - t0
     logger.info("fine-tune: %s (%.0f s)", dock.status.text(), train_s)
-    _wait_until(lambda: dock.overlay_worker is not None and not dock.overlay_worker.is_running,
+    _wait_until(lambda: bool(dock.compare_models) and not dock.compare_jobs.running
+                and all(name in viewer.layers for name in dock.compare_models),
                 timeout=timeout, what="the new-vs-base overlay")
     _settle(20)  # the last yielded result is delivered after the worker ends
     missing = [name for name in dock.compare_models if name not in viewer.layers]
