@@ -100,20 +100,20 @@ class RowBand:
     parts : sequence of (tail_shape, dtype, fill)
         One accumulator per entry, each ``(rows,) + tail_shape`` in full, kept in memory only
         from ``top`` to the lowest row asked for so far.
+
+    The rows live in a buffer at an offset that moves down as rows are released (no copy);
+    when the buffer runs out, the live rows move back to its start.
     """
 
     def __init__(self, rows: int, parts: Sequence[tuple[tuple[int, ...], Any, float]]) -> None:
         self.rows = int(rows)
         self.top = 0
+        self.height = 0  # rows held from ``top``
+        self._off = 0  # buffer row of ``top``
         self._parts = [(tuple(t), np.dtype(d), f) for t, d, f in parts]
-        self._data = [np.full((0,) + t, f, d) for t, d, f in self._parts]
-        #: Most rows ever held in memory at once.
+        self._buf = [np.full((0,) + t, f, d) for t, d, f in self._parts]
+        #: Most rows the buffer ever held.
         self.peak = 0
-
-    @property
-    def height(self) -> int:
-        """Rows held in memory now."""
-        return self._data[0].shape[0]
 
     def window(self, row0: int, row1: int) -> list[np.ndarray]:
         """Views of rows ``row0 .. row1`` of every accumulator (``row0 >= top``)."""
@@ -121,38 +121,38 @@ class RowBand:
             raise ValueError(f"rows from {row0} were already released (top is {self.top}); tiles must come in row order")
         need = min(row1, self.rows) - self.top
         if need > self.height:
-            new = min(self.rows - self.top, max(need, 2 * self.height))
-            grown = []
-            for (tail, dtype, fill), old in zip(self._parts, self._data):
-                arr = np.full((new,) + tail, fill, dtype)
-                arr[: old.shape[0]] = old
-                grown.append(arr)
-            self._data = grown
-            self.peak = max(self.peak, new)
-        return [d[row0 - self.top : row1 - self.top] for d in self._data]
+            cap = self._buf[0].shape[0]
+            if self._off + need > cap:
+                new_cap = max(cap, need)  # steady state: one tile row plus the next, no slack
+                grown = []
+                for (tail, dtype, fill), old in zip(self._parts, self._buf):
+                    arr = old if new_cap == cap else np.full((new_cap,) + tail, fill, dtype)
+                    live = old[self._off : self._off + self.height].copy()
+                    arr[: self.height] = live
+                    arr[self.height :] = fill
+                    grown.append(arr)
+                self._buf, self._off = grown, 0
+                self.peak = max(self.peak, new_cap)
+            self.height = need
+        return [b[self._off + row0 - self.top : self._off + row1 - self.top] for b in self._buf]
 
     def pop(self, upto: int) -> Iterator[tuple[int, list[np.ndarray]]]:
         """Release rows ``top .. upto``: yield ``(row0, blocks)`` strips of them, top to bottom.
 
-        Rows never asked for come back as their fill value, in strips of at most
-        :data:`FILL_ROWS` rows, so a long run of untouched rows costs no memory.
+        The blocks are the buffer's own rows (use them before asking for more rows), at
+        most :data:`FILL_ROWS` at a time; rows never asked for come back as fresh fill
+        blocks, so a long run of untouched rows costs no memory.
         """
         upto = min(int(upto), self.rows)
         while self.top < upto:
-            k = upto - self.top
-            have = min(k, self.height)
-            if have > 0:
-                blocks = [d[:have].copy() for d in self._data]
-                for (_, _, fill), d in zip(self._parts, self._data):
-                    d[: d.shape[0] - have] = d[have:]
-                    d[d.shape[0] - have :] = fill
-                # the band keeps its height while it can, so it stops growing in steady state
-                room = self.rows - (self.top + have)
-                if self.height > room:
-                    self._data = [d[:room] for d in self._data]
+            k = min(upto - self.top, FILL_ROWS)
+            if self.height > 0:
+                k = min(k, self.height)
+                blocks = [b[self._off : self._off + k] for b in self._buf]
+                self._off += k
+                self.height -= k
             else:
-                have = min(k, FILL_ROWS)
-                blocks = [np.full((have,) + t, f, dt) for t, dt, f in self._parts]
+                blocks = [np.full((k,) + t, f, dt) for t, dt, f in self._parts]
             row0 = self.top
-            self.top += have
+            self.top += k
             yield row0, blocks

@@ -430,6 +430,26 @@ class _Reader:
 # ----------------------------------------------------------------------------- running
 
 
+def _row_groups(chunk: Sequence[tuple[int, int]], next_row: int) -> list[tuple[int, int, int]]:
+    """Split a batch where its tiles change row: ``(start, stop, rows final after it)``.
+
+    Sinks then release a tile row's final rows before the next row's tiles arrive, so they
+    hold about one tile row plus the overlap, however batches fall.
+    """
+    groups = []
+    a = 0
+    for i in range(1, len(chunk) + 1):
+        if i == len(chunk) or chunk[i][0] != chunk[a][0]:
+            groups.append((a, i, chunk[i][0] if i < len(chunk) else next_row))
+            a = i
+    return groups
+
+
+def _slice_outputs(out: Mapping[str, Any], a: int, b: int, n: int) -> dict[str, Any]:
+    """Tiles ``a .. b`` of a batch's outputs (entries without a batch axis pass unchanged)."""
+    return {k: (v[a:b] if getattr(v, "shape", None) and len(v.shape) and v.shape[0] == n else v) for k, v in out.items()}
+
+
 def _check_sinks(sinks: Sequence[Any]) -> None:
     names = [getattr(s, "name", None) for s in sinks]
     if not sinks:
@@ -563,9 +583,11 @@ def iter_predict(
                 raise PathosegError(f"{name}.predict must return a dict of arrays, got {type(out).__name__}")
             t = time.perf_counter()
             next_row = batches[k + 1][0][0] if k + 1 < len(batches) else plan.shape[0]
-            for s in sinks:
-                s.add(chunk, out)
-                s.release(next_row)
+            for a, b, upto in _row_groups(chunk, next_row):
+                part = out if (a, b) == (0, len(chunk)) else _slice_outputs(out, a, b, len(chunk))
+                for s in sinks:
+                    s.add(chunk[a:b], part)
+                    s.release(upto)
             t_post += time.perf_counter() - t
             done += len(chunk)
             yield Progress(done, total, f"{done} of {total} tiles", stage="inference")

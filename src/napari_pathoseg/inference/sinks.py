@@ -321,7 +321,7 @@ class ProbabilityMap(Sink):
             chans = 0
         elif arr.ndim == 4:
             if not self.channels_last:
-                arr = np.moveaxis(arr, 1, -1)
+                arr = np.ascontiguousarray(np.moveaxis(arr, 1, -1))  # (B, H, W, C), one copy per batch
             chans = arr.shape[-1]
         else:
             raise PathosegError(f"map {self.name!r}: output {self.key!r} must be (B, H, W) or (B, C, H, W), got {arr.shape}")
@@ -334,26 +334,26 @@ class ProbabilityMap(Sink):
             hh, ww = min(arr.shape[1], rows - r), min(arr.shape[2], cols - c)
             wt = self._weight(r, c, hh, ww)
             acc, wsum = self._band.window(r, r + hh)
-            t = arr[k, :hh, :ww].astype(np.float32, copy=False)
-            if chans:
-                acc[:, c : c + ww] += t * wt[..., None]
-            else:
-                acc[:, c : c + ww] += t * wt
+            t = np.multiply(arr[k, :hh, :ww], wt[..., None] if chans else wt, dtype=np.float32)
+            acc[:, c : c + ww] += t
             wsum[:, c : c + ww] += wt
 
     def release(self, row: int) -> None:
         if self._band is None:
             return
-        for r0, (acc, wsum) in self._band.pop(row):
+        integer = np.issubdtype(self.dtype, np.integer)
+        for r0, (acc, wsum) in self._band.pop(row):  # fresh arrays: computed on in place
             covered = wsum > 0
-            self._covered += int(covered.sum())
-            w = np.where(covered, wsum, 1.0)
-            v = (acc / (w[..., None] if self._channels else w)) * np.float32(self.scale)
-            if np.issubdtype(self.dtype, np.integer):
+            self._covered += int(np.count_nonzero(covered))
+            np.maximum(wsum, np.float32(1e-20), out=wsum)
+            inv = np.divide(np.float32(self.scale), wsum, out=wsum)
+            acc *= inv[..., None] if self._channels else inv
+            if integer:
                 info = np.iinfo(self.dtype)
-                v = np.clip(np.rint(v), info.min, info.max)
-            v[~covered] = self.fill
-            self._store.write(r0, v.astype(self.dtype))
+                np.rint(acc, out=acc)
+                np.clip(acc, info.min, info.max, out=acc)
+            acc[~covered] = self.fill
+            self._store.write(r0, acc.astype(self.dtype, copy=False))
 
     def finish(self, *, cancelled: bool) -> MapResult | None:
         if self._band is None:
