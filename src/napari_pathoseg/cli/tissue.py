@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from napari_pathoseg.cli._driver import device, drive, positive_int, print_json
+from napari_pathoseg.cli._driver import device, drive, existing_file, positive_float, positive_int, print_json
 from napari_pathoseg.cli.train import DEFAULT_DATA, THREADS_HELP, _err, threads_arg, with_sigterm
 
-__all__ = ["add_commands", "cmd_tissue_train"]
+__all__ = ["add_commands", "cmd_tissue_train", "cmd_tissue"]
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -48,6 +48,25 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=threads_arg, default=None, help=THREADS_HELP)
     p.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:N or mps")
     p.set_defaults(func=cmd_tissue_train)
+
+    q = subparsers.add_parser("tissue", help="tissue map of a slide or image (M5): uint8 class ids + per-class areas")
+    q.add_argument("input", type=existing_file, help="slide or image file")
+    q.add_argument("--out", required=True, help="labels TIFF (uint8 class ids; 0 background)")
+    q.add_argument("--probs", default=None, help="also write the class probabilities here (TIFF, model grid)")
+    q.add_argument("--model", default="tissue-luad-lite", help="model name or .safetensors checkpoint")
+    q.add_argument("--classes", default=None, help="comma-separated classes the model must have (refused otherwise)")
+    q.add_argument("--mpp", type=positive_float(high=100.0), default=None,
+                   help="declare the input's µm per pixel (images that do not record it)")
+    q.add_argument("--region", default=None, help="x,y,w,h in level-0 pixels (default: everything)")
+    q.add_argument("--mode", choices=("literal", "fast"), default="literal",
+                   help="literal: M5's 224 px windows, 50 %% overlap, averaged; fast: one pass per 512 px tile")
+    q.add_argument("--grid", choices=("auto", "model", "level0"), default="auto",
+                   help="labels grid: the model's µm/px, or level 0 of the input (auto: level 0 for a "
+                   "single-level image, the model grid for a pyramid)")
+    q.add_argument("--batch", type=positive_int, default=2, help="engine tiles per call")
+    q.add_argument("--all-tiles", action="store_true", help="do not skip slide tiles without tissue")
+    q.add_argument("--work-dir", default=None, help="folder for the stitched probabilities (default: beside --out)")
+    q.set_defaults(func=cmd_tissue)
 
 
 def _progress():
@@ -119,4 +138,56 @@ def cmd_tissue_train(args: argparse.Namespace) -> int:
     )
     print_json({"best_checkpoint": str(result.best_checkpoint), "stage1": result.stage1, "stage2": result.stage2,
                 "test": result.test, "wall_seconds": round(time.perf_counter() - t0, 1)})
+    return 0
+
+
+def _outputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    from napari_pathoseg._atomic import OutputError, check_output
+
+    out = check_output(args.out, inputs=[args.input], what="--out")
+    probs = check_output(args.probs, inputs=[args.input], what="--probs") if args.probs else None
+    if probs is not None and probs.resolve() == out.resolve():
+        raise OutputError(f"--out and --probs are the same file {out}; give each output its own path")
+    return out, probs
+
+
+def cmd_tissue(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from napari_pathoseg.cli.nuclei import _parse_region
+    from napari_pathoseg.methods.tissue.segment import TissueResult, iter_tissue, summary, write_labels_tiff, write_probs_tiff
+    from napari_pathoseg.models.registry import load_model
+    from napari_pathoseg.wsi.slide import open_slide
+
+    out, probs = _outputs(args)
+    region = _parse_region(args.region)
+    model = load_model(args.model, task="tissue")
+    if args.classes:
+        model.check_classes([c.strip() for c in args.classes.split(",") if c.strip()])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open_slide(args.input) as slide, tempfile.TemporaryDirectory(prefix=".tissue-",
+                                                                     dir=args.work_dir or str(out.parent)) as wd:
+        if slide.mpp is None and args.mpp is None:
+            from napari_pathoseg.errors import PathosegError
+
+            raise PathosegError(f"{args.input} does not record its µm per pixel; pass --mpp "
+                                f"(the model works at {model.mpp} µm/px).")
+        level0 = args.grid == "level0" or (args.grid == "auto" and slide.level_count == 1)
+
+        def save_partial(result: TissueResult) -> str:
+            write_labels_tiff(result, out, level0=level0)
+            return f"stopped after {result.tiles} of {result.tiles_total} tiles; the finished tiles were saved to {out}"
+
+        result = drive(
+            lambda token: iter_tissue(slide, model, mode=args.mode, region=region, mpp=args.mpp,
+                                      batch_size=args.batch, tissue_only=False if args.all_tiles else None,
+                                      work_dir=wd, cancel=token),
+            TissueResult, on_cancelled=save_partial, label="pathoseg tissue",
+        )
+        info = {"input": str(args.input), **summary(result), "labels": str(write_labels_tiff(result, out, level0=level0)),
+                "labels_grid": "level0" if level0 else "model"}
+        if probs is not None:
+            info["probs"] = str(write_probs_tiff(result, probs))
+        del result
+    print_json(info)
     return 0

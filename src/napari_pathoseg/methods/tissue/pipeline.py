@@ -169,7 +169,9 @@ def iter_m5(cfg: M5Config, data: TissueData, *, out_dir: str | os.PathLike, epoc
     from napari_pathoseg.training.engine import DoneEvent, iter_train, select_device
 
     out = Path(out_dir).expanduser()
-    meta = dict(meta or {}, data=data.summary())
+    summ = data.summary()
+    meta = dict(meta or {}, split=summ,
+                data=f"{summ['source']}: {summ['train']} train patches (image-level labels), {summ['val']} val")
     dev = select_device(device)
     if list(cfg.classes) != list(data.classes):
         raise PathosegError(f"The model's classes {list(cfg.classes)} differ from the data's {list(data.classes)}; "

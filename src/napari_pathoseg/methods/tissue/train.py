@@ -196,7 +196,7 @@ class Stage2Task(TrainTask):
 
     def meta(self) -> dict[str, Any]:
         return {"train": [t.name for t in self.train], "val": [t.name for t in self.val], "stage": 2,
-                "masks": self.mask_source}
+                "masks": self.mask_source, "task": "tissue", "classes": list(self.cfg.classes)}
 
     def build(self, *, device: torch.device, rng: np.random.Generator) -> None:
         self.device, self.rng = device, rng

@@ -1,0 +1,180 @@
+"""Tissue maps of slides and images: :func:`iter_tissue`, class areas and the output files.
+
+:func:`iter_tissue` runs a :class:`~.predictor.TissuePredictor` on the platform engine over a
+slide, a region or an image array and ends in a :class:`TissueResult`: uint8 class ids on the
+model's grid (0 background, 1..n the model's classes), the stitched probabilities, per-class
+areas in µm² and fractions of the tissue. :func:`write_labels_tiff` writes the ids on the
+model grid or on the region's level-0 grid (plain images: their own pixel grid), recording
+the scale; :func:`summary` is the JSON the CLI prints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from napari_pathoseg._atomic import atomic_path
+from napari_pathoseg.events import Cancellable, Progress
+from napari_pathoseg.methods.tissue.predictor import TissuePredictor
+
+__all__ = ["TissueResult", "iter_tissue", "ids_from_probs", "class_areas", "write_labels_tiff", "write_probs_tiff",
+           "summary", "CLASS_COLOURS"]
+
+#: Display colours (RGB) of class ids: background transparent, then WSSS4LUAD's palette
+#: (tumour (0, 64, 128), stroma (64, 128, 0), normal (243, 152, 0)), then further colours.
+CLASS_COLOURS = [(0, 0, 0), (0, 64, 128), (64, 128, 0), (243, 152, 0), (200, 30, 60), (120, 60, 180),
+                 (0, 170, 170), (150, 150, 150), (255, 105, 180)]
+
+
+@dataclass
+class TissueResult:
+    """A tissue map: ``ids`` (rows, cols) uint8 on the model grid and what produced it."""
+
+    ids: np.ndarray
+    classes: tuple[str, ...]
+    mpp: float
+    region: tuple[int, int, int, int]
+    scale: float
+    model: str
+    mode: str
+    probs: Any = None
+    areas: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    tiles: int = 0
+    tiles_total: int = 0
+    cancelled: bool = False
+
+
+def ids_from_probs(probs: np.ndarray, n: int, *, rows: int = 512) -> np.ndarray:
+    """Class ids (rows, cols) uint8 from stored ``probs`` (rows, cols, n + 1): argmax + 1, 0 where background."""
+    out = np.zeros(probs.shape[:2], np.uint8)
+    for r in range(0, probs.shape[0], rows):
+        p = np.asarray(probs[r:r + rows])
+        ids = (np.argmax(p[..., :n], axis=-1) + 1).astype(np.uint8)
+        ids[p[..., n] >= 128] = 0
+        out[r:r + rows] = ids
+    return out
+
+
+def class_areas(ids: np.ndarray, classes: tuple[str, ...] | list[str], mpp: float) -> dict[str, Any]:
+    """Per-class pixel counts, areas in µm² and fractions of the tissue (all non-background pixels)."""
+    counts = np.bincount(np.asarray(ids).ravel(), minlength=len(classes) + 1)
+    tissue = int(counts[1:].sum())
+    px_area = float(mpp) ** 2
+    out: dict[str, Any] = {}
+    for i, name in enumerate(classes, start=1):
+        c = int(counts[i]) if i < counts.size else 0
+        out[name] = {"id": i, "pixels": c, "area_um2": c * px_area, "fraction": c / tissue if tissue else 0.0}
+    out["background"] = {"id": 0, "pixels": int(counts[0]), "area_um2": int(counts[0]) * px_area}
+    return out
+
+
+def iter_tissue(source: Any, model: Any, *, mode: str = "literal", region: tuple[int, int, int, int] | None = None,
+                mpp: float | None = None, batch_size: int = 2, tissue_only: bool | None = None,
+                work_dir: str | os.PathLike | None = None, cancel: Cancellable | None = None,
+                ) -> Iterator[Progress | TissueResult]:
+    """Segment the tissue of a slide region or image; yields progress, finally a :class:`TissueResult`.
+
+    Parameters
+    ----------
+    source : Slide or (rows, cols, 3) uint8 array
+    model : TissueModel
+    mode : {"literal", "fast"}
+        M5's 224 px windows with 50 % overlap, or one fully convolutional pass per 512 px tile.
+    region : (x, y, w, h), optional
+        Level-0 rectangle (default: everything).
+    mpp : float, optional
+        µm per level-0 pixel of a source that does not record it.
+    batch_size : int
+        Engine tiles per call.
+    tissue_only : bool, optional
+        Skip tiles without tissue (default: slides yes, arrays no).
+    work_dir : path, optional
+        Folder for the stitched probabilities (bounded memory on whole slides).
+    cancel : object with ``is_set()``, optional
+        A stopped run ends with the tiles finished so far (``cancelled=True``).
+    """
+    from napari_pathoseg.inference import InferenceResult, iter_predict
+
+    pred = TissuePredictor(model, mode=mode)
+    res = None
+    for ev in iter_predict(source, pred, pred.sinks(), mpp=mpp, region=region, tile=pred.tile_size,
+                           overlap=pred.overlap, batch_size=batch_size, tissue_only=tissue_only, edge="white",
+                           work_dir=work_dir, cancel=cancel):
+        if isinstance(ev, InferenceResult):
+            res = ev
+        else:
+            yield ev
+    assert res is not None
+    probs = res.outputs["probs"]
+    ids = ids_from_probs(probs.array, len(pred.classes))
+    yield TissueResult(
+        ids=ids, classes=pred.classes, mpp=float(res.mpp), region=tuple(res.region), scale=float(res.scale),
+        model=pred.name, mode=mode, probs=probs, areas=class_areas(ids, pred.classes, res.mpp),
+        timings=dict(res.timings), tiles=int(res.tiles), tiles_total=int(res.tiles_total),
+        cancelled=bool(res.cancelled),
+    )
+
+
+def _tiff_meta(result: TissueResult, level0: bool) -> dict[str, Any]:
+    return {"region_xywh": list(result.region), "model": result.model, "level0": bool(level0),
+            "mpp": result.mpp / result.scale if level0 else result.mpp, "classes": list(result.classes),
+            "level0_pixels_per_pixel": 1.0 if level0 else result.scale, "mode": result.mode}
+
+
+def write_labels_tiff(result: TissueResult, path: str | os.PathLike, *, level0: bool = False, tile: int = 256) -> Path:
+    """Write the class ids as a tiled uint8 TIFF (atomic), on the model grid or the region's level-0 grid.
+
+    The metadata holds ``region_xywh``, ``mpp`` of the written grid, ``level0_pixels_per_pixel``,
+    ``classes`` (ids 1..n) and ``model``.
+    """
+    import tifffile
+
+    path = Path(path)
+    ids = result.ids
+    x, y, w, h = result.region
+    same = not level0 or abs(result.scale - 1.0) < 1e-9
+    shape = tuple(ids.shape) if same else (h, w)
+    cols = None if same else np.minimum((np.arange(w) / result.scale).astype(np.int64), ids.shape[1] - 1)
+
+    def tiles() -> Iterator[np.ndarray]:
+        for r in range(0, shape[0], tile):
+            if same:
+                strip = ids[r:r + tile]
+            else:
+                rr = np.minimum((np.arange(r, min(h, r + tile)) / result.scale).astype(np.int64), ids.shape[0] - 1)
+                strip = ids[rr][:, cols]
+            for c in range(0, shape[1], tile):
+                t = np.zeros((tile, tile), np.uint8)
+                blk = strip[:, c:c + tile]
+                t[:blk.shape[0], :blk.shape[1]] = blk
+                yield t
+
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, tiles(), shape=shape, dtype=np.uint8, tile=(tile, tile), compression="zlib",
+                         metadata=_tiff_meta(result, level0))
+    return path
+
+
+def write_probs_tiff(result: TissueResult, path: str | os.PathLike) -> Path:
+    """Write the class probabilities (uint8, 255 = 1; last channel background) on the model grid (atomic)."""
+    import tifffile
+
+    path = Path(path)
+    arr = np.asarray(result.probs.array)
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, np.moveaxis(arr, -1, 0), compression="zlib", photometric="minisblack",
+                         metadata={**_tiff_meta(result, False), "channels": [*result.classes, "background"]})
+    return path
+
+
+def summary(result: TissueResult) -> dict[str, Any]:
+    """The JSON summary: model, classes, grid, per-class areas (µm²) and fractions, timings."""
+    return {"model": result.model, "mode": result.mode, "classes": {str(i): c for i, c in enumerate(result.classes, 1)},
+            "region_xywh": list(result.region), "model_mpp": result.mpp, "shape": list(result.ids.shape),
+            "areas": result.areas, "tiles": result.tiles, "tiles_total": result.tiles_total,
+            "cancelled": result.cancelled, "timings": {k: round(v, 3) for k, v in result.timings.items()}}
