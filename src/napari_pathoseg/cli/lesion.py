@@ -20,7 +20,7 @@ from napari_pathoseg.cli._driver import drive, existing_file, nonnegative_int, p
 from napari_pathoseg.cli.nuclei import _parse_region
 from napari_pathoseg.errors import PathosegError
 
-__all__ = ["add_commands", "PLAIN_MAX_SIDE", "export_regions_geojson"]
+__all__ = ["add_commands", "PLAIN_MAX_SIDE"]
 
 #: A single-level input up to this side is a plain image: outputs on its own pixel grid.
 PLAIN_MAX_SIDE = 8192
@@ -35,24 +35,14 @@ def _threshold(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def export_regions_geojson(result: Any, slide: Any, path: str | Path) -> int:
-    """Write the lesion regions of ``result`` as QuPath GeoJSON annotations (class ``Tumor``); returns their number."""
-    from napari_pathoseg.export.labels_export import run_export_labels
-    from napari_pathoseg.methods.lesion.detect import region_table
-
-    labels, _ = region_table(result.mask, mpp=result.mpp)
-    x, y = result.region[:2]
-    res = run_export_labels(
-        path, labels, slide_metadata=slide.metadata, downsample=result.scale,
-        origin=(y / result.scale, x / result.scale), object_type="annotation", classification="Tumor",
-        measure=[], probability=result.prob, measurements_path=False,
-        metadata={"model": result.model, "threshold": f"{result.threshold:g}"},
-    )
-    return int(res.n_objects)
-
-
 def _cmd_lesion(args: argparse.Namespace) -> int:
-    from napari_pathoseg.methods.lesion.detect import LesionResult, iter_detect_lesions, write_mask_tiff, write_probability_tiff
+    from napari_pathoseg.methods.lesion.detect import (
+        LesionResult,
+        export_regions_geojson,
+        iter_detect_lesions,
+        write_mask_tiff,
+        write_probability_tiff,
+    )
     from napari_pathoseg.models.registry import load_model
     from napari_pathoseg.wsi.slide import open_slide
 

@@ -45,6 +45,7 @@ __all__ = [
     "write_probability_tiff",
     "write_mask_tiff",
     "MIN_INPUT",
+    "export_regions_geojson",
 ]
 
 logger = logging.getLogger(__name__)
@@ -405,3 +406,18 @@ def write_mask_tiff(result: LesionResult, path: str | os.PathLike, *, grid: tupl
                          metadata={"region_xywh": list(result.region), "mpp": mpp, "model": result.model,
                                    "threshold": result.threshold})
     return path
+
+
+def export_regions_geojson(result: Any, slide: Any, path: str | Path) -> int:
+    """Write the lesion regions of ``result`` as QuPath GeoJSON annotations (class ``Tumor``); returns their number."""
+    from napari_pathoseg.export.labels_export import run_export_labels
+
+    labels, _ = region_table(result.mask, mpp=result.mpp)
+    x, y = result.region[:2]
+    res = run_export_labels(
+        path, labels, slide_metadata=slide.metadata, downsample=result.scale,
+        origin=(y / result.scale, x / result.scale), object_type="annotation", classification="Tumor",
+        measure=[], probability=result.prob, measurements_path=False,
+        metadata={"model": result.model, "threshold": f"{result.threshold:g}"},
+    )
+    return int(res.n_objects)
