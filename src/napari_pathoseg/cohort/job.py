@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SlideJob", "run_slide_job", "cached_model", "model_loads", "one_line_error", "worker_name"]
+__all__ = ["SlideJob", "run_slide_job", "cached_model", "model_loads", "peak_rss_mb", "one_line_error", "worker_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,18 @@ def _set_threads(n: int) -> None:
     torch.set_num_threads(max(1, int(n)))
 
 
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this (worker) process so far, MB (None where unknown)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
+
+
 def model_loads() -> int:
     """How many models this process loaded (the cache makes it one per task and model)."""
     return _LOADS["n"]
@@ -166,6 +178,7 @@ def run_slide_job(job: SlideJob) -> dict[str, Any]:
         row["error"] = one_line_error(exc)
         logger.info("slide %s failed: %s", job.path, row["error"], exc_info=True)
     row["seconds"] = round(time.perf_counter() - t0, 3)
+    row["peak_rss_mb"] = peak_rss_mb()
     row["model_loads"] = model_loads()
     row["pid"] = os.getpid()
     return row

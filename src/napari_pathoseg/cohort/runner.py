@@ -76,6 +76,7 @@ class CohortStarted:
     out_dir: str
     done: int = 0
     message: str = ""
+    rows: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -221,16 +222,17 @@ def _client(*, scheduler: str | None, workers: int, threads_per_worker: int, pro
         finally:
             client.close()
         return
-    # a worker that dies is retried by the runner (retries), not silently by the scheduler
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+    # a worker that dies is retried by the runner (retries), not silently by the scheduler; a worker
+    # gets a slide only when a thread is free, so a dying worker takes no queued slide with it
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0, "distributed.scheduler.worker-saturation": 1.0}):
         cluster = LocalCluster(
             n_workers=workers, threads_per_worker=threads_per_worker, processes=processes,
-            dashboard_address=dashboard, silence_logs=logging.ERROR, host="127.0.0.1" if processes else None,
+            dashboard_address=dashboard or ":0", silence_logs=logging.ERROR, host="127.0.0.1" if processes else None,
         )
     try:
         client = Client(cluster, set_as_default=False)
         try:
-            yield client, str(cluster.scheduler_address), _dashboard(client), workers
+            yield client, str(cluster.scheduler_address), _dashboard(client) if dashboard else None, workers
         finally:
             client.close()
     finally:
@@ -369,7 +371,8 @@ def iter_cohort(
 
         if not jobs:
             yield CohortStarted(len(slides), 0, n_skip, 0, threads_per_worker, "", None, str(out),
-                                done=n_skip, message=f"all {n_skip} slides are complete; nothing to run")
+                                done=n_skip, message=f"all {n_skip} slides are complete; nothing to run",
+                                rows=tuple(dict(r) for r in rows))
             yield result(False)
             return
         if cancel is not None and cancel.is_set():
@@ -380,6 +383,7 @@ def iter_cohort(
             yield CohortStarted(
                 len(slides), len(jobs), n_skip, nw, int(threads_per_worker), address, link, str(out), done=n_skip,
                 message=f"{len(jobs)} slides to run on {nw} worker(s), {n_skip} complete",
+                rows=tuple(dict(r) for r in rows),
             )
             yield from _gather(client, jobs, rows, slides, summary_path, columns, retries=int(retries),
                                cancel=cancel, poll_s=poll_s, n_skip=n_skip)
@@ -427,7 +431,8 @@ def _gather(client: Any, jobs: list[SlideJob], rows: list[dict], slides: Sequenc
                 out = fut.result()
                 row.update(status=out["status"], error=out.get("error", ""), seconds=out.get("seconds", ""),
                            worker=out.get("worker", ""), **(out.get("figures") or {}))
-                row["model_loads"], row["pid"], row["model_cached"] = out.get("model_loads"), out.get("pid"), out.get("model_cached")
+                for k in ("model_loads", "pid", "model_cached", "peak_rss_mb"):
+                    row[k] = out.get(k)
             elif fut.status == "cancelled":
                 continue
             else:
@@ -440,8 +445,13 @@ def _gather(client: Any, jobs: list[SlideJob], rows: list[dict], slides: Sequenc
                     continue
                 from napari_pathoseg.cohort.job import one_line_error
 
-                what = "the worker running it died" if _lost_worker(exc) else "error on the worker"
-                row.update(status="failed", error=f"{what} ({attempt[job.index]} attempt(s)): {one_line_error(exc)}")
+                n = attempt[job.index]
+                if _lost_worker(exc):
+                    error = (f"the worker running it died ({n} attempt(s); a crash or the memory limit: "
+                             f"see the worker's log) [{type(exc).__name__}]")
+                else:
+                    error = f"error on the worker ({n} attempt(s)): {one_line_error(exc)}"
+                row.update(status="failed", error=error)
             row["attempts"] = attempt[job.index]
             finished += 1
             write_summary(summary_path, rows, columns)
