@@ -10,7 +10,7 @@
   deconvolution at 2 µm/px) over synthetic 25,000² and 50,000² slides
   (:func:`napari_pathoseg.wsi.synth.make_large_slide`, cached), streamed to a work folder and
   then to a pyramidal TIFF; peak resident memory (``VmHWM``) of a child process per slide
-  (target < 1.5 GB and flat in slide size).
+  (target < 1.5 GB and flat in slide size); the smaller slide again without prefetching.
 
 Usage: ``python benchmarks/bench_inference.py [--parts a,b] [--quick] [--cache DIR]``
 """
@@ -48,7 +48,7 @@ def overhead(*, model_name: str, region: tuple[int, int, int, int] | None, batch
     import numpy as np
     import torch
 
-    from napari_pathoseg.inference.engine import plan_tiles, read_window
+    from napari_pathoseg.inference import plan_tiles, read_window
     from napari_pathoseg.methods.nuclei.predictor import NucleusPredictor
     from napari_pathoseg.methods.nuclei.segment import segment_nuclei
     from napari_pathoseg.models.registry import load_model
@@ -105,7 +105,7 @@ def overhead(*, model_name: str, region: tuple[int, int, int, int] | None, batch
 # ----------------------------------------------------------------------------- (b) memory
 
 
-def _memory_child(path: str, *, mpp: float) -> None:
+def _memory_child(path: str, *, mpp: float, prefetch: bool) -> None:
     from napari_pathoseg.inference import ProbabilityMap, StainDensityPredictor, run_predict
     from napari_pathoseg.wsi.slide import open_slide
 
@@ -113,7 +113,7 @@ def _memory_child(path: str, *, mpp: float) -> None:
     with open_slide(path) as slide, tempfile.TemporaryDirectory(prefix="bench-inference-", dir=Path(path).parent) as wd:
         t = time.perf_counter()
         res = run_predict(slide, StainDensityPredictor(mpp=mpp), [ProbabilityMap("density", dtype="uint8")],
-                          overlap=32, batch_size=4, work_dir=wd)
+                          overlap=32, batch_size=4, work_dir=wd, prefetch=prefetch)
         t_run = time.perf_counter() - t
         peak_run = _peak_rss_mb()
         m = res.outputs["density"]
@@ -123,6 +123,7 @@ def _memory_child(path: str, *, mpp: float) -> None:
         size = out.stat().st_size
     print(json.dumps({
         "slide": os.path.basename(path),
+        "prefetch": prefetch,
         "level0": list(res.plan.region[2:]),
         "map_shape": list(m.shape),
         "tiles": res.tiles,
@@ -139,9 +140,9 @@ def _memory_child(path: str, *, mpp: float) -> None:
     }))
 
 
-def memory(path: str, *, mpp: float) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child-memory", path, "--mpp", str(mpp)],
-                         capture_output=True, text=True, check=True)
+def memory(path: str, *, mpp: float, prefetch: bool = True) -> dict:
+    cmd = [sys.executable, __file__, "--child-memory", path, "--mpp", str(mpp)] + ([] if prefetch else ["--no-prefetch"])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -157,9 +158,10 @@ def main() -> None:
     ap.add_argument("--cache", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "pathoseg-bench"))
     ap.add_argument("--quick", action="store_true", help="smoke run: a small region, 4000² and 8000² slides")
     ap.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--no-prefetch", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_memory:
-        _memory_child(args.child_memory, mpp=args.mpp)
+        _memory_child(args.child_memory, mpp=args.mpp, prefetch=not args.no_prefetch)
         return
     parts = set(args.parts.split(","))
     result: dict = {"machine": {"cpus": os.cpu_count(), "load_avg_1min_at_start": round(os.getloadavg()[0], 2)}}
@@ -178,6 +180,8 @@ def main() -> None:
             if not p.exists():
                 make_large_slide(p, size=sz)
             result["memory"][str(sz)] = memory(str(p), mpp=args.mpp)
+            if sz == sizes[0]:  # the same run without prefetching, for its effect on time
+                result["memory"][f"{sz}_no_prefetch"] = memory(str(p), mpp=args.mpp, prefetch=False)
         result["memory_target_peak_rss_mb_max"] = 1536
     result["machine"]["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result, indent=2))

@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     from napari_pathoseg.models.registry import load_model
-    from napari_pathoseg.inference.engine import read_window
+    from napari_pathoseg.inference import read_window
     from napari_pathoseg.methods.nuclei.segment import segment_nuclei
     from napari_pathoseg.wsi.slide import open_slide, sample_slide_path
 

@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.events import Cancellable
 from napari_pathoseg.inference._rows import RowBand, RowStore
+from napari_pathoseg.inference._sink import Sink, batch_output
 from napari_pathoseg.inference.engine import TilePlan
+from napari_pathoseg.inference.instances import Instances, InstancesResult, paste_owned  # re-exported: one place to import sinks from
+from napari_pathoseg.inference.tile_scores import ScoresResult, TileScores
 
 __all__ = [
     "Sink",
@@ -55,41 +58,6 @@ PALETTE = (
     (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180),
     (70, 240, 240), (245, 130, 48), (240, 50, 230), (210, 245, 60), (128, 128, 128),
 )
-
-
-class Sink:
-    """Base of the sinks: a name, the plan, and the four calls the engine makes."""
-
-    name: str = ""
-
-    def start(self, plan: TilePlan, *, work_dir: Path | None) -> None:
-        """Get ready for a run laid out by ``plan``; files go in ``work_dir`` when given."""
-        self.plan = plan
-        self.work_dir = work_dir
-
-    def add(self, tiles: Sequence[tuple[int, int]], outputs: Mapping[str, Any]) -> None:
-        """Take one batch: ``tiles`` (row, col) and the predictor's ``outputs`` (leading B axis)."""
-        raise NotImplementedError
-
-    def release(self, row: int) -> None:
-        """Every output row above ``row`` is final (no later tile reaches it)."""
-
-    def finish(self, *, cancelled: bool) -> Any:
-        """Return the output (``cancelled``: only the tiles added so far ran)."""
-        raise NotImplementedError
-
-    def _file(self, suffix: str = ".npy") -> Path | None:
-        return None if self.work_dir is None else Path(self.work_dir) / f"{self.name}{suffix}"
-
-
-def _batch_output(outputs: Mapping[str, Any], key: str, n: int, *, who: str) -> np.ndarray | None:
-    arr = outputs.get(key)
-    if arr is None:
-        return None
-    arr = np.asarray(arr)
-    if arr.ndim == 0 or arr.shape[0] != n:
-        raise PathosegError(f"{who}: the predictor's {key!r} output has shape {arr.shape}, expected {n} tiles first")
-    return arr
 
 
 # ----------------------------------------------------------------------------- maps
@@ -313,7 +281,7 @@ class ProbabilityMap(Sink):
         return w
 
     def add(self, tiles: Sequence[tuple[int, int]], outputs: Mapping[str, Any]) -> None:
-        arr = _batch_output(outputs, self.key, len(tiles), who=f"map {self.name!r}")
+        arr = batch_output(outputs, self.key, len(tiles), who=f"map {self.name!r}")
         if arr is None:
             self._missing = True
             return
@@ -342,7 +310,7 @@ class ProbabilityMap(Sink):
         if self._band is None:
             return
         integer = np.issubdtype(self.dtype, np.integer)
-        for r0, (acc, wsum) in self._band.pop(row):  # fresh arrays: computed on in place
+        for r0, (acc, wsum) in self._band.pop(row):  # released rows: scaled in place
             covered = wsum > 0
             self._covered += int(np.count_nonzero(covered))
             np.maximum(wsum, np.float32(1e-20), out=wsum)
@@ -365,254 +333,3 @@ class ProbabilityMap(Sink):
         rows, cols = self.plan.shape
         return MapResult(store=self._store, plan=self.plan, scale=self.scale, classes=self.classes,
                          coverage=self._covered / float(rows * cols), key=self.key, peak_rows=self._band.peak)
-
-
-# ----------------------------------------------------------------------------- tile scores
-
-
-@dataclass
-class ScoresResult:
-    """Per-tile class scores of a run and their heat map.
-
-    Attributes
-    ----------
-    scores : (N, K) float32
-        One row per tile run.
-    tiles : (N, 2) int
-        (row, col) of each tile on the output grid.
-    plan : TilePlan
-    classes : tuple of str
-    """
-
-    scores: np.ndarray
-    tiles: np.ndarray
-    plan: TilePlan
-    classes: tuple[str, ...] = ()
-
-    @property
-    def boxes(self) -> np.ndarray:
-        """(N, 4) float: level-0 (x, y, width, height) of each tile."""
-        return np.array([self.plan.box(int(r), int(c)) for r, c in self.tiles], np.float64).reshape(-1, 4)
-
-    @property
-    def heatmap(self) -> np.ndarray:
-        """(grid rows, grid cols, K) float32: each tile's scores in its cell, NaN where no tile ran.
-
-        Cell (i, j) is the ``step`` x ``step`` square centred on tile (i, j); see
-        :attr:`cell` and :attr:`origin` to place it over the slide.
-        """
-        p = self.plan
-        k = self.scores.shape[1] if self.scores.ndim == 2 else max(1, len(self.classes))
-        hm = np.full((len(p.grid_rows), len(p.grid_cols), k), np.nan, np.float32)
-        ri = {r: i for i, r in enumerate(p.grid_rows)}
-        ci = {c: j for j, c in enumerate(p.grid_cols)}
-        for (r, c), s in zip(self.tiles, self.scores):
-            hm[ri[int(r)], ci[int(c)]] = s
-        return hm
-
-    @property
-    def cell(self) -> float:
-        """Level-0 pixels per heat-map cell."""
-        return self.plan.step * self.plan.scale
-
-    @property
-    def origin(self) -> tuple[float, float]:
-        """Level-0 (x, y) of the heat map's top-left corner (cells are centred on their tiles)."""
-        x, y = self.plan.region[:2]
-        off = self.plan.overlap / 2.0 * self.plan.scale
-        return x + off, y + off
-
-    @property
-    def table(self) -> list[dict[str, Any]]:
-        """One row per tile: level-0 ``x``, ``y``, ``width``, ``height`` and one column per class."""
-        names = list(self.classes) if len(self.classes) == self.scores.shape[1] else [f"class_{k}" for k in range(self.scores.shape[1])]
-        rows = []
-        for (x, y, w, h), s in zip(self.boxes, self.scores):
-            row: dict[str, Any] = {"x": round(float(x), 2), "y": round(float(y), 2), "width": round(float(w), 2), "height": round(float(h), 2)}
-            row.update({n: round(float(v), 5) for n, v in zip(names, s)})
-            rows.append(row)
-        return rows
-
-
-class TileScores(Sink):
-    """Collect one score vector per tile: ``(B, K)`` (or ``(B,)``) output ``key``.
-
-    Parameters
-    ----------
-    key : str
-    name : str, optional
-        Default ``key``.
-    classes : sequence of str
-        Names of the K scores (table columns).
-    """
-
-    def __init__(self, key: str = "scores", *, name: str | None = None, classes: Sequence[str] = ()) -> None:
-        self.key = key
-        self.name = name or key
-        self.classes = tuple(classes)
-
-    def start(self, plan: TilePlan, *, work_dir: Path | None) -> None:
-        super().start(plan, work_dir=work_dir)
-        self._scores: list[np.ndarray] = []
-        self._tiles: list[tuple[int, int]] = []
-
-    def add(self, tiles: Sequence[tuple[int, int]], outputs: Mapping[str, Any]) -> None:
-        arr = _batch_output(outputs, self.key, len(tiles), who=f"scores {self.name!r}")
-        if arr is None:
-            raise PathosegError(f"scores {self.name!r}: the predictor returned no {self.key!r} output")
-        arr = arr.reshape(len(tiles), -1).astype(np.float32)
-        self._scores.extend(arr)
-        self._tiles.extend(tiles)
-
-    def finish(self, *, cancelled: bool) -> ScoresResult:
-        k = self._scores[0].shape[0] if self._scores else max(1, len(self.classes))
-        scores = np.stack(self._scores) if self._scores else np.zeros((0, k), np.float32)
-        return ScoresResult(scores=scores, tiles=np.array(self._tiles, np.int64).reshape(-1, 2), plan=self.plan, classes=self.classes)
-
-
-# ----------------------------------------------------------------------------- instances
-
-
-def paste_owned(
-    dest: np.ndarray,
-    inst: np.ndarray,
-    prob: np.ndarray,
-    *,
-    core: tuple[int, int, int, int],
-    first_id: int,
-) -> list[tuple[int, float, float, int, float]]:
-    """Paste the objects of one tile that the tile owns into ``dest`` (vectorised).
-
-    An object is owned when its centroid lies in ``core`` = (r0, c0, r1, c1) (tile pixels);
-    it is written only on pixels of ``dest`` still 0, with consecutive ids from
-    ``first_id``. An object wholly under earlier ones is dropped, not duplicated.
-
-    Returns
-    -------
-    list of (id, centroid_row, centroid_col, pixels, mean_prob)
-        Per pasted object: centroid (tile pixels) and mean probability of the whole object,
-        pixels actually written.
-    """
-    n = int(inst.max()) if inst.size else 0
-    if n == 0:
-        return []
-    flat = inst.ravel()
-    cnt = np.bincount(flat, minlength=n + 1).astype(np.float64)
-    rr, cc = np.indices(inst.shape)
-    cy = np.bincount(flat, weights=rr.ravel(), minlength=n + 1) / np.maximum(cnt, 1)
-    cx = np.bincount(flat, weights=cc.ravel(), minlength=n + 1) / np.maximum(cnt, 1)
-    conf = np.bincount(flat, weights=prob.ravel().astype(np.float64), minlength=n + 1) / np.maximum(cnt, 1)
-    r0, c0, r1, c1 = core
-    owned = (cnt > 0) & (cy >= r0) & (cy < r1) & (cx >= c0) & (cx < c1)
-    owned[0] = False
-    ids = np.flatnonzero(owned)
-    if ids.size == 0:
-        return []
-    lut = np.zeros(n + 1, np.int64)
-    lut[ids] = np.arange(1, ids.size + 1)
-    tentative = lut[inst]
-    free = (tentative > 0) & (dest == 0)
-    pasted = np.bincount(tentative[free], minlength=ids.size + 1)[1:]
-    keep = pasted > 0
-    final = np.zeros(ids.size + 1, np.int64)
-    final[1:][keep] = first_id + np.arange(int(keep.sum()))
-    dest[free] = final[tentative[free]]
-    return [
-        (int(final[k + 1]), float(cy[i]), float(cx[i]), int(pasted[k]), float(conf[i]))
-        for k, i in enumerate(ids)
-        if keep[k]
-    ]
-
-
-@dataclass
-class InstancesResult:
-    """Stitched object labels and their table.
-
-    Attributes
-    ----------
-    labels : (rows, cols) uint32
-        On the output grid (0 = background); a memory map with a work folder.
-    table : list of dict
-        One row per object: ``id``, ``x``, ``y`` (centroid, level-0 pixels), ``area_um2``,
-        ``confidence`` (mean probability).
-    """
-
-    labels: np.ndarray
-    table: list[dict[str, Any]] = field(default_factory=list)
-
-
-class Instances(Sink):
-    """Objects made per tile by ``to_instances`` and stitched by ownership.
-
-    Parameters
-    ----------
-    to_instances : callable
-        ``to_instances(prob, extra) -> (H, W)`` int labels of one tile, from the tile's
-        ``key`` map and its ``extra_key`` maps (None when the predictor has none).
-    key, extra_key : str
-        Predictor outputs: ``(B, H, W)`` probability, ``(B, C, H, W)`` extra maps.
-    name : str
-        Output name (and file name in the work folder).
-
-    The overlap of the run must be wider than an object for no object to be cut.
-    """
-
-    def __init__(
-        self,
-        to_instances: Callable[[np.ndarray, np.ndarray | None], np.ndarray],
-        *,
-        key: str = "prob",
-        extra_key: str = "extra",
-        name: str = "labels",
-    ) -> None:
-        self.to_instances = to_instances
-        self.key = key
-        self.extra_key = extra_key
-        self.name = name
-
-    def start(self, plan: TilePlan, *, work_dir: Path | None) -> None:
-        super().start(plan, work_dir=work_dir)
-        rows, cols = plan.shape
-        self._band = RowBand(rows, [((cols,), np.uint32, 0)])
-        self._store = RowStore((rows, cols), np.uint32, path=self._file())
-        self.table: list[dict[str, Any]] = []
-        self._next = 1
-
-    @property
-    def count(self) -> int:
-        """Objects so far."""
-        return len(self.table)
-
-    def add(self, tiles: Sequence[tuple[int, int]], outputs: Mapping[str, Any]) -> None:
-        prob = _batch_output(outputs, self.key, len(tiles), who=f"instances {self.name!r}")
-        if prob is None:
-            raise PathosegError(f"instances {self.name!r}: the predictor returned no {self.key!r} map")
-        extra = _batch_output(outputs, self.extra_key, len(tiles), who=f"instances {self.name!r}")
-        p = self.plan
-        rows, cols = p.shape
-        a = float(p.mpp) ** 2
-        for k, (r, c) in enumerate(tiles):
-            inst = np.asarray(self.to_instances(prob[k], extra[k] if extra is not None else None))
-            hh, ww = min(inst.shape[0], rows - r), min(inst.shape[1], cols - c)
-            (band,) = self._band.window(r, r + hh)
-            rc0, cc0, rc1, cc1 = p.core(r, c)
-            added = paste_owned(band[:, c : c + ww], inst[:hh, :ww], prob[k][:hh, :ww], core=(rc0, cc0, rc1, cc1), first_id=self._next)
-            for nid, cy, cx, n_px, conf in added:
-                x0, y0 = p.to_level0(r + cy, c + cx)
-                self.table.append({
-                    "id": nid,
-                    "x": round(x0, 2),
-                    "y": round(y0, 2),
-                    "area_um2": round(n_px * a, 3),
-                    "confidence": round(conf, 4),
-                })
-            self._next += len(added)
-
-    def release(self, row: int) -> None:
-        for r0, (block,) in self._band.pop(row):
-            self._store.write(r0, block)
-
-    def finish(self, *, cancelled: bool) -> InstancesResult:
-        self.release(self.plan.shape[0])
-        self._store.close()
-        return InstancesResult(labels=self._store.array(), table=self.table)
