@@ -528,6 +528,19 @@ def test_reader_places_objects_over_a_slide(tmp_path):
     assert kw["metadata"]["slide"]["bounds_x"] == 10
 
 
+def test_napari_labels_writer_takes_level0_of_a_multiscale_layer(tmp_path):
+    """Whole-slide nuclei layers are multiscale: File > Save as GeoJSON must use level 0."""
+    lab = np.zeros((64, 64), np.uint32)
+    lab[10:20, 10:20] = 1
+    lab[40:50, 30:36] = 2
+    MultiScaleData = pytest.importorskip("napari.layers._multiscale_data").MultiScaleData
+    pyramid = MultiScaleData([lab, lab[::2, ::2]])  # what napari hands a writer for a multiscale Labels layer
+    attrs = {"scale": (1.0, 1.0), "translate": (0.0, 0.0), "metadata": {}, "name": "nuclei", "multiscale": True}
+    out = write_labels_geojson(str(tmp_path / "ms.geojson"), pyramid, attrs)
+    doc = check_qupath_rules(Path(out[0]))
+    assert len(doc["features"]) == 2
+
+
 def test_napari_writers_round_trip(tmp_path):
     meta = {"level_downsamples": [1.0, 2.0], "level_dimensions": [[400, 400], [200, 200]],
             "mpp_x": 0.5, "mpp_y": 0.5, "bounds_x": 4, "bounds_y": 6}

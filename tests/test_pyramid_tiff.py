@@ -7,6 +7,8 @@ import threading
 import numpy as np
 import pytest
 
+from napari_pathoseg.events import CancelToken
+
 from napari_pathoseg.errors import CancelledError, PathosegError
 from napari_pathoseg.wsi.pyramid_tiff import level_shapes, write_tiled_pyramid
 from napari_pathoseg.wsi.slide import open_slide
@@ -73,6 +75,11 @@ def test_cancel_and_bad_options_leave_nothing(tmp_path):
     with pytest.raises(CancelledError, match="cancelled"):
         write_tiled_pyramid(tmp_path / "c.tif", lambda k, r, c, h, w: img[r : r + h, c : c + w], shape=(256, 256), tile=64, progress=progress, cancel=stop)
     assert seen == [1, 2, 3]
+    assert list(tmp_path.iterdir()) == []
+    token = CancelToken()  # the shared contract: anything with is_set()
+    token.set()
+    with pytest.raises(CancelledError, match="cancelled"):
+        write_tiled_pyramid(tmp_path / "c.tif", lambda k, r, c, h, w: img[r : r + h, c : c + w], shape=(256, 256), tile=64, cancel=token)
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(PathosegError, match="multiple of 16"):
         write_tiled_pyramid(tmp_path / "t.tif", lambda *a: None, shape=(64, 64), tile=40)

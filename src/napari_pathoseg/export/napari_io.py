@@ -319,7 +319,8 @@ def write_labels_geojson(path: str, data: Any, attributes: dict) -> list[str]:
     """
     if not _is_geojson(path):
         return []
-    arr = data[0] if isinstance(data, (list, tuple)) else data
+    # a multiscale layer (whole-slide nuclei) arrives as napari's MultiScaleData: level 0 is the labels
+    arr = data[0] if attributes.get("multiscale") or isinstance(data, (list, tuple)) else data
     meta = _layer_slide(attributes)
     transform = transform_from_layer(scale=attributes.get("scale"), translate=attributes.get("translate"), slide_metadata=meta)
     if np.asarray(arr.shape).size > 2:

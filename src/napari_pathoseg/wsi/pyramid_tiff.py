@@ -128,10 +128,11 @@ def check_options(*, tile: int, compression: str | None) -> str | None:
 
 
 def _is_cancelled(cancel: Callable[[], bool] | threading.Event | None) -> bool:
+    """``cancel`` is anything with ``is_set()`` (CancelToken, threading.Event) or a callable."""
     if cancel is None:
         return False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set()
+    if hasattr(cancel, "is_set"):
+        return bool(cancel.is_set())
     return bool(cancel())
 
 
