@@ -275,7 +275,7 @@ class CohortWidget(QWidget):
         slide_layer = self.viewer.add_image(data, **kwargs)
         for ly, levels in layers:
             x, y, _, _ = ly.region
-            place = grid_placement(slide_layer, row=y, col=x, downsample=1.0)
+            place = grid_placement(slide_layer, row=y, col=x, downsample=ly.downsample)
             data = levels if len(levels) > 1 else levels[0]
             meta = {**ly.metadata, "pathoseg_slide": slide, "slide": slide_layer.metadata.get("slide")}
             if ly.kind == "labels":

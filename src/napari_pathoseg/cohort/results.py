@@ -31,6 +31,7 @@ class ResultLayer:
     kind: str
     levels: list[Any]
     region: tuple[int, int, int, int]
+    downsample: float = 1.0
     metadata: dict = field(default_factory=dict)
 
 
@@ -84,5 +85,8 @@ def slide_results(out_dir: str | os.PathLike, stem: str) -> SlideResults:
         region = tuple(int(v) for v in meta.get("region_xywh", (0, 0, levels[0].shape[1], levels[0].shape[0])))
         if kind == "labels" and not np.issubdtype(levels[0].dtype, np.integer):
             raise PathosegError(f"{path} does not hold labels")
-        layers.append(ResultLayer(f"{stem} {key}", kind, levels, region, {"path": str(path), **meta}))
+        # level-0 pixels per pixel: 1 for a level-0 grid, the model grid's scale otherwise
+        ds = meta.get("level0_pixels_per_pixel", meta.get("scale"))
+        ds = float(ds) if ds else region[2] / max(1, levels[0].shape[1])
+        layers.append(ResultLayer(f"{stem} {key}", kind, levels, region, ds, {"path": str(path), **meta}))
     return SlideResults(Path(rec.get("slide", "")), rec, layers)

@@ -264,6 +264,28 @@ def _lost_worker(exc: BaseException) -> bool:
 # ----------------------------------------------------------------------------- run
 
 
+def _check_model(task: str, model_task: str, model: str | None) -> None:
+    """Refuse, before any slide runs, a model that is neither a checkpoint file nor registered here."""
+    from napari_pathoseg.models.registry import list_models
+
+    try:
+        names = [str(m["name"]) for m in list_models(task=model_task)]
+    except PathosegError:
+        names = []
+    if model is not None and (model in names or Path(model).expanduser().is_file()):
+        return
+    listed = ", ".join(names) if names else "none registered yet"
+    what = f"no {model_task} model named {model!r}" if model else f"the {task} task has no default model"
+    raise CohortError(f"{what}; pass --model NAME or a .safetensors checkpoint ({model_task} models: {listed})")
+
+
+def _add_columns(columns: list[str], figures: dict[str, Any] | None) -> None:
+    """Figures a task reports beyond its declared ones (per-class fractions) become columns too."""
+    for k in figures or {}:
+        if k not in columns:
+            columns.append(k)
+
+
 def iter_cohort(
     slides: Sequence[CohortSlide],
     *,
@@ -332,6 +354,8 @@ def iter_cohort(
     except OSError as exc:
         raise CohortError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
     model_ref = (model or spec.default_model) if spec.model_task else None
+    if spec.model_task:
+        _check_model(spec.name, spec.model_task, model_ref)
     n_workers = int(workers) if workers else default_workers(threads_per_worker)
     t_start = time.perf_counter()
     columns = summary_columns(spec.figures, slides)
@@ -349,6 +373,7 @@ def iter_cohort(
                 if ok and rec is not None:
                     rows[i].update(status="skipped", seconds=rec.get("seconds", ""), worker=rec.get("worker", ""),
                                    **(rec.get("figures") or {}))
+                    _add_columns(columns, rec.get("figures"))
                     continue
                 if rec is not None:
                     logger.info("%s: recomputed: %s", s.stem, why)
@@ -431,6 +456,7 @@ def _gather(client: Any, jobs: list[SlideJob], rows: list[dict], slides: Sequenc
                 out = fut.result()
                 row.update(status=out["status"], error=out.get("error", ""), seconds=out.get("seconds", ""),
                            worker=out.get("worker", ""), **(out.get("figures") or {}))
+                _add_columns(columns, out.get("figures"))
                 for k in ("model_loads", "pid", "model_cached", "peak_rss_mb"):
                     row[k] = out.get(k)
             elif fut.status == "cancelled":

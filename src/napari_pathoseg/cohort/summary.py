@@ -2,8 +2,9 @@
 
 Columns: ``slide`` (path), ``stem``, ``status`` (``ok``, ``failed``, ``skipped`` - complete from an
 earlier run -, ``pending`` while it waits or after a Stop), ``error`` (one line), ``seconds``,
-``attempts``, ``worker``, ``label``, ``mpp``, ``region``, then the task's key figures, then any
-other manifest column.
+``attempts``, ``worker``, ``peak_rss_mb`` (peak memory of the worker process so far), ``label``,
+``mpp``, ``region``, then the task's key figures (declared, then any further ones it reports, such
+as per-class fractions), then any other manifest column.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ __all__ = ["SUMMARY", "BASE_COLUMNS", "new_row", "summary_columns", "write_summa
 logger = logging.getLogger(__name__)
 
 SUMMARY = "summary.csv"
-BASE_COLUMNS = ("slide", "stem", "status", "error", "seconds", "attempts", "worker", "label", "mpp", "region")
+BASE_COLUMNS = ("slide", "stem", "status", "error", "seconds", "attempts", "worker", "peak_rss_mb", "label", "mpp",
+                "region")
 
 
 def new_row(slide: CohortSlide) -> dict[str, Any]:

@@ -120,12 +120,18 @@ BATCH_TASKS: dict[str, BatchTask] = {
         layers=(("labels", "labels"),),
     ),
     "lesion": BatchTask(
-        "lesion", "lesion regions (M3): area and fraction", model_task="lesion",
-        figures=("lesion_mm2", "lesion_fraction"),
+        "lesion", "lesion regions (M3): mask, probability map, lesion area and fraction of the tissue",
+        runner="napari_pathoseg.cohort.lesion:run_lesion_slide",
+        model_task="lesion", default_model="lesion-lite",
+        figures=("lesion_mm2", "tissue_mm2", "lesion_fraction", "n_regions", "tiles"),
+        layers=(("mask", "labels"), ("probability", "image")),
     ),
     "tissue": BatchTask(
-        "tissue", "tissue types (M5): per-class fractions", model_task="tissue",
-        figures=("tissue_mm2",),
+        "tissue", "tissue types (M5): class map, per-class areas and fractions of the tissue",
+        runner="napari_pathoseg.cohort.tissue:run_tissue_slide",
+        model_task="tissue", default_model=None,
+        figures=("tissue_mm2",),  # then <class>_fraction, <class>_mm2 for the model's classes
+        layers=(("labels", "labels"),),
     ),
     "malignancy": BatchTask(
         "malignancy", "malignancy (M1): probability and call", model_task="malignancy",
