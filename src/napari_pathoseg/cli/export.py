@@ -136,7 +136,10 @@ def load_labels_float(path: str | Path) -> Any:
     if not path.exists():
         raise ExportError(f"{path}: no such probability file")
     if path.name.lower().endswith(".npy"):
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise ExportError(f"{path}: cannot read the probability map ({exc}); save it as a numeric .npy or .tif") from None
     else:
         import tifffile
 
@@ -146,6 +149,8 @@ def load_labels_float(path: str | Path) -> Any:
             raise ExportError(f"{path}: cannot read the probability map ({exc})") from None
     if arr.ndim != 2:
         raise ExportError(f"{path}: the probability map must be 2-D (rows, cols), got shape {arr.shape}")
+    if arr.dtype.kind not in "biuf":
+        raise ExportError(f"{path}: the probability map must hold numbers, got dtype {arr.dtype}")
     return arr
 
 

@@ -95,4 +95,7 @@ def load_normalizer(path: str | os.PathLike) -> StainNormalizer:
             f"{path}: corrupted normaliser file, invalid JSON at line {exc.lineno}, column {exc.colno} "
             f"({exc.msg}); fit and save the normaliser again"
         ) from None
+    except (RecursionError, ValueError) as exc:  # absurdly nested JSON, numbers of thousands of digits
+        kind = "nested too deeply" if isinstance(exc, RecursionError) else "an unreadable value"
+        raise StainError(f"{path}: not a normaliser file (JSON {kind}); choose a normaliser .json saved by napari-pathoseg") from None
     return normalizer_from_dict(d, what=str(path))

@@ -15,7 +15,10 @@ from napari_pathoseg.errors import SlideError
 from napari_pathoseg.wsi.levels import DEFAULT_CHUNK, lazy_levels, to_rgb_uint8
 from napari_pathoseg.wsi.metadata import SlideMetadata, SlideParts, check_dimensions
 
-__all__ = ["array_parts", "open_image"]
+__all__ = ["MAX_IMAGE_PIXELS", "array_parts", "open_image"]
+
+#: Plain PNG/JPEG images are decoded whole: larger ones are refused with their size (~1.2 GB RGB).
+MAX_IMAGE_PIXELS = 400_000_000
 
 
 def array_parts(
@@ -34,6 +37,10 @@ def array_parts(
         The array is not an RGB(A) uint8 image.
     """
     arr = array
+    shape = tuple(getattr(arr, "shape", ()))
+    if len(shape) < 2 or shape[0] < 1 or shape[1] < 1:
+        raise SlideError(f"{name}: an image needs at least 1 x 1 pixels, got shape {shape}")
+    check_dimensions(name, [(int(shape[1]), int(shape[0]))])
     if not isinstance(arr, da.Array):
         arr = to_rgb_uint8(np.asarray(arr), source=name)
         arr = da.from_array(arr, chunks=(chunk, chunk, 3))
@@ -62,17 +69,23 @@ def open_image(path: Path) -> SlideParts:
     """
     from PIL import Image, UnidentifiedImageError
 
-    Image.MAX_IMAGE_PIXELS = 4 * 10**9  # we check dimensions ourselves
+    Image.MAX_IMAGE_PIXELS = None  # sizes are checked here, before decoding (MAX_IMAGE_PIXELS)
     try:
         with Image.open(path) as im:
             w, h = im.size
             check_dimensions(path, [(w, h)])
+            if w * h > MAX_IMAGE_PIXELS:
+                raise SlideError(
+                    f"{path}: a plain {path.suffix.lstrip('.').upper()} image of {w} x {h} pixels is too large to open "
+                    f"(it would be decoded whole; limit {MAX_IMAGE_PIXELS // 10**6} megapixels); "
+                    "convert it to a tiled pyramidal TIFF (e.g. `pathoseg normalize` or vips tiffsave --tile --pyramid)"
+                )
             dpi = im.info.get("dpi")
             im.load()
             if im.mode in ("I;16", "I;16B", "I", "F"):
                 raise SlideError(f"{path}: {im.mode} images are not supported (8-bit RGB only)")
             rgb = np.asarray(im.convert("RGBA") if im.mode in ("RGBA", "LA", "P") else im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError, MemoryError) as exc:
         raise SlideError(f"{path}: not a readable image ({exc}); the file is corrupt, truncated or not an image") from exc
     rgb = to_rgb_uint8(rgb, source=str(path))
     mpp = None

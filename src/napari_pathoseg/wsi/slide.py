@@ -58,6 +58,8 @@ OPENSLIDE_EXTENSIONS = (".svs", ".ndpi", ".vms", ".vmu", ".mrxs", ".scn", ".bif"
 TIFF_EXTENSIONS = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 SLIDE_EXTENSIONS = tuple(sorted(set(OPENSLIDE_EXTENSIONS + TIFF_EXTENSIONS + IMAGE_EXTENSIONS)))
+#: Largest window :meth:`Slide.read_region` returns at once (pixels; ~0.8 GB RGB).
+MAX_READ_PIXELS = 1 << 28
 
 
 def sample_slide_path() -> Path:
@@ -191,8 +193,15 @@ class Slide:
             The pixels; area outside the slide is white (255).
         """
         self._check_level(level)
+        row, col = _coordinate(row, "row"), _coordinate(col, "col")
+        height, width = _coordinate(height, "height"), _coordinate(width, "width")
         if height <= 0 or width <= 0:
             raise SlideError(f"read_region: height and width must be positive, got {height}x{width}")
+        if height * width > MAX_READ_PIXELS:
+            raise SlideError(
+                f"read_region: a {height} x {width} window is too large to read at once "
+                f"(limit {MAX_READ_PIXELS // 10**6} megapixels); read it in tiles or at a coarser level"
+            )
         if self._closed:
             raise SlideError(f"{self.metadata.path}: the slide is closed")
         arr = self.pyramid[level]
@@ -265,6 +274,15 @@ class Slide:
 # ---------------------------------------------------------------------- entry point
 
 
+def _coordinate(value: object, what: str) -> int:
+    """``value`` as a Python int (numpy integers too, so they cannot wrap); SlideError for anything else."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer():
+        return int(value)
+    raise SlideError(f"read_region: {what} must be a whole number of pixels, got {value!r}")
+
+
 def _check_file(path: Path) -> None:
     if not path.exists():
         raise SlideError(f"{path}: no such file")
@@ -281,6 +299,11 @@ def _validated(slide: Slide) -> Slide:
     try:
         slide.read_region(level=0, row=max(0, rows - 16), col=max(0, cols - 16), height=16, width=16)
         slide.read_region(level=0, row=0, col=0, height=16, width=16)
+        # the coarsest level is often stored last in the file: a truncated file fails here
+        last = slide.level_count - 1
+        if last:
+            r, c = slide.pyramid[last].shape[:2]
+            slide.read_region(level=last, row=max(0, r - 16), col=max(0, c - 16), height=16, width=16)
     except SlideError:
         slide.close()
         raise

@@ -65,6 +65,33 @@ def tiff_mpp(tif: Any, page: Any) -> tuple[float | None, float | None]:
     return (out[0], out[1])
 
 
+def cmyk_to_rgb(cmyk: np.ndarray) -> np.ndarray:
+    """(r, c, 4) uint8 CMYK (ink amounts) -> (r, c, 3) uint8 RGB: ``R = 255 (1 - C) (1 - K)``."""
+    ink = cmyk[..., :4].astype(np.float32) / 255.0
+    rgb = 255.0 * (1.0 - ink[..., :3]) * (1.0 - ink[..., 3:4])
+    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+
+
+def _colour_layout(path: Path, page: Any) -> bool:
+    """True for a CMYK page (converted to RGB); SlideError for extra channels of unknown meaning."""
+    photometric = int(getattr(page, "photometric", 2) or 0)
+    samples = int(getattr(page, "samplesperpixel", 1) or 1)
+    extra = tuple(int(e) for e in (getattr(page, "extrasamples", ()) or ()))
+    if photometric == 5:  # SEPARATED
+        inkset = page.tags.get("InkSet")
+        if samples == 4 and (inkset is None or int(inkset.value) == 1):
+            return True
+        raise SlideError(f"{path}: a separated (ink) image with {samples} channels that are not CMYK is not supported; convert it to RGB")
+    if photometric not in (0, 1, 2, 6):  # min-is-white, min-is-black, RGB, YCbCr
+        raise SlideError(f"{path}: TIFF photometric interpretation {photometric} is not supported; convert it to 8-bit RGB")
+    if samples > 3 and (photometric == 2 and (len(extra) != samples - 3 or any(e not in (1, 2) for e in extra))):
+        raise SlideError(
+            f"{path}: {samples} channels per pixel, the extra ones not marked as alpha (ExtraSamples {list(extra)}); "
+            "only RGB or RGB + alpha is supported: save it as RGB"
+        )
+    return False
+
+
 def open_tifffile(path: Path) -> SlideParts:
     """Open the first image series of a TIFF (OME-TIFF included) as a lazy pyramid.
 
@@ -102,6 +129,7 @@ def open_tifffile(path: Path) -> SlideParts:
             raise SlideError(
                 f"{path}: pixel type {page0.dtype} is not supported (8-bit RGB brightfield slides only)"
             )
+        cmyk = _colour_layout(path, page0)
         arrays = []
         for i, lv in enumerate(levels_src):
             store = tif.aszarr(series=0, level=i)
@@ -120,7 +148,9 @@ def open_tifffile(path: Path) -> SlideParts:
                 a = da.stack([a, a, a], axis=-1)
             elif ax.index("S") == 0:
                 a = da.moveaxis(a, 0, -1)
-            if a.shape[-1] == 4:
+            if cmyk:
+                a = a.map_blocks(cmyk_to_rgb, dtype=np.uint8, chunks=a.chunks[:2] + ((3,),))
+            elif a.shape[-1] == 4:
                 a = a.map_blocks(composite_white, dtype=np.uint8, chunks=a.chunks[:2] + ((3,),))
             elif a.shape[-1] != 3:
                 raise SlideError(f"{path}: expected RGB, got {a.shape[-1]} samples per pixel")
