@@ -224,7 +224,10 @@ def _client(*, scheduler: str | None, workers: int, threads_per_worker: int, pro
         return
     # a worker that dies is retried by the runner (retries), not silently by the scheduler; a worker
     # gets a slide only when a thread is free, so a dying worker takes no queued slide with it
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0, "distributed.scheduler.worker-saturation": 1.0}):
+    # dask sets MALLOC_TRIM_THRESHOLD_ in its workers, which turns off glibc's adaptive mmap threshold:
+    # every large array is then a fresh mmap, and a slide runs ~2x slower (see docs/cohort.md)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0, "distributed.scheduler.worker-saturation": 1.0,
+                          "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
         cluster = LocalCluster(
             n_workers=workers, threads_per_worker=threads_per_worker, processes=processes,
             dashboard_address=dashboard or ":0", silence_logs=logging.ERROR, host="127.0.0.1" if processes else None,
