@@ -204,3 +204,22 @@ def test_cli_exit_codes_and_failed_count(tmp_path, cohort, capsys, one_torch_thr
     info = json.loads(cap.out)
     assert (info["ok"], info["failed"]) == (1, 1) and info["failures"][0]["slide"].endswith("broken.tif")
     assert read_summary(tmp_path / "o" / "summary.csv")[0]["label"] == "a"
+
+
+def test_stop_leaves_unfinished_slides_pending_and_a_rerun_finishes_them(tmp_path, cohort, one_torch_thread):
+    from napari_pathoseg.cohort.runner import CohortResult, CohortStarted, iter_cohort
+    from napari_pathoseg.events import CancelToken
+
+    slides = [s for s in read_manifest(cohort) if s.stem != "broken"]
+    token = CancelToken()
+    result = None
+    for ev in iter_cohort(slides, task="nuclei", out_dir=tmp_path / "out", workers=1, processes=False,
+                          dashboard=None, cancel=token):
+        if isinstance(ev, CohortStarted):
+            token.set()  # Stop as soon as the slides are submitted
+        if isinstance(ev, CohortResult):
+            result = ev
+    assert result is not None and result.cancelled and result.n_pending >= 1
+    assert {r["status"] for r in read_summary(tmp_path / "out" / "summary.csv")} <= {"pending", "ok"}
+    again = run_cohort(slides, task="nuclei", out_dir=tmp_path / "out", workers=1, processes=False, dashboard=None)
+    assert again.n_pending == 0 and again.n_ok + again.n_skipped == 2

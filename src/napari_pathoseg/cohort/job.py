@@ -90,8 +90,8 @@ def worker_name() -> str:
 
 
 def _set_threads(n: int) -> None:
-    """One torch intra-op thread per worker thread (once per process)."""
-    if _THREADS_SET["done"]:
+    """One torch intra-op thread per worker thread (once per process); ``n <= 0`` leaves torch as it is."""
+    if _THREADS_SET["done"] or n <= 0:
         return
     _THREADS_SET["done"] = True
     try:
