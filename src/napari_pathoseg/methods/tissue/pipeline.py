@@ -87,7 +87,8 @@ def _stamp(path: Path) -> str:
 def make_pseudo_masks(classifier: TissueClassifier, train: list[TissueImage], out_dir: Path, *, stamp: str,
                       threshold: float, device: Any = "cpu", cancel: Any = None) -> Iterator[Any]:
     """Write (or reuse) the Grad-CAM++ pseudo masks; yields :class:`PseudoEvent`, returns {name: mask}."""
-    from skimage.io import imread, imsave
+    from PIL import Image
+    from skimage.io import imread
 
     from napari_pathoseg._atomic import atomic_path, write_json
     from napari_pathoseg.methods.tissue.cam import gradcam_pp, pseudo_mask
@@ -114,7 +115,7 @@ def make_pseudo_masks(classifier: TissueClassifier, train: list[TissueImage], ou
             cams = gradcam_pp(classifier, item.image, classes=present, device=device)
             m = pseudo_mask(cams, present, item.image, threshold=threshold)
             with atomic_path(path) as tmp:
-                imsave(str(tmp), m, check_contrast=False, extension=".png")
+                Image.fromarray(m).save(tmp, format="PNG")
             masks[item.name] = m
             done["masks"].append(item.name)
             write_json(manifest, done)
