@@ -62,7 +62,7 @@ def test_a_dying_worker_is_retried_then_the_slide_fails(tmp_path, he_image, make
                      processes=True, retries=1, dashboard=None)
     rows = {r["stem"]: r for r in res.rows}
     assert rows["crash"]["status"] == "failed" and rows["crash"]["attempts"] == 2
-    assert "the worker running it died (2 attempt(s))" in rows["crash"]["error"]
+    assert "the worker running it died (2 attempt(s);" in rows["crash"]["error"]
     assert rows["slide0"]["status"] == "ok" and 50 < rows["slide0"]["grey"] < 250
 
 
