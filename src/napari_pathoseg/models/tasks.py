@@ -118,7 +118,7 @@ TASKS: dict[str, Task] = {
     ),
     "tissue": Task(
         "tissue", "M5", "weakly supervised tissue-type segmentation",
-        "the Tissue dock and `pathoseg tissue`", (),  # the classes depend on the organ: every card names them
+        "the tissue segmentation", (),  # the classes depend on the organ: every card names them
         loader="napari_pathoseg.methods.tissue.model:load_tissue_model",
     ),
     "malignancy": Task(
