@@ -456,3 +456,68 @@ for _name, _content in {"list": "[1, 2]", "nopath": '{"models": [{"name": "m"}]}
     case(f"registry/models-{_name}", "either")(lambda c, t=_content: _with_registry(c, t, ["models"]))
     case(f"registry/nuclei-{_name}", "either")(lambda c, t=_content: _with_registry(
         c, t, ["nuclei", _i(c, "small.png"), "--out", c["out"] / "l.tif", "--mpp", "0.5"]))
+
+
+# ----------------------------------------------------------------------------- full disk (a 1 MB tmpfs, root only)
+
+
+def full_disk(ctx: dict[str, Any]) -> Path | None:
+    """A folder on a full 1 MB tmpfs (mounted once, as root; None where mounting is not allowed)."""
+    import subprocess
+
+    if "full" in ctx:
+        return ctx["full"]
+    mnt = ctx["root"] / "full"
+    mnt.mkdir(exist_ok=True)
+    ok = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                                              capture_output=True).returncode == 0
+    ctx["full"] = mnt if ok else None
+    if ok:
+        for name, block in ((".filler", 4096), (".filler2", 1)):  # fill it to the last byte
+            fd = os.open(mnt / name, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                while True:
+                    os.write(fd, b"\0" * block)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    return ctx["full"]
+
+
+def unmount_full(ctx: dict[str, Any]) -> None:
+    """Unmount the full-disk tmpfs of :func:`full_disk`, if mounted."""
+    import subprocess
+
+    if ctx.get("full") is not None:
+        subprocess.run(["umount", str(ctx["full"])], capture_output=True)
+        ctx["full"] = None
+
+
+def _on_full(argv_of: Callable[[dict[str, Any], Path], list[Any]]) -> Callable[[dict[str, Any]], Any]:
+    def run(c: dict[str, Any]) -> Any:
+        full = c.get("full")
+        if full is None:
+            return "skipped: no tmpfs"
+        sub = full / c["out"].name.replace("/", "_")
+        before = set(os.listdir(full))
+        code = cli(*argv_of(c, sub))
+        left = sorted(n for n in set(os.listdir(full)) - before if not ((full / n).is_dir() and not any((full / n).iterdir())))
+        if left:
+            raise AssertionError(f"exit {code}; files left on the full disk: {left}")
+        return code
+    return run
+
+
+_FULL = {
+    "nuclei": lambda c, d: ["nuclei", _i(c, "small.png"), "--out", d.parent / "l.tif", "--mpp", "0.5"],
+    "import": lambda c, d: ["import", _i(c, "x.geojson"), "--slide", _i(c, "g.tif"), "--out", d.parent / "o.tif"],
+    "export": lambda c, d: ["export", _i(c, "lab.tif"), "--slide", _i(c, "g.tif"), "--out", d.parent / "o.geojson"],
+    "tiles": lambda c, d: ["tiles", _i(c, "g.tif"), "--all", "--size", "16", "--csv", d.parent / "t.csv"],
+    "normalize": lambda c, d: ["normalize", _i(c, "g.tif"), "--target", _i(c, "norm.json"), "--out", d.parent / "n.tif"],
+    "save-normalizer": lambda c, d: ["normalize", _i(c, "g.tif"), "--target", _i(c, "target.png"), "--save-normalizer", d.parent / "n.json"],
+    "train": lambda c, d: ["train", "--out", d.parent / "run", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "1", "--threads", "1"],
+    "demo": lambda c, d: ["demo", "--headless", "--no-nuclei", "--out", d.parent / "demo"],
+}
+for _name, _argv in _FULL.items():
+    case(f"diskfull/{_name}")(_on_full(_argv))

@@ -4,8 +4,8 @@ Every case runs in this process (a ``pathoseg`` command through :func:`napari_pa
 or a library entry point) under a time limit, in a scratch folder that holds its inputs and one
 output folder per case. Each case is classified:
 
-* ``clean``: refused with a project error (exit 2 or 130 and exactly one stderr line, or a
-  :class:`~napari_pathoseg.errors.PathosegError` from the library);
+* ``clean``: refused with a project error (exit 2 or 130 and exactly one stderr line reporting
+  it, after any progress lines; or a :class:`~napari_pathoseg.errors.PathosegError` from the library);
 * ``ok``: it worked (exit 0, or the library call returned) where working is acceptable;
 * ``traceback``: any other exception, a multi-line or traceback-looking stderr, or another exit code;
 * ``hang``: still running at the time limit (each case runs in a forked child, killed then);
@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hostile_cases import CASES, make_inputs  # noqa: E402
+from hostile_cases import CASES, full_disk, make_inputs, unmount_full  # noqa: E402
 
 from napari_pathoseg.errors import PathosegError  # noqa: E402
 
@@ -131,12 +131,14 @@ def run_case(name: str, fn: Callable[..., Any], expect: str, ctx: dict[str, Any]
         rec["message"] = f"the process died (status {status})"
     else:
         rec.update(json.loads(data))
-    lines = [ln for ln in stderr.splitlines() if ln.strip() and "warning" not in ln.lower()]
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    # progress lines ("pathoseg finetune: loading ...") may precede it: one line reports the error
+    errors = [ln for ln in lines if any(w in ln.lower() for w in ("error", "traceback", "exception", "stopped", "interrupted"))]
     if "exit" in rec:
         code = rec["exit"]
         if code == 0:
             rec["outcome"] = "ok"
-        elif code in (2, 130) and len(lines) == 1 and "Traceback" not in stderr:
+        elif code in (2, 130) and len(errors) == 1 and errors[0].startswith("pathoseg") and "Traceback" not in stderr:
             rec["outcome"] = "clean"
         else:
             rec["outcome"] = "traceback"
@@ -152,6 +154,33 @@ def run_case(name: str, fn: Callable[..., Any], expect: str, ctx: dict[str, Any]
     return rec
 
 
+def _inputs_in_child(root: Path) -> dict[str, Any]:
+    """:func:`make_inputs` in a forked child, so that this process never starts torch's thread
+    pools (a child forked after that may deadlock in OpenMP)."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(rfd)
+        code = 0
+        try:
+            ctx = make_inputs(root)
+            data = json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in ctx.items()}).encode()
+        except BaseException:  # noqa: BLE001
+            data = traceback.format_exc().encode()
+            code = 1
+        with os.fdopen(wfd, "wb") as fh:
+            fh.write(data)
+        os._exit(code)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as fh:
+        data = fh.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        raise SystemExit(f"making the inputs failed:\n{data.decode(errors='replace')}")
+    ctx = json.loads(data)
+    return {k: (Path(v) if k in ("root", "in") else v) for k, v in ctx.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the cases and print the JSON summary; returns 0 when no traceback, hang or lost input."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -163,14 +192,24 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PATHOSEG_HOME", tempfile.mkdtemp(prefix="pathoseg-home-"))
     with tempfile.TemporaryDirectory(prefix="hostile-", dir=args.work) as tmp:
         root = Path(tmp)
-        ctx = make_inputs(root)
+        ctx = _inputs_in_child(root)
+        from napari_pathoseg.cli.main import build_parser
+
+        build_parser()  # import every command module once, before the forks
         records = []
-        for name, expect, fn in CASES:
-            if args.only and args.only not in name:
-                continue
-            rec = run_case(name, fn, expect, ctx, timeout=args.timeout)
-            records.append(rec)
-            print(f"{rec['outcome']:>9} {rec['seconds']:6.1f}s {name}: {rec.get('message', '')[:150]}", file=sys.stderr)
+        try:
+            if not args.only or "diskfull" in args.only:
+                full_disk(ctx)
+            for name, expect, fn in CASES:
+                if args.only and args.only not in name:
+                    continue
+                if name.startswith("diskfull/") and ctx.get("full") is None:
+                    continue
+                rec = run_case(name, fn, expect, ctx, timeout=args.timeout)
+                records.append(rec)
+                print(f"{rec['outcome']:>9} {rec['seconds']:6.1f}s {name}: {rec.get('message', '')[:150]}", file=sys.stderr)
+        finally:
+            unmount_full(ctx)
     summary = {
         "cases": len(records),
         "clean_errors": sum(r["outcome"] == "clean" for r in records),

@@ -107,9 +107,9 @@ def test_every_command_module_is_discovered():
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["tiles", "{svs}", "--size", "0"], "--size: must be an integer >= 1, got '0'"),
+        (["tiles", "{svs}", "--size", "0"], "--size: must be an integer >= 16 and <= 16384, got '0'"),
         (["tiles", "{svs}", "--mpp", "nan"], "--mpp: must be a finite number"),
-        (["tiles", "{svs}", "--mpp", "-1"], "--mpp: must be a number > 0"),
+        (["tiles", "{svs}", "--mpp", "-1"], "--mpp: must be a number >= 0.01"),
         (["tiles", "{svs}", "--min-tissue", "1.5"], "--min-tissue: must be a number >= 0 and <= 1"),
         (["tiles", "{svs}", "--overlap", "x"], "--overlap: must be an integer >= 0, got 'x'"),
         (["info", "{missing}"], "does not exist"),

@@ -44,6 +44,7 @@ __all__ = [
     "write_json",
     "check_output",
     "clean_stale",
+    "file_kind",
 ]
 
 #: Suffix of every temporary file this module makes (``.NAME.<random>.tmp-pathoseg``).
@@ -169,12 +170,53 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+#: What :func:`file_kind` may answer, and the kinds an output of each kind may replace.
+_REPLACEABLE = {
+    "tiff": ("tiff",),
+    "png": ("png",),
+    "json": ("json", "empty"),
+    "csv": ("text", "json", "empty"),
+    "text": ("text", "json", "empty"),
+    "safetensors": ("safetensors", "empty"),
+}
+#: Vendor slide formats (TIFF inside, but never replaced by an output).
+_SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif", ".vms", ".vmu", ".mrxs", ".svslide")
+
+
+def file_kind(path: str | os.PathLike) -> str:
+    """What an existing file holds, from its first bytes: ``tiff``, ``png``, ``jpeg``, ``json``,
+    ``safetensors``, ``text``, ``empty`` or ``binary``."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    if not head:
+        return "empty"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if head[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if len(head) > 8 and head[8:10] == b'{"':
+        return "safetensors"
+    if b"\x00" in head:
+        return "binary"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # not just a character cut at the end of the block
+            return "binary"
+        text = head[: exc.start].decode("utf-8")
+    return "json" if text.lstrip("\ufeff \t\r\n")[:1] in ("{", "[") else "text"
+
+
 def check_output(
     out: str | os.PathLike,
     *,
     inputs: Iterable[str | os.PathLike | None] = (),
     what: str = "output",
     overwrite: bool = True,
+    kind: str | None = None,
+    need_folder: bool = False,
 ) -> Path:
     """Refuse an output path that would destroy an input; returns it as a :class:`Path`.
 
@@ -190,11 +232,19 @@ def check_output(
     overwrite : bool
         ``False``: refuse an existing ``out`` too (the command has no documented right to
         replace it).
+    kind : str, optional
+        What the command writes (``"tiff"``, ``"png"``, ``"json"``, ``"csv"``, ``"text"``,
+        ``"safetensors"``): an existing ``out`` of another kind (a slide under a CSV name, a
+        PNG under ``.geojson``...) is refused, as is any vendor slide file (``.svs``...).
+    need_folder : bool
+        Refuse ``out`` when its folder does not exist (the CLI rule: refused before any work
+        starts, never created on a typo).
 
     Raises
     ------
     OutputError
-        ``out`` is an input, a folder, or exists while ``overwrite`` is false.
+        ``out`` is an input, a folder, its folder is missing (with ``need_folder``), it
+        exists while ``overwrite`` is false, or it is a file of another ``kind``.
     """
     out_p = Path(out).expanduser()
     for src in inputs:
@@ -205,6 +255,21 @@ def check_output(
             raise OutputError(f"{what} {out_p} is also an input ({src_p}); choose another output path")
     if out_p.is_dir():
         raise OutputError(f"{what} {out_p} is a folder; give a file path")
+    if need_folder and not out_p.parent.is_dir():
+        raise OutputError(f"{what} {out_p}: the folder {out_p.parent} does not exist; create it first or choose another path")
     if out_p.exists() and not overwrite:
         raise OutputError(f"{what} {out_p} already exists; remove it or choose another path")
+    if kind is not None and out_p.is_file():
+        if kind not in _REPLACEABLE:
+            raise ValueError(f"check_output: unknown kind {kind!r}")
+        try:
+            found = file_kind(out_p)
+        except OSError as exc:
+            raise OutputError(f"{what} {out_p} exists and cannot be read ({exc.strerror or exc}); choose another path") from exc
+        if out_p.name.lower().endswith(_SLIDE_SUFFIXES) or found not in _REPLACEABLE[kind]:
+            shown = "a slide" if out_p.name.lower().endswith(_SLIDE_SUFFIXES) else f"a {found.upper()} file"
+            raise OutputError(
+                f"{what} {out_p} exists and is {shown}, not an earlier {kind.upper()} output; "
+                "it is not replaced: remove it yourself or choose another path"
+            )
     return out_p

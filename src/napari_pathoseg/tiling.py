@@ -207,6 +207,12 @@ def choose_level(slide: Slide, *, mpp: float | None = None, level: int | None = 
     return lv, scale
 
 
+#: Tiles may be read at most this many times finer than the slide's finest level.
+MAX_UPSAMPLE = 8.0
+#: Largest grid :func:`tile_grid` lays (before tissue filtering).
+MAX_GRID_TILES = 5_000_000
+
+
 def tile_grid(
     slide: Slide,
     *,
@@ -249,6 +255,11 @@ def tile_grid(
     if not 0 <= overlap < size:
         raise PathosegError(f"overlap must be in [0, size), got {overlap} for size {size}")
     lv, scale = choose_level(slide, mpp=mpp, level=level)
+    if scale > MAX_UPSAMPLE:
+        raise PathosegError(
+            f"{mpp} µm/px is {scale:.3g} times finer than the slide's finest level ({slide.mpp} µm/px); "
+            f"tiles can be at most {MAX_UPSAMPLE}x finer: choose a coarser --mpp"
+        )
     ds = slide.level_downsample(lv)
     read = max(1, int(round(size / scale)))
     stride = max(1, int(round((size - overlap) / scale)))
@@ -267,6 +278,12 @@ def tile_grid(
                 f"region {region} (x, y, width, height in level-0 pixels) lies outside the slide "
                 f"({slide.metadata.level_dimensions[0][0]} x {slide.metadata.level_dimensions[0][1]})"
             )
+    n_grid = math.ceil((r_hi - r_lo) / stride) * math.ceil((c_hi - c_lo) / stride)
+    if n_grid > MAX_GRID_TILES:
+        raise PathosegError(
+            f"a grid of {n_grid:,} tiles of {size} px is too many (limit {MAX_GRID_TILES:,}); "
+            "use larger tiles, a coarser µm/px or a smaller region"
+        )
     if tissue_only and mask is None:
         mask = tissue_mask(slide)
     tiles: list[Tile] = []

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -59,6 +60,8 @@ __all__ = [
     "positive_float",
     "float_range",
     "fraction",
+    "mpp_value",
+    "MPP_RANGE",
     "positive_int",
     "nonnegative_int",
     "int_range",
@@ -83,6 +86,10 @@ EXIT_ERROR = 2
 EXIT_CANCELLED = 130
 #: The reader of stdout went away (128 + SIGPIPE).
 EXIT_BROKEN_PIPE = 141
+
+
+#: OSError numbers that say the machine cannot write (shown as one line, exit 2).
+_ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 class JobCancelled(CancelledError):
@@ -218,6 +225,21 @@ def call_command(func: Callable[[argparse.Namespace], Any], args: argparse.Names
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except OSError as exc:
+        # the machine, not the input: a full disk, a read-only folder, a file too large...
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        _err_line(f"{prog}: error: {_describe_os_error(exc)}")
+        return EXIT_ERROR
+
+
+def _describe_os_error(exc: OSError) -> str:
+    where = f" writing {exc.filename}" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device{where}; free some space or write to another folder"
+    if exc.errno == errno.EFBIG:
+        return f"file too large for this file system{where}; write to another folder"
+    return f"permission denied{where} (read-only or not yours); choose another folder"
 
 
 def _err_line(text: str) -> None:
@@ -281,6 +303,11 @@ def positive_float(*, high: float | None = None, finite: bool = True) -> Callabl
 
 #: A float in [0, 1] (fractions, thresholds).
 fraction = float_range(0.0, 1.0)
+
+#: Finest and coarsest µm per pixel a command accepts (light microscopy cannot resolve 0.01 µm).
+MPP_RANGE = (0.01, 100.0)
+#: A µm-per-pixel value within :data:`MPP_RANGE`.
+mpp_value = float_range(*MPP_RANGE)
 
 
 def int_range(low: int | None = None, high: int | None = None) -> Callable[[str], int]:

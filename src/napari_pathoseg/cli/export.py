@@ -254,8 +254,8 @@ def _table_option(args: argparse.Namespace, out: Path, inputs: list[Any]) -> Any
     if args.no_measure or args.no_table:
         return False
     if args.table:
-        return check_output(args.table, inputs=[*inputs, out], what="--table")
-    check_output(out.with_suffix(".csv"), inputs=inputs, what="the table beside --out")
+        return check_output(args.table, inputs=[*inputs, out], what="--table", kind="csv", need_folder=True)
+    check_output(out.with_suffix(".csv"), inputs=inputs, what="the table beside --out", kind="csv", need_folder=True)
     return True
 
 
@@ -264,7 +264,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     labels_path = Path(args.labels)
     inputs = [labels_path, args.slide, args.probability]
-    out = check_output(args.out, inputs=inputs, what="--out")
+    out = check_output(args.out, inputs=inputs, what="--out", kind="json", need_folder=True)
     table = _table_option(args, out, inputs)
     labels = load_labels(labels_path)
     prob = load_labels_float(args.probability) if args.probability else None
@@ -303,7 +303,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_import(args: argparse.Namespace) -> int:
     from napari_pathoseg.wsi.slide import open_slide
 
-    out = check_output(args.out, inputs=[args.geojson, args.slide], what="--out")
+    out = check_output(args.out, inputs=[args.geojson, args.slide], what="--out", kind="tiff", need_folder=True)
     with open_slide(args.slide) as slide:
         meta = slide.metadata
         _check_level(slide, args.level, args.slide)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from napari_pathoseg.cli._driver import device, drive, fraction, positive_float, positive_int, print_json
+from napari_pathoseg.cli._driver import device, drive, fraction, mpp_value, positive_float, positive_int, print_json
 from napari_pathoseg.cli.train import THREADS_HELP, threads_arg
 
 __all__ = ["add_commands", "cmd_finetune"]
@@ -30,7 +30,7 @@ def add_commands(subparsers: Any) -> None:
                    help="student architecture (default: the base's own, i.e. fine-tune the base; "
                    "transcycle-lite without a base)")
     p.add_argument("--strong", action="append", default=[], help="strong-label folder (repeatable)")
-    p.add_argument("--strong-mpp", type=positive_float(high=100.0), default=None, help="µm/px of plain images/ folders")
+    p.add_argument("--strong-mpp", type=mpp_value, default=None, help="µm/px of plain images/ folders")
     p.add_argument("--project", action="append", default=[], help="review project folder (repeatable)")
     p.add_argument("--include-pending", action="store_true", help="also pending tiles scoring >= --min-score")
     p.add_argument("--min-score", type=fraction, default=None, help="score threshold for --include-pending")

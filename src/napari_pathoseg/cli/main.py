@@ -59,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or a bad argument (one line already printed)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
+    if not args.verbose:  # a damaged file is reported once, as the command's one error line
+        logging.getLogger("tifffile").setLevel(logging.CRITICAL)
     return call_command(args.func, args, prog=f"pathoseg {args.command}")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_pathoseg._atomic import OutputError, check_output
-from napari_pathoseg.cli._driver import drive, existing_file, nonnegative_int, positive_float, positive_int, print_json
+from napari_pathoseg.cli._driver import drive, existing_file, mpp_value, nonnegative_int, positive_int, print_json
 from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.methods.nuclei.segment import (
     NucleiResult,
@@ -41,6 +41,10 @@ def _parse_region(text: str | None) -> tuple[int, int, int, int] | None:
     return vals  # type: ignore[return-value]
 
 
+#: What each output holds: an existing file of another kind is never replaced.
+_KINDS = {"out": "tiff", "table": "csv", "normalized": "tiff", "overlay": "png"}
+
+
 def _check_outputs(args: argparse.Namespace) -> dict[str, Path]:
     """Every output path given, refused when it names the input or another output."""
     outs: dict[str, Path] = {}
@@ -49,7 +53,7 @@ def _check_outputs(args: argparse.Namespace) -> dict[str, Path]:
         if not value:
             continue
         what = f"--{key}"
-        p = check_output(value, inputs=[args.input], what=what)
+        p = check_output(value, inputs=[args.input], what=what, kind=_KINDS.get(key), need_folder=True)
         for other, q in outs.items():
             if p.resolve() == q.resolve():
                 raise OutputError(f"{what} and --{other} are the same file {p}; give each output its own path")
@@ -74,8 +78,9 @@ def _cmd_nuclei(args: argparse.Namespace) -> int:
     from napari_pathoseg.models.registry import load_model
 
     outs = _check_outputs(args)
+    if args.work_dir and not Path(args.work_dir).expanduser().is_dir():
+        raise OutputError(f"--work-dir {args.work_dir} is not a folder; create it first or leave it out")
     region = _parse_region(args.region)
-    outs["out"].parent.mkdir(parents=True, exist_ok=True)
     model = load_model(args.model)
     work_parent = args.work_dir or str(outs["out"].parent)
     with open_slide(args.input) as slide, tempfile.TemporaryDirectory(prefix=".nuclei-", dir=work_parent) as wd:
@@ -126,7 +131,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="labels TIFF (uint32, level-0 grid of the region)")
     p.add_argument("--region", default=None, help="x,y,w,h in level-0 pixels (default: the whole slide's tissue)")
     p.add_argument("--model", default="nuclei-lite", help="model name or .safetensors checkpoint")
-    p.add_argument("--mpp", type=positive_float(high=100.0), default=None, help="declare the input's µm per pixel (plain images)")
+    p.add_argument("--mpp", type=mpp_value, default=None, help="declare the input's µm per pixel (plain images)")
     p.add_argument("--overlap", type=nonnegative_int, default=64, help="tile overlap in model pixels")
     p.add_argument("--batch", type=positive_int, default=4, help="tiles per network call")
     p.add_argument("--all-tiles", action="store_true", help="do not skip tiles without tissue")

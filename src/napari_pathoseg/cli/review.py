@@ -24,7 +24,7 @@ from napari_pathoseg.cli._driver import (
     drive,
     existing_path,
     fraction,
-    positive_float,
+    mpp_value,
     positive_int,
     print_json,
 )
@@ -58,8 +58,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="nuclei-lite", help="model name or checkpoint path (default: nuclei-lite)")
     p.add_argument("--threshold", type=fraction, default=0.0, help="keep tiles scoring at least this (0-1; default 0 keeps all)")
     p.add_argument("--max-tiles", type=positive_int, default=None, help="process at most this many tiles")
-    p.add_argument("--mpp", type=positive_float(high=100.0), default=None, help="working resolution in µm/px (default: the model's)")
-    p.add_argument("--source-mpp", type=positive_float(high=100.0), default=None, help="resolution of folder images in µm/px (default: same as --mpp)")
+    p.add_argument("--mpp", type=mpp_value, default=None, help="working resolution in µm/px (default: the model's)")
+    p.add_argument("--source-mpp", type=mpp_value, default=None, help="resolution of folder images in µm/px (default: same as --mpp)")
     p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--device", type=device, default=None, help="torch device (default: CUDA/MPS when present, else CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing project in --out")

@@ -19,10 +19,10 @@ from typing import Any
 from napari_pathoseg._atomic import check_output
 from napari_pathoseg.cli._driver import (
     existing_path,
+    float_range,
     fraction,
+    int_range,
     nonnegative_int,
-    positive_float,
-    positive_int,
     print_json,
 )
 
@@ -44,7 +44,7 @@ def _cmd_tiles(args: argparse.Namespace) -> int:
     from napari_pathoseg.wsi.slide import open_slide
 
     if args.csv:
-        check_output(args.csv, inputs=[args.slide], what="--csv")
+        check_output(args.csv, inputs=[args.slide], what="--csv", kind="csv", need_folder=True)
     with open_slide(args.slide) as slide:
         tiles = tile_grid(
             slide,
@@ -75,8 +75,12 @@ def _has_display() -> bool:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the bundled sample slide (or SLIDE)."""
+    from napari_pathoseg._atomic import OutputError
     from napari_pathoseg.demo import run_demo
 
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; the demo writes into a folder: give a folder path")
     result = run_demo(
         slide_path=args.slide,
         out_dir=Path(args.out),
@@ -96,9 +100,9 @@ def add_commands(subparsers: Any) -> None:
 
     a = subparsers.add_parser("tiles", help="count (and optionally list) the tissue tiles of a slide")
     a.add_argument("slide", type=existing_path)
-    a.add_argument("--mpp", type=positive_float(high=1000.0), default=None, help="target µm per pixel (default: level resolution)")
+    a.add_argument("--mpp", type=float_range(0.01, 1000.0), default=None, help="target µm per pixel (default: level resolution)")
     a.add_argument("--level", type=nonnegative_int, default=None, help="pyramid level when --mpp is not given")
-    a.add_argument("--size", type=positive_int, default=512, help="tile side in pixels")
+    a.add_argument("--size", type=int_range(16, 16384), default=512, help="tile side in pixels (16-16384)")
     a.add_argument("--overlap", type=nonnegative_int, default=0, help="overlap between tiles in pixels")
     a.add_argument("--min-tissue", type=fraction, default=0.05, help="minimum tissue fraction of a tile (0-1)")
     a.add_argument("--all", action="store_true", help="keep background tiles too")

@@ -95,11 +95,11 @@ def _check_outputs(args: argparse.Namespace) -> None:
     """Refuse, before any work, outputs that name an input (the slide, the target) or each other."""
     inputs = (args.slide, args.target)
     if args.out is not None:
-        check_output(args.out, inputs=inputs, what="--out")
+        check_output(args.out, inputs=inputs, what="--out", kind="tiff", need_folder=True)
         if Path(args.out).suffix.lower() not in (".tif", ".tiff"):
             raise StainError(f"{args.out}: the output must be a .tif or .tiff file")
     if args.save_normalizer is not None:
-        check_output(args.save_normalizer, inputs=inputs, what="--save-normalizer")
+        check_output(args.save_normalizer, inputs=inputs, what="--save-normalizer", kind="json", need_folder=True)
     if args.out is not None and args.save_normalizer is not None:
         if Path(args.out).expanduser().resolve() == Path(args.save_normalizer).expanduser().resolve():
             raise StainError(f"--out and --save-normalizer both name {args.out}; give two different files")

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from napari_pathoseg.cli._driver import device, drive, positive_float, positive_int, print_json
+from napari_pathoseg.cli._driver import device, drive, mpp_value, positive_float, positive_int, print_json
 
 __all__ = ["add_commands", "cmd_train", "cmd_evaluate_nuclei", "DEFAULT_DATA", "SHIPPED_SPLIT", "epoch_line", "threads_arg"]
 
@@ -72,7 +72,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     n.add_argument("--images", required=True, help="folder of RGB images")
     n.add_argument("--masks", required=True, help="folder of instance masks with the same file stems")
     n.add_argument("--model", default="nuclei-lite", help="model name or checkpoint path")
-    n.add_argument("--mpp", type=positive_float(high=100.0), default=None, help="um per pixel of the images (default: model's)")
+    n.add_argument("--mpp", type=mpp_value, default=None, help="um per pixel of the images (default: model's)")
     n.add_argument("--method", default="auto", choices=("auto", "boundary", "distance"))
     n.add_argument("--per-image", action="store_true", help="include per-image metrics")
     n.set_defaults(func=cmd_evaluate_nuclei)

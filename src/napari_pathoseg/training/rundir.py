@@ -108,8 +108,13 @@ class RunLock:
             return False
         except OSError as exc:
             raise TrainingError(f"cannot create the lock {self.path}: {exc.strerror or exc}") from exc
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f"{os.getpid()} {socket.gethostname()}\n")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{os.getpid()} {socket.gethostname()}\n")
+        except OSError as exc:  # e.g. a full disk: no half-written lock is left behind
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            raise TrainingError(f"cannot write the lock {self.path}: {exc.strerror or exc}") from exc
         return True
 
     def acquire(self) -> "RunLock":
