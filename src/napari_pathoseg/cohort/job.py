@@ -11,6 +11,7 @@ surfaces on the client, which retries the slide.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -18,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 __all__ = ["SlideJob", "run_slide_job", "cached_model", "model_loads", "peak_rss_mb", "one_line_error", "worker_name"]
 
@@ -79,6 +80,33 @@ def one_line_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+_LOCAL = {"n": 0, "config": None}
+
+
+@contextlib.contextmanager
+def _local_dask() -> Iterator[None]:
+    """The slide's dask arrays are computed in the calling thread, not sent back to the cluster.
+
+    ``dask.config.set`` is process-wide, not per thread: with several worker threads the first
+    slide to start sets the synchronous scheduler and the last one to end restores the config,
+    so no thread ever computes on the cluster from inside a task.
+    """
+    import dask
+
+    with _CACHE_LOCK:
+        if _LOCAL["n"] == 0:
+            _LOCAL["config"] = dask.config.set(scheduler="synchronous")
+        _LOCAL["n"] += 1
+    try:
+        yield
+    finally:
+        with _CACHE_LOCK:
+            _LOCAL["n"] -= 1
+            if _LOCAL["n"] == 0 and _LOCAL["config"] is not None:
+                _LOCAL["config"].__exit__(None, None, None)
+                _LOCAL["config"] = None
+
+
 def worker_name() -> str:
     """The dask worker's address, or ``pid N`` outside a worker."""
     try:
@@ -134,8 +162,6 @@ def cached_model(model_task: str, model: str) -> tuple[Any, bool]:
 
 def run_slide_job(job: SlideJob) -> dict[str, Any]:
     """Run one slide; return its row for ``summary.csv`` (``status`` ``ok`` or ``failed``)."""
-    import dask
-
     from napari_pathoseg.cohort import outputs
     from napari_pathoseg.cohort.tasks import resolve_runner
     from napari_pathoseg.wsi.slide import open_slide
@@ -153,8 +179,7 @@ def run_slide_job(job: SlideJob) -> dict[str, Any]:
         if job.model is not None and job.model_task is not None:
             model, cached = cached_model(job.model_task, job.model)
         row["model_cached"] = cached
-        # the slide's dask arrays are computed here, in this thread, not sent back to the cluster
-        with dask.config.set(scheduler="synchronous"), open_slide(job.path) as slide, \
+        with _local_dask(), open_slide(job.path) as slide, \
                 tempfile.TemporaryDirectory(prefix=outputs.WORK_PREFIX, dir=folder) as wd:
             out = runner(slide, model=model, out_dir=folder, region=job.region, mpp=job.mpp, work_dir=wd, cancel=None)
         files = {k: Path(v) for k, v in out.files.items()}

@@ -414,14 +414,15 @@ def iter_cohort(
                 rows=tuple(dict(r) for r in rows),
             )
             yield from _gather(client, jobs, rows, slides, summary_path, columns, retries=int(retries),
-                               cancel=cancel, poll_s=poll_s, n_skip=n_skip)
+                               cancel=cancel, poll_s=poll_s, n_skip=n_skip,
+                               max_in_flight=None if scheduler else nw * int(threads_per_worker))
             stopped = cancel is not None and cancel.is_set()
             yield result(stopped, address, nw)
 
 
 def _gather(client: Any, jobs: list[SlideJob], rows: list[dict], slides: Sequence[CohortSlide], summary_path: Path,
             columns: list[str], *, retries: int, cancel: Cancellable | None, poll_s: float,
-            n_skip: int) -> Iterator[SlideFinished]:
+            n_skip: int, max_in_flight: int | None) -> Iterator[SlideFinished]:
     """Submit the jobs, collect them as they finish, retry lost workers; yield one event per slide."""
     from distributed import as_completed
 
@@ -436,9 +437,12 @@ def _gather(client: Any, jobs: list[SlideJob], rows: list[dict], slides: Sequenc
         by_key[fut.key] = job
         return fut
 
-    futures = [submit(j) for j in jobs]
-    for j in jobs:
-        rows[j.index]["status"] = "pending"
+    # at most `max_in_flight` slides on the cluster: a worker holds only the slides it runs, so a worker
+    # that dies takes no waiting slide with it (None: all at once, e.g. for an adaptive cluster)
+    waiting = list(jobs)
+    first = waiting if max_in_flight is None else waiting[: max(1, max_in_flight)]
+    waiting = waiting[len(first):]
+    futures = [submit(j) for j in first]
     ac = as_completed(futures, loop=client.loop)
     finished = 0
     total = len(rows)
@@ -448,6 +452,8 @@ def _gather(client: Any, jobs: list[SlideJob], rows: list[dict], slides: Sequenc
             client.cancel(pending)
             for f in pending:
                 rows[by_key[f.key].index]["error"] = "stopped before it finished"
+            for j in waiting:
+                rows[j.index]["error"] = "stopped before it ran"
             return
         if not ac.has_ready():
             time.sleep(poll_s)
@@ -462,8 +468,8 @@ def _gather(client: Any, jobs: list[SlideJob], rows: list[dict], slides: Sequenc
                 _add_columns(columns, out.get("figures"))
                 for k in ("model_loads", "pid", "model_cached", "peak_rss_mb"):
                     row[k] = out.get(k)
-            elif fut.status == "cancelled":
-                continue
+            elif fut.status == "cancelled":  # by someone else on a shared cluster
+                row.update(status="failed", error="cancelled on the cluster")
             else:
                 exc = fut.exception()
                 if _lost_worker(exc) and attempt[job.index] <= retries:
@@ -482,6 +488,10 @@ def _gather(client: Any, jobs: list[SlideJob], rows: list[dict], slides: Sequenc
                     error = f"error on the worker ({n} attempt(s)): {one_line_error(exc)}"
                 row.update(status="failed", error=error)
             row["attempts"] = attempt[job.index]
+            if waiting:
+                new = submit(waiting.pop(0))
+                futures.append(new)
+                ac.add(new)
             finished += 1
             write_summary(summary_path, rows, columns)
             done = finished + n_skip
