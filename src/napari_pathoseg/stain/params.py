@@ -83,7 +83,7 @@ class StainParams:
         if not isinstance(d, dict):
             raise StainError(f"{what}: expected an object with the stain parameters, got {type(d).__name__}")
         method = d.get("method")
-        if method not in METHOD_FIELDS:
+        if not isinstance(method, str) or method not in METHOD_FIELDS:
             raise StainError(f"{what}: unknown method {method!r}; valid: {', '.join(METHOD_FIELDS)}")
         arrays: dict[str, np.ndarray | None] = {}
         for key, shape in cls._ARRAYS.items():

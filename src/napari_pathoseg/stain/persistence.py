@@ -53,7 +53,7 @@ def normalizer_from_dict(d: Any, *, what: str = "normaliser") -> StainNormalizer
     if version != FILE_VERSION:
         raise StainError(f"{what}: file version {version!r} is not supported (this napari-pathoseg reads {FILE_VERSION})")
     method = d.get("method")
-    if method not in NORMALIZERS:
+    if not isinstance(method, str) or method not in NORMALIZERS:
         raise StainError(f"{what}: unknown method {method!r}; valid: {', '.join(NORMALIZERS)}")
     options = d.get("options", {})
     if not isinstance(options, dict):
