@@ -521,3 +521,67 @@ _FULL = {
 }
 for _name, _argv in _FULL.items():
     case(f"diskfull/{_name}")(_on_full(_argv))
+
+
+# ----------------------------------------------------------------------------- Ctrl-C, umask
+
+
+def _ctrl_c_after(seconds: float, argv: list[Any]) -> int:
+    """Run a command and press Ctrl-C (SIGINT to this process) after ``seconds``."""
+    import signal
+    import threading
+
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        return cli(*argv)
+    finally:
+        timer.cancel()
+
+
+def _expect_130(code: int) -> int:
+    if code != 130:
+        raise AssertionError(f"Ctrl-C ended with exit {code}, expected 130")
+    return code
+
+
+case("ctrlc/normalize")(lambda c: _expect_130(_ctrl_c_after(4.0, ["normalize", _i(c, "s.svs"), "--target", _i(c, "norm.json"),
+                                                                  "--out", c["out"] / "n.tif", "--tile-size", "128", "--compression", "zlib"])))
+case("ctrlc/train")(lambda c: _expect_130(_ctrl_c_after(8.0, ["train", "--out", c["out"] / "run", "--epochs", "2", "--steps-per-epoch", "200",
+                                                              "--batch-size", "1", "--threads", "1"])))
+case("ctrlc/nuclei")(lambda c: _expect_130(_ctrl_c_after(5.0, ["nuclei", _i(c, "s.svs"), "--out", c["out"] / "l.tif", "--all-tiles"])))
+
+
+@case("umask/outputs-follow-umask", "either")
+def _(c):
+    old = os.umask(0o027)
+    try:
+        code = cli("import", _i(c, "x.geojson"), "--slide", _i(c, "g.tif"), "--out", c["out"] / "o.tif")
+        code2 = cli("tiles", _i(c, "g.tif"), "--csv", c["out"] / "t.csv")
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (c["out"] / "o.tif", c["out"] / "t.csv")}
+    if code or code2 or set(modes.values()) != {"0o640"}:
+        raise AssertionError(f"exit {code}/{code2}, modes {modes} (umask 027 -> 0o640)")
+    return "modes 0o640"
+
+
+@case("registry/register-on-read-only-home")
+def _(c):
+    """Registering into a read-only registry folder (a read-only tmpfs) is one clear error."""
+    import subprocess
+
+    from napari_pathoseg.models.registry import get_card, register_model
+
+    ro = c["out"] / "ro"
+    ro.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)],
+                                           capture_output=True).returncode:
+        return "skipped: cannot mount"
+    old = os.environ.get("PATHOSEG_HOME")
+    os.environ["PATHOSEG_HOME"] = str(ro)
+    try:
+        return register_model(get_card("nuclei-lite").path, name="copy", task="nuclei")
+    finally:
+        os.environ["PATHOSEG_HOME"] = old or ""
+        subprocess.run(["umount", str(ro)], capture_output=True)

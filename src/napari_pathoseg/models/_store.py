@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 from napari_pathoseg._atomic import write_json
 from napari_pathoseg.errors import PathosegError
 
-__all__ = ["read_entries", "update_entries", "registry_lock", "FORMAT_VERSION", "LOCK_TIMEOUT_S"]
+__all__ = ["read_entries", "update_entries", "registry_lock", "check_writable", "FORMAT_VERSION", "LOCK_TIMEOUT_S"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,12 @@ def read_entries(path: str | os.PathLike) -> list[dict[str, Any]]:
     return list(by_name.values())
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Refuse, before any long work, a registry whose folder cannot be written (its lock cannot be taken)."""
+    with registry_lock(path, timeout_s=LOCK_TIMEOUT_S):
+        pass
+
+
 @contextlib.contextmanager
 def registry_lock(path: str | os.PathLike, *, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
     """Hold an exclusive lock on ``<path>.lock`` (``fcntl.flock``; ``msvcrt`` on Windows).
@@ -106,9 +112,15 @@ def registry_lock(path: str | os.PathLike, *, timeout_s: float = LOCK_TIMEOUT_S)
         When another process holds the lock for longer than ``timeout_s``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.with_name(path.name + ".lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise PathosegError(
+            f"cannot write the model registry in {path.parent} ({exc.strerror or exc}); make that folder writable "
+            "or set PATHOSEG_HOME to a writable folder"
+        ) from exc
     try:
         _acquire(fd, lock, timeout_s)
         try:

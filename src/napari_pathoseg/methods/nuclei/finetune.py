@@ -285,6 +285,11 @@ def iter_finetune(
                 f"{out} holds a run of the {saved.preset!r} preset, not {student.preset!r}; choose another "
                 "output folder, the same preset to resume it, or start over (force)."
             )
+    if config.register:  # a read-only registry is found now, not after the training
+        from napari_pathoseg.models._store import check_writable
+        from napari_pathoseg.models.registry import registry_path
+
+        check_writable(registry_path())
     yield FinetuneStage("data", "loading strong labels and pseudo-labels")
     if data is None:
         data = build_finetune_data(config, mpp=student.mpp)
