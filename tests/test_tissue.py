@@ -165,6 +165,18 @@ def test_two_stages_resume_and_ablation(shared_data, tmp_path, one_torch_thread)
 
     model = load_tissue_model(done.best_checkpoint)
     assert model.classes == tuple(CLASSES) and model.predict(np.zeros((1, 64, 64, 3), np.uint8)).shape == (1, 3, 64, 64)
+    # released with its card: the registry loads it for the tissue task, scores from the held-out test
+    from napari_pathoseg.methods.tissue.release import release_tissue_model
+    from napari_pathoseg.models.registry import load_model
+
+    result = tmp_path / "result.json"
+    result.write_text(json.dumps({"best_checkpoint": str(done.best_checkpoint), "stage1": done.stage1,
+                                  "stage2": done.stage2, "test": done.test}, default=float))
+    shipped = release_tissue_model(tmp_path / "run", result, name="tiny-luad", out_dir=tmp_path / "rel",
+                                   description="test", data="4 cropped patches")
+    m = load_model(str(shipped), task="tissue")
+    assert m.card.classes == tuple(CLASSES) and m.card.scores["miou"] == pytest.approx(done.test["window"]["miou"])
+    assert json.loads((tmp_path / "rel" / "tiny-luad.json").read_text())["task"] == "tissue"
 
 
 def test_engine_literal_mode_is_the_method(shared_data, one_torch_thread):
