@@ -10,7 +10,10 @@ with both modes, times the bare network on the same number of windows, and measu
 agreement of the fast mode with the literal one (fraction of pixels with the same class id).
 ``ablation`` reads the ``result.json`` of the runs named ``tissue-luad-lite`` (PDA + ONS),
 ``tissue-abl-*`` (``pda-s1``, ``nopda-s0``, ``ce-s0``...) and ``tissue-luad-supervised`` and
-tabulates their held-out test mIoU.
+tabulates their held-out test mIoU. ``test CKPT...`` scores stage-2 checkpoints on the held-out
+test patches (e.g. the best checkpoint of a run stopped before its own test)::
+
+    python benchmarks/bench_tissue.py test RUN/stage2/best.safetensors --data /work/shared/data
 """
 
 from __future__ import annotations
@@ -78,6 +81,24 @@ def ablation(args: argparse.Namespace) -> dict:
     return {"runs": rows}
 
 
+def test(args: argparse.Namespace) -> dict:
+    """Held-out test mIoU of stage-2 checkpoints (``whole``: one pass per patch; ``window``: M5's windows)."""
+    import torch
+
+    from napari_pathoseg.methods.tissue.data import load_wsss4luad
+    from napari_pathoseg.methods.tissue.evaluate import evaluate_net
+    from napari_pathoseg.methods.tissue.pipeline import _load_net
+    from napari_pathoseg.methods.tissue.network import TissuePSPNet
+
+    torch.set_num_threads(args.threads)
+    data = load_wsss4luad(args.data, parts=("test",))
+    out = {}
+    for ck in args.checkpoints:
+        net, cfg = _load_net(TissuePSPNet, Path(ck), "m5", "cpu")
+        out[ck] = evaluate_net(net, data.test, cfg.classes, tile=cfg.tile_size, mode=args.mode)
+    return {"mode": args.mode, "test": out}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -88,8 +109,14 @@ def main() -> None:
     a = sub.add_parser("ablation")
     a.add_argument("--runs", required=True)
     a.add_argument("--out", default=None)
+    t = sub.add_parser("test")
+    t.add_argument("checkpoints", nargs="+")
+    t.add_argument("--data", required=True)
+    t.add_argument("--mode", choices=("whole", "window"), default="whole")
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--out", default=None)
     args = p.parse_args()
-    res = speed(args) if args.what == "speed" else ablation(args)
+    res = {"speed": speed, "ablation": ablation, "test": test}[args.what](args)
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:
