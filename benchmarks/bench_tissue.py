@@ -87,8 +87,8 @@ def test(args: argparse.Namespace) -> dict:
 
     from napari_pathoseg.methods.tissue.data import load_wsss4luad
     from napari_pathoseg.methods.tissue.evaluate import evaluate_net
-    from napari_pathoseg.methods.tissue.pipeline import _load_net
     from napari_pathoseg.methods.tissue.network import TissuePSPNet
+    from napari_pathoseg.methods.tissue.pipeline import _load_net
 
     torch.set_num_threads(args.threads)
     data = load_wsss4luad(args.data, parts=("test",))

@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from napari_pathoseg.methods.tissue.data import TissueData, TissueImage, load_rgb, wsss4luad_split
+from napari_pathoseg.methods.tissue.data import (
+    TissueData,
+    TissueImage,
+    load_rgb,
+    wsss4luad_split,
+)
 from napari_pathoseg.methods.tissue.labels import (
     PatchLabelError,
     parse_vector,
@@ -17,7 +22,11 @@ from napari_pathoseg.methods.tissue.labels import (
     read_label_csv,
     read_label_folder,
 )
-from napari_pathoseg.methods.tissue.network import TissueClassifier, TissuePSPNet, get_preset
+from napari_pathoseg.methods.tissue.network import (
+    TissueClassifier,
+    TissuePSPNet,
+    get_preset,
+)
 
 WSSS = "wsss4luad_tissue_masks"
 CLASSES = ["tumour epithelium", "stroma", "normal"]

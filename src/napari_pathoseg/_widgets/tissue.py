@@ -41,16 +41,25 @@ from napari_pathoseg._widgets._common import (
     watch_layer_list,
 )
 from napari_pathoseg._widgets._jobs import JobController, in_turns
-from napari_pathoseg._widgets.nuclei import REGIONS, place_result, shape_region, view_region
+from napari_pathoseg._widgets.nuclei import (
+    REGIONS,
+    place_result,
+    shape_region,
+    view_region,
+)
 from napari_pathoseg._widgets.slide import slide_layers, slide_of_layer
 from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.events import Progress
-from napari_pathoseg.methods.tissue.segment import CLASS_COLOURS, TissueResult, iter_tissue
+from napari_pathoseg.methods.tissue.segment import (
+    CLASS_COLOURS,
+    TissueResult,
+    iter_tissue,
+)
 
 if TYPE_CHECKING:
     import napari
 
-__all__ = ["TissueWidget", "tissue_models", "class_colormap"]
+__all__ = ["TissueWidget", "class_colormap", "tissue_models"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +114,7 @@ def tissue_job(slide: Any, model_ref: str, *, region: Any, mpp: float | None, mo
 class TissueWidget(QWidget):
     """Tissue segmentation with a shipped or user model; the map as Labels with an area table."""
 
-    def __init__(self, napari_viewer: "napari.Viewer") -> None:
+    def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
         self._tmps: list[tempfile.TemporaryDirectory] = []
@@ -280,6 +289,6 @@ class TissueWidget(QWidget):
         self.status.setText(f"{tissue * result.mpp ** 2 / 1e6:.3f} mm² tissue · {result.tiles} tiles · "
                             f"{result.timings.get('total_s', 0):.1f} s ({result.model})")
 
-    def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
+    def closeEvent(self, event: Any) -> None:
         self.jobs.shutdown()
         super().closeEvent(event)

@@ -14,10 +14,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from napari_pathoseg.cli._driver import device, drive, existing_file, positive_float, positive_int, print_json
-from napari_pathoseg.cli.train import DEFAULT_DATA, THREADS_HELP, _err, threads_arg, with_sigterm
+from napari_pathoseg.cli._driver import (
+    device,
+    drive,
+    existing_file,
+    positive_float,
+    positive_int,
+    print_json,
+)
+from napari_pathoseg.cli.train import (
+    DEFAULT_DATA,
+    THREADS_HELP,
+    _err,
+    threads_arg,
+    with_sigterm,
+)
 
-__all__ = ["add_commands", "cmd_tissue_train", "cmd_tissue"]
+__all__ = ["add_commands", "cmd_tissue", "cmd_tissue_train"]
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -74,9 +87,7 @@ def _progress():
     from napari_pathoseg.training.engine import EpochEvent, TrainStart
 
     def on_event(ev: Any) -> None:
-        if isinstance(ev, StageStart):
-            _err(f"pathoseg tissue-train: {ev.message}")
-        elif isinstance(ev, TrainStart):
+        if isinstance(ev, StageStart) or isinstance(ev, TrainStart):
             _err(f"pathoseg tissue-train: {ev.message}")
         elif isinstance(ev, EpochEvent):
             v = ev.val_metrics
@@ -155,7 +166,13 @@ def cmd_tissue(args: argparse.Namespace) -> int:
     import tempfile
 
     from napari_pathoseg.cli.nuclei import _parse_region
-    from napari_pathoseg.methods.tissue.segment import TissueResult, iter_tissue, summary, write_labels_tiff, write_probs_tiff
+    from napari_pathoseg.methods.tissue.segment import (
+        TissueResult,
+        iter_tissue,
+        summary,
+        write_labels_tiff,
+        write_probs_tiff,
+    )
     from napari_pathoseg.models.registry import load_model
     from napari_pathoseg.wsi.slide import open_slide
 

@@ -11,7 +11,7 @@ map; pixels of the grey > 210 rule are background (0, ignored by stage 2).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from napari_pathoseg.methods.tissue.data import background_mask
 
-__all__ = ["to_input", "pad_to", "gradcam_pp", "pseudo_mask"]
+__all__ = ["gradcam_pp", "pad_to", "pseudo_mask", "to_input"]
 
 
 def to_input(rgb: np.ndarray | torch.Tensor) -> torch.Tensor:

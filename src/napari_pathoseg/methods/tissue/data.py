@@ -14,17 +14,27 @@ image-level labels of the train patches; the masks are read for val (best epoch)
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.methods.tissue.labels import PatchLabel, parse_vector
 
-__all__ = ["grey", "background_mask", "load_rgb", "TissueImage", "TissueData", "wsss4luad_split",
-           "load_wsss4luad", "load_patches", "WSSS_FOLDER"]
+__all__ = [
+    "WSSS_FOLDER",
+    "TissueData",
+    "TissueImage",
+    "background_mask",
+    "grey",
+    "load_patches",
+    "load_rgb",
+    "load_wsss4luad",
+    "wsss4luad_split",
+]
 
 WSSS_FOLDER = "wsss4luad_tissue_masks"
 

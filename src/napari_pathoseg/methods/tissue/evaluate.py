@@ -13,7 +13,8 @@ miss. Classes absent from both prediction and truth are NaN and left out of the 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ import torch
 from napari_pathoseg.methods.tissue.cam import pad_to, to_input
 from napari_pathoseg.methods.tissue.data import background_mask
 
-__all__ = ["window_starts", "window_probs", "whole_probs", "tissue_map", "confusion", "miou", "evaluate_net"]
+__all__ = ["confusion", "evaluate_net", "miou", "tissue_map", "whole_probs", "window_probs", "window_starts"]
 
 
 def window_starts(length: int, tile: int, stride: int) -> list[int]:

@@ -22,14 +22,21 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from napari_pathoseg.errors import PathosegError
 
-__all__ = ["PatchLabel", "PatchLabelError", "parse_vector", "parse_wsss_name", "read_label_csv", "read_label_folder",
-           "IMAGE_SUFFIXES"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "PatchLabel",
+    "PatchLabelError",
+    "parse_vector",
+    "parse_wsss_name",
+    "read_label_csv",
+    "read_label_folder",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _VEC = re.compile(r"\[([^\]]*)\]")

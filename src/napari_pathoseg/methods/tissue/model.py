@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from napari_pathoseg.errors import CheckpointError, PathosegError
-from napari_pathoseg.methods.tissue.network import M5Config, TissueClassifier, TissuePSPNet
+from napari_pathoseg.methods.tissue.network import (
+    M5Config,
+    TissueClassifier,
+    TissuePSPNet,
+)
 from napari_pathoseg.models.validation import (
     MAX_FEATURE_BYTES,
     MAX_PARAMETERS,
@@ -32,7 +37,7 @@ from napari_pathoseg.models.validation import (
     validate,
 )
 
-__all__ = ["M5_SCHEMA", "validate_m5_config", "TissueModel", "load_tissue_model", "ClassMismatchError"]
+__all__ = ["M5_SCHEMA", "ClassMismatchError", "TissueModel", "load_tissue_model", "validate_m5_config"]
 
 logger = logging.getLogger(__name__)
 

@@ -24,12 +24,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from napari_pathoseg.errors import PathosegError
 
-__all__ = ["M5Config", "PRESETS", "get_preset", "Backbone", "TissueClassifier", "TissuePSPNet", "LUAD_CLASSES"]
+__all__ = ["LUAD_CLASSES", "PRESETS", "Backbone", "M5Config", "TissueClassifier", "TissuePSPNet", "get_preset"]
 
 #: WSSS4LUAD tissue classes (ids 1..3; 0 is background).
 LUAD_CLASSES = ("tumour epithelium", "stroma", "normal")
@@ -106,7 +106,7 @@ class M5Config:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "M5Config":
+    def from_dict(cls, d: dict[str, Any]) -> M5Config:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

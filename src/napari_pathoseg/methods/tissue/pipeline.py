@@ -23,19 +23,24 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.methods.tissue.data import TissueData, TissueImage
-from napari_pathoseg.methods.tissue.network import M5Config, TissueClassifier, TissuePSPNet
+from napari_pathoseg.methods.tissue.network import (
+    M5Config,
+    TissueClassifier,
+    TissuePSPNet,
+)
 from napari_pathoseg.methods.tissue.train import Stage1Task, Stage2Task, cam_scores
 
-__all__ = ["PseudoEvent", "StageStart", "M5Done", "iter_m5", "make_pseudo_masks", "read_pseudo_masks", "evaluate_test"]
+__all__ = ["M5Done", "PseudoEvent", "StageStart", "evaluate_test", "iter_m5", "make_pseudo_masks", "read_pseudo_masks"]
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +151,12 @@ def read_pseudo_masks(run: str | os.PathLike, train: list[TissueImage]) -> list[
 
 def evaluate_test(net: TissuePSPNet, cfg: M5Config, test: list[TissueImage], *, device: Any = "cpu") -> dict[str, Any]:
     """Test scores: M5's sliding windows, the fully convolutional pass, and their pixel agreement."""
-    from napari_pathoseg.methods.tissue.evaluate import evaluate_net, tissue_map, whole_probs, window_probs
+    from napari_pathoseg.methods.tissue.evaluate import (
+        evaluate_net,
+        tissue_map,
+        whole_probs,
+        window_probs,
+    )
 
     res = {"window": evaluate_net(net, test, cfg.classes, tile=cfg.tile_size, mode="window", device=device,
                                   threshold=cfg.background_grey),

@@ -26,7 +26,7 @@ from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.inference.sinks import ProbabilityMap
 from napari_pathoseg.methods.tissue.data import background_mask
 
-__all__ = ["TissuePredictor", "MODES"]
+__all__ = ["MODES", "TissuePredictor"]
 
 #: (engine tile, engine overlap, blend) per mode, in multiples of the window for "literal".
 MODES = ("literal", "fast")

@@ -11,9 +11,10 @@ the scale; :func:`summary` is the JSON the CLI prints.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -21,8 +22,16 @@ from napari_pathoseg._atomic import atomic_path
 from napari_pathoseg.events import Cancellable, Progress
 from napari_pathoseg.methods.tissue.predictor import TissuePredictor
 
-__all__ = ["TissueResult", "iter_tissue", "ids_from_probs", "class_areas", "write_labels_tiff", "write_probs_tiff",
-           "summary", "CLASS_COLOURS"]
+__all__ = [
+    "CLASS_COLOURS",
+    "TissueResult",
+    "class_areas",
+    "ids_from_probs",
+    "iter_tissue",
+    "summary",
+    "write_labels_tiff",
+    "write_probs_tiff",
+]
 
 #: Display colours (RGB) of class ids: background transparent, then WSSS4LUAD's palette
 #: (tumour (0, 64, 128), stroma (64, 128, 0), normal (243, 152, 0)), then further colours.
@@ -136,7 +145,7 @@ def write_labels_tiff(result: TissueResult, path: str | os.PathLike, *, level0: 
 
     path = Path(path)
     ids = result.ids
-    x, y, w, h = result.region
+    _, _, w, h = result.region
     same = not level0 or abs(result.scale - 1.0) < 1e-9
     shape = tuple(ids.shape) if same else (h, w)
     cols = None if same else np.minimum((np.arange(w) / result.scale).astype(np.int64), ids.shape[1] - 1)

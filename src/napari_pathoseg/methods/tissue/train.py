@@ -15,7 +15,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,10 +26,14 @@ from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.methods.tissue.cam import gradcam_pp, pad_to, pseudo_mask, to_input
 from napari_pathoseg.methods.tissue.data import TissueImage
 from napari_pathoseg.methods.tissue.evaluate import confusion, evaluate_net, miou
-from napari_pathoseg.methods.tissue.network import M5Config, TissueClassifier, TissuePSPNet
+from napari_pathoseg.methods.tissue.network import (
+    M5Config,
+    TissueClassifier,
+    TissuePSPNet,
+)
 from napari_pathoseg.training.task import TrainTask
 
-__all__ = ["ons_loss", "ce_loss", "Stage1Task", "Stage2Task", "pda_threshold", "cam_scores"]
+__all__ = ["Stage1Task", "Stage2Task", "cam_scores", "ce_loss", "ons_loss", "pda_threshold"]
 
 logger = logging.getLogger(__name__)
 
