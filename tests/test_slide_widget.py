@@ -121,7 +121,7 @@ def test_demo_gui_opens_slide_with_all_docks(qtbot, sample_svs):
     try:
         assert viewer.layers[0].metadata["slide"]["format"] == "aperio"
         docks = set(viewer.window.dock_widgets)
-        for name in ("Slide", "Stain", "Nuclei", "Review", "Fine-tune", "Export"):
+        for name in ("Slide", "Stain", "Nuclei", "Lesions", "Tissue", "Review", "Fine-tune", "Export", "Cohort"):
             assert any(name in d for d in docks), (name, docks)
     finally:
         viewer.close()

@@ -66,7 +66,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("input", type=existing_file, help="slide or image file")
     q.add_argument("--out", required=True, help="labels TIFF (uint8 class ids; 0 background)")
     q.add_argument("--probs", default=None, help="also write the class probabilities here (TIFF, model grid)")
-    q.add_argument("--model", default="tissue-luad-lite", help="model name or .safetensors checkpoint")
+    q.add_argument("--model", default="tissue-luad-supervised", help="model name or .safetensors checkpoint")
     q.add_argument("--classes", default=None, help="comma-separated classes the model must have (refused otherwise)")
     q.add_argument("--mpp", type=positive_float(high=100.0), default=None,
                    help="declare the input's µm per pixel (images that do not record it)")
