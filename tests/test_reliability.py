@@ -230,3 +230,20 @@ def test_hostile_probe_script_cases_are_all_listed():
     assert len(CASES) > 100
     assert all(expect in ("refuse", "either") for _, expect, _ in CASES)
     assert issubclass(GeoJSONError, PathosegError)
+
+
+@pytest.mark.parametrize("command", ["lesion", "tissue"])
+def test_lesion_and_tissue_follow_the_output_rule(command, sample_svs, tmp_path, capsys):
+    """One rule for every command: a missing output folder and a file of another kind are refused
+    before any work (lesion and tissue used to create the folder and replace any file)."""
+    from napari_pathoseg.cli.main import main
+
+    assert main([command, str(sample_svs), "--out", str(tmp_path / "nodir" / "x.tif")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "nodir").exists()
+    notes = tmp_path / "notes.tif"
+    notes.write_text("a user's notes, not a TIFF")
+    assert main([command, str(sample_svs), "--out", str(notes)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not replaced" in err[0]
+    assert notes.read_text() == "a user's notes, not a TIFF"

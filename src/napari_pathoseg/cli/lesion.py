@@ -50,13 +50,13 @@ def _cmd_lesion(args: argparse.Namespace) -> int:
     for key in ("out", "mask", "geojson"):
         value = getattr(args, key)
         if value:
-            p = check_output(value, inputs=[args.input], what=f"--{key}")
+            kind = "json" if key == "geojson" else "tiff"
+            p = check_output(value, inputs=[args.input], what=f"--{key}", kind=kind, need_folder=True)
             for other, q in outs.items():
                 if p.resolve() == q.resolve():
                     raise OutputError(f"--{key} and --{other} are the same file {p}; give each output its own path")
             outs[key] = p
     region = _parse_region(args.region)
-    outs["out"].parent.mkdir(parents=True, exist_ok=True)
     model = load_model(args.model, task="lesion")
     dtype = "float32" if args.float else "uint8"
     with open_slide(args.input) as slide, tempfile.TemporaryDirectory(prefix=".lesion-", dir=str(outs["out"].parent)) as wd:

@@ -155,8 +155,9 @@ def cmd_tissue_train(args: argparse.Namespace) -> int:
 def _outputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
     from napari_pathoseg._atomic import OutputError, check_output
 
-    out = check_output(args.out, inputs=[args.input], what="--out")
-    probs = check_output(args.probs, inputs=[args.input], what="--probs") if args.probs else None
+    out = check_output(args.out, inputs=[args.input], what="--out", kind="tiff", need_folder=True)
+    probs = (check_output(args.probs, inputs=[args.input], what="--probs", kind="tiff", need_folder=True)
+             if args.probs else None)
     if probs is not None and probs.resolve() == out.resolve():
         raise OutputError(f"--out and --probs are the same file {out}; give each output its own path")
     return out, probs
@@ -181,7 +182,6 @@ def cmd_tissue(args: argparse.Namespace) -> int:
     model = load_model(args.model, task="tissue")
     if args.classes:
         model.check_classes([c.strip() for c in args.classes.split(",") if c.strip()])
-    out.parent.mkdir(parents=True, exist_ok=True)
     with open_slide(args.input) as slide, tempfile.TemporaryDirectory(prefix=".tissue-",
                                                                      dir=args.work_dir or str(out.parent)) as wd:
         if slide.mpp is None and args.mpp is None:
