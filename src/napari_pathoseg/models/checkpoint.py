@@ -31,7 +31,7 @@ from napari_pathoseg.errors import CheckpointError
 from napari_pathoseg.models.tasks import validate_config
 from napari_pathoseg.models.validation import check_finite
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_header", "split_state", "load_state_strict", "FORMAT_VERSION"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_network", "read_header", "split_state", "load_state_strict", "FORMAT_VERSION"]
 
 logger = logging.getLogger(__name__)
 
@@ -232,3 +232,35 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], *
             f"{str(own[k].dtype).replace('torch.', '')}; the file is damaged or was edited: use the original checkpoint."
         )
     module.load_state_dict(state, strict=True)
+
+
+def load_network(
+    path: str | os.PathLike,
+    *,
+    kind: str,
+    validate: Any,
+    build: Any,
+    what: str,
+    key: str = "net",
+) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """Load a one-network checkpoint of ``kind``: ``(module, config, meta)``.
+
+    The shared body of the method loaders (lesion, tissue): read the checkpoint (pickles
+    refused, header and finite weights checked), ``validate(config_dict, where=path)`` into the
+    method's config, ``build(config)`` the network and load the ``key`` tensors strictly.
+    ``what`` names the model in the error when those tensors are missing ("an M3 lesion model").
+
+    Raises
+    ------
+    CheckpointError
+        A pickle, another architecture, a config out of its schema, NaN/Inf weights, or
+        weights that do not fit the stored config.
+    """
+    path = Path(path)
+    tensors, config_d, meta = load_checkpoint(path, expected_kind=kind)
+    config = validate(config_d, where=str(path))
+    if key not in tensors:
+        raise CheckpointError(f"{path} has no {key!r} weights; it is not {what}.")
+    net = build(config)
+    load_state_strict(net, tensors[key], what=key, path=path)
+    return net, config, meta

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from napari_pathoseg.errors import CheckpointError, PathosegError, StainError
+from napari_pathoseg.errors import PathosegError, StainError
 from napari_pathoseg.methods.lesion.network import LesionFPN, M3Config
 from napari_pathoseg.models.validation import (
     MAX_FEATURE_BYTES,
@@ -26,7 +26,6 @@ from napari_pathoseg.models.validation import (
     ConfigSchemaError,
     Float,
     Int,
-    Nullable,
     Record,
     Seq,
     Spec,
@@ -198,19 +197,13 @@ def load_lesion_model(path: str | os.PathLike, *, card: Any = None, name: str | 
         A pickle, another architecture, a config out of its schema, NaN/Inf weights, or
         weights that do not fit the stored config.
     """
-    from napari_pathoseg.models.checkpoint import load_checkpoint, load_state_strict
+    from napari_pathoseg.models.checkpoint import load_network
+    from napari_pathoseg.training.settings import select_device
 
     path = Path(path)
-    tensors, config_d, meta = load_checkpoint(path, expected_kind="m3")
-    cfg = validate_m3_config(config_d, where=str(path))
-    if "net" not in tensors:
-        raise CheckpointError(f"{path} has no 'net' weights; it is not an M3 lesion model.")
-    net = LesionFPN(cfg)
-    load_state_strict(net, tensors["net"], what="net", path=path)
-    if device is None:
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        dev = torch.device(device)
+    net, cfg, meta = load_network(path, kind="m3", validate=validate_m3_config, build=LesionFPN,
+                                  what="an M3 lesion model")
+    dev = select_device(device)
     name = getattr(card, "name", None) or name or path.stem
     logger.info("loaded lesion model %s from %s on %s", name, path, dev)
     return LesionModel(net, cfg, device=dev, name=name, path=path, meta=meta, card=card)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from napari_pathoseg.errors import CheckpointError, PathosegError
+from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.methods.tissue.network import (
     M5Config,
     TissueClassifier,
@@ -159,16 +159,13 @@ def load_tissue_model(path: str | os.PathLike, *, card: Any = None, name: str | 
         A pickle, another architecture, a config out of its schema, NaN/Inf weights, or
         weights that do not fit the stored config.
     """
-    from napari_pathoseg.models.checkpoint import load_checkpoint, load_state_strict
+    from napari_pathoseg.models.checkpoint import load_network
+    from napari_pathoseg.training.settings import select_device
 
     path = Path(path)
-    tensors, config_d, meta = load_checkpoint(path, expected_kind="m5")
-    cfg = validate_m5_config(config_d, where=str(path))
-    if "net" not in tensors:
-        raise CheckpointError(f"{path} has no 'net' weights; it is not an M5 tissue model.")
-    net = TissuePSPNet(cfg)
-    load_state_strict(net, tensors["net"], what="net", path=path)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net, cfg, meta = load_network(path, kind="m5", validate=validate_m5_config, build=TissuePSPNet,
+                                  what="an M5 tissue model")
+    dev = select_device(device)
     name = getattr(card, "name", None) or name or path.stem
     logger.info("loaded tissue model %s from %s on %s", name, path, dev)
     return TissueModel(net, cfg, device=dev, name=name, path=path, meta=meta, card=card)
