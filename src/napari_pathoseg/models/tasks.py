@@ -124,10 +124,12 @@ TASKS: dict[str, Task] = {
     "malignancy": Task(
         "malignancy", "M1", "malignancy classification and region segmentation",
         "the malignancy classification", ("benign", "malignant"),
+        loader="napari_pathoseg.methods.malignancy.model:load_malignancy_model",
     ),
     "slide": Task(
         "slide", "M4", "slide classification with tile heat maps",
         "the slide classification", ("negative", "positive"),
+        loader="napari_pathoseg.methods.mil.model:load_slide_classifier",
     ),
 }
 
@@ -136,6 +138,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "m2": Architecture("m2", "nuclei", "napari_pathoseg.methods.nuclei.model:validate_m2_config"),
     "m3": Architecture("m3", "lesion", "napari_pathoseg.methods.lesion.model:validate_m3_config"),
     "m5": Architecture("m5", "tissue", "napari_pathoseg.methods.tissue.model:validate_m5_config"),
+    "m4": Architecture("m4", "slide", "napari_pathoseg.methods.mil.model:validate_m4_config"),
+    "m1": Architecture("m1", "malignancy", "napari_pathoseg.methods.malignancy.model:validate_m1_config"),
 }
 
 
