@@ -134,8 +134,11 @@ BATCH_TASKS: dict[str, BatchTask] = {
         layers=(("labels", "labels"),),
     ),
     "malignancy": BatchTask(
-        "malignancy", "malignancy (M1): probability and call", model_task="malignancy",
-        figures=("probability", "call"),
+        "malignancy", "malignancy (M1): slide probability and call, tile heat map, malignant region and its area",
+        runner="napari_pathoseg.cohort.malignancy:run_malignancy_slide",
+        model_task="malignancy", default_model="malignancy-lite",
+        figures=("probability", "call", "malignant_area_mm2", "malignant_fraction", "tissue_mm2", "tiles"),
+        layers=(("mask", "labels"), ("heatmap", "image")),
     ),
     "mil": BatchTask(
         "mil", "slide classification by MIL (M4): probability and call", model_task="slide",
