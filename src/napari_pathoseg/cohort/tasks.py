@@ -141,8 +141,11 @@ BATCH_TASKS: dict[str, BatchTask] = {
         layers=(("mask", "labels"), ("heatmap", "image")),
     ),
     "mil": BatchTask(
-        "mil", "slide classification by MIL (M4): probability and call", model_task="slide",
-        figures=("probability", "call"),
+        "mil", "slide classification by MIL (M4): probability, call and tile heat map",
+        runner="napari_pathoseg.cohort.mil:run_mil_slide",
+        model_task="slide", default_model="slidecls-crc-lite",
+        figures=("probability", "call", "n_tiles", "top_tile_probability"),
+        layers=(("heatmap", "image"),),
     ),
 }
 
