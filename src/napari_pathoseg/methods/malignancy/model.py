@@ -51,6 +51,7 @@ __all__ = [
     "validate_m1_config",
     "load_malignancy_model",
     "pad_to_multiple",
+    "pooled_probability",
     "resample",
     "WHOLE_IMAGE_FACTOR",
 ]
@@ -153,6 +154,24 @@ def _tile_starts(size: int, tile: int) -> list[int]:
     if starts[-1] + tile < size:
         starts.append(size - tile)
     return starts
+
+
+def pooled_probability(image: np.ndarray, *, side: int, classify: Any) -> float:
+    """One image's malignant probability: ``classify`` on the whole (H, W, 3) image when both sides
+    are <= ``side``, else the area-weighted mean over tiles of ``side`` px (last row/column shifted inwards).
+
+    ``classify`` maps an (N, h, w, 3) uint8 batch to (N,) probabilities.
+    """
+    h, w = image.shape[:2]
+    if h <= side and w <= side:
+        return float(classify(image[None])[0])
+    probs, weights = [], []
+    for y in _tile_starts(h, side):
+        for x in _tile_starts(w, side):
+            tile = image[y:y + side, x:x + side]
+            probs.append(float(classify(tile[None])[0]))
+            weights.append(tile.shape[0] * tile.shape[1])
+    return float(np.average(probs, weights=weights))
 
 
 class MalignancyModel:
@@ -269,17 +288,7 @@ class MalignancyModel:
         model's scale, else the area-weighted mean over tiles of that side (see the module text).
         """
         img = self._to_model_scale(image, mpp, "classify_image")
-        side = WHOLE_IMAGE_FACTOR * self.input_size
-        h, w = img.shape[:2]
-        if h <= side and w <= side:
-            return float(self.classify(img[None])[0])
-        probs, weights = [], []
-        for y in _tile_starts(h, side):
-            for x in _tile_starts(w, side):
-                tile = img[y:y + side, x:x + side]
-                probs.append(float(self.classify(tile[None])[0]))
-                weights.append(tile.shape[0] * tile.shape[1])
-        return float(np.average(probs, weights=weights))
+        return pooled_probability(img, side=WHOLE_IMAGE_FACTOR * self.input_size, classify=self.classify)
 
     def segment_image(self, image: np.ndarray, *, mpp: float | None, tile: int = 512, overlap: int = 32) -> np.ndarray:
         """B's malignant-region probability of a plain image, on the image's own pixel grid: (H, W) float32.

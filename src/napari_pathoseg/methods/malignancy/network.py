@@ -35,6 +35,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -147,8 +148,7 @@ def get_preset(name: str) -> M1Config:
 
 def to_input(rgb: Any) -> torch.Tensor:
     """(B, H, W, 3) uint8 or float 0-255 -> (B, 3, H, W) float32 network input, ``(x/255 - 0.5) / 0.25``."""
-    t = rgb if isinstance(rgb, torch.Tensor) else torch.from_numpy(__import__("numpy").asarray(rgb))
-    t = t.float()
+    t = rgb.float() if isinstance(rgb, torch.Tensor) else torch.from_numpy(np.array(rgb, dtype=np.float32))
     return ((t / 255.0 - 0.5) / 0.25).permute(0, 3, 1, 2).contiguous()
 
 

@@ -1,0 +1,159 @@
+"""Scores of M1 networks on held-out images: C/A's ROC AUC and accuracy, B's Dice.
+
+* Classification: each image's malignant probability (the whole image through the classifier,
+  or the area-weighted tile mean for large images, :func:`model.pooled_probability`), ROC AUC
+  over images and accuracy at the threshold.
+* Segmentation: B's probability on each held-out malignant image that has a mask, thresholded;
+  ``dice`` is the pooled Dice over all their pixels, ``dice_mean`` the mean per image.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from napari_pathoseg.methods.malignancy.data import LabelItem, Sample, load_samples
+from napari_pathoseg.methods.malignancy.model import pad_to_multiple, pooled_probability
+from napari_pathoseg.methods.malignancy.network import to_input
+
+__all__ = ["roc_auc", "classify_scores", "segment_scores", "evaluate_model", "evaluate_nets", "run_summary",
+           "net_classifier", "net_segmenter"]
+
+
+def roc_auc(score: np.ndarray, truth: np.ndarray) -> float:
+    """ROC AUC by the rank-sum statistic (ties averaged); NaN without both classes."""
+    from scipy.stats import rankdata
+
+    truth = np.asarray(truth, bool).ravel()
+    n_pos = int(truth.sum())
+    n_neg = truth.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(np.asarray(score, np.float64).ravel())
+    return float((ranks[truth].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def net_classifier(net: torch.nn.Module, *, device: Any = "cpu") -> Callable[[np.ndarray], np.ndarray]:
+    """``batch (N, H, W, 3) uint8 -> (N,) malignant probability`` of a classifier network (eval mode)."""
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        net.eval()
+        with torch.inference_mode():
+            logits = net(to_input(pad_to_multiple(batch)).to(device))
+            return torch.softmax(logits.float(), 1)[:, 1].cpu().numpy()
+
+    return run
+
+
+def net_segmenter(net: torch.nn.Module, *, device: Any = "cpu") -> Callable[[np.ndarray], np.ndarray]:
+    """``batch (N, H, W, 3) uint8 -> (N, H, W) probability`` of a segmenter network (eval mode)."""
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        net.eval()
+        h, w = batch.shape[1:3]
+        with torch.inference_mode():
+            logits = net(to_input(pad_to_multiple(batch)).to(device))[:, 0, :h, :w]
+            return torch.sigmoid(logits.float()).cpu().numpy()
+
+    return run
+
+
+def classify_scores(classify: Callable[[np.ndarray], np.ndarray], samples: Iterable[Sample], *, side: int,
+                    threshold: float = 0.5, min_size: int = 64) -> dict[str, Any]:
+    """ROC AUC, accuracy, sensitivity and specificity of image-level probabilities."""
+    probs, truth = [], []
+    for s in samples:
+        img = pad_to_multiple(s.image[None], minimum=min_size)[0]
+        probs.append(pooled_probability(img, side=side, classify=classify))
+        truth.append(s.label)
+    p, t = np.asarray(probs), np.asarray(truth, bool)
+    if not len(p):
+        return {"images": 0}
+    call = p >= threshold
+    return {
+        "auc": roc_auc(p, t),
+        "accuracy": float(np.mean(call == t)),
+        "sensitivity": float(np.mean(call[t])) if t.any() else float("nan"),
+        "specificity": float(np.mean(~call[~t])) if (~t).any() else float("nan"),
+        "images": int(len(p)),
+        "malignant": int(t.sum()),
+    }
+
+
+def segment_scores(segment: Callable[[np.ndarray], np.ndarray], samples: Iterable[Sample], *,
+                   threshold: float = 0.5, tile: int = 512) -> dict[str, Any]:
+    """Pooled and per-image Dice of B on the samples that have a mask."""
+    inter = total = 0.0
+    per = []
+    for s in samples:
+        if s.mask is None:
+            continue
+        h, w = s.mask.shape
+        img = pad_to_multiple(s.image[None], minimum=64)
+        prob = np.zeros(img.shape[1:3], np.float32)
+        for y in range(0, img.shape[1], tile):
+            for x in range(0, img.shape[2], tile):
+                part = pad_to_multiple(img[:, y:y + tile, x:x + tile], minimum=64)
+                ph, pw = min(tile, img.shape[1] - y), min(tile, img.shape[2] - x)
+                prob[y:y + ph, x:x + pw] = segment(part)[0, :ph, :pw]
+        pred = prob[:h, :w] >= threshold
+        truth = s.mask > 0
+        i, t = float(np.sum(pred & truth)), float(pred.sum() + truth.sum())
+        inter += i
+        total += t
+        per.append(2 * i / t if t else 1.0)
+    if not per:
+        return {"masked_images": 0}
+    return {"dice": 2 * inter / total if total else 1.0, "dice_mean": float(np.mean(per)), "masked_images": len(per)}
+
+
+def evaluate_nets(samples: list[Sample], *, classifier: torch.nn.Module | None = None,
+                  segmenter: torch.nn.Module | None = None, side: int, threshold: float = 0.5,
+                  mask_threshold: float = 0.5) -> dict[str, Any]:
+    """Scores of a classifier and/or a segmenter network on loaded samples."""
+    out: dict[str, Any] = {}
+    if classifier is not None:
+        out.update(classify_scores(net_classifier(classifier), samples, side=side, threshold=threshold))
+    if segmenter is not None:
+        out.update(segment_scores(net_segmenter(segmenter), samples, threshold=mask_threshold))
+    return out
+
+
+def evaluate_model(model: Any, items: list[LabelItem], *, per_dataset: bool = True) -> dict[str, Any]:
+    """Scores of a :class:`MalignancyModel` (C and B) on labelled items (read at the model's scale)."""
+    from napari_pathoseg.methods.malignancy.model import WHOLE_IMAGE_FACTOR
+
+    samples = load_samples(items, mpp=model.mpp)
+    side = WHOLE_IMAGE_FACTOR * model.input_size
+    res = classify_scores(model.classify, samples, side=side, threshold=model.threshold, min_size=model.min_size)
+    res.update(segment_scores(model.segment, samples, threshold=model.mask_threshold))
+    if per_dataset:
+        res["per_dataset"] = {}
+        for ds in sorted({s.dataset for s in samples}):
+            sub = [s for s in samples if s.dataset == ds]
+            r = classify_scores(model.classify, sub, side=side, threshold=model.threshold, min_size=model.min_size)
+            r.update(segment_scores(model.segment, sub, threshold=model.mask_threshold))
+            res["per_dataset"][ds] = r
+    return res
+
+
+def run_summary(run_dir: str | Path) -> dict[str, Any]:
+    """Per stage of a run folder: epochs, best epoch, best validation metrics, seconds."""
+    out: dict[str, Any] = {}
+    for stage in ("A", "B", "C"):
+        hist = Path(run_dir) / stage / "history.json"
+        if not hist.is_file():
+            continue
+        h = json.loads(hist.read_text())
+        best = [r for r in h if r.get("is_best")]
+        out[stage] = {
+            "epochs": len(h),
+            "best_epoch": best[-1]["epoch"] if best else None,
+            "best_val": best[-1]["val"] if best else None,
+            "seconds": round(sum(r.get("seconds", 0.0) for r in h), 1),
+        }
+    return out
