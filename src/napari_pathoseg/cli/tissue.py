@@ -50,6 +50,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps1", type=positive_int, default=12, help="stage 1 steps per epoch")
     p.add_argument("--epochs2", type=positive_int, default=20, help="stage 2 epochs")
     p.add_argument("--steps2", type=positive_int, default=15, help="stage 2 steps per epoch")
+    p.add_argument("--tiles", type=int, default=0,
+                   help="WSSS4LUAD only: cut each training patch into tiles of this many px whose multi-hot labels "
+                   "are derived from the tile's mask pixels; stage 1 trains on the tiles (0: whole patches)")
+    p.add_argument("--label-share", type=positive_float(high=0.99), default=0.05,
+                   help="with --tiles: a class is present in a tile from this share of its tissue pixels")
+    p.add_argument("--balance", action="store_true",
+                   help="class balancing: label vectors sampled ∝ sqrt(count) in stage 1, class-weighted loss in stage 2")
+    p.add_argument("--stage1-only", action="store_true",
+                   help="stop after stage 1 and the pseudo masks (scored on the test patches): the PDA ablation")
     p.add_argument("--supervised", action="store_true",
                    help="the fully supervised reference: stage 2 on the true masks of the training patches (CE)")
     p.add_argument("--pseudo-from", default=None,
@@ -106,7 +115,11 @@ def _load_data(args: argparse.Namespace, cfg: Any) -> Any:
     if args.labels is None:
         if args.classes:
             raise PathosegError("--classes goes with --labels; the WSSS4LUAD classes are fixed.")
-        return load_wsss4luad(args.data, train_masks=args.supervised)
+        if args.tiles and not 32 <= args.tiles <= 1024:
+            raise PathosegError(f"--tiles {args.tiles}: give a tile size from 32 to 1024 px (or 0 for whole patches).")
+        return load_wsss4luad(args.data, train_masks=args.supervised, tile=args.tiles, min_share=args.label_share)
+    if args.tiles:
+        raise PathosegError("--tiles derives tile labels from WSSS4LUAD's masks; your --labels patches are used whole.")
     if not args.classes:
         raise PathosegError("--labels needs --classes (comma-separated class names, in the order of the vectors).")
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
@@ -131,16 +144,20 @@ def cmd_tissue_train(args: argparse.Namespace) -> int:
         overrides["classes"] = list(data.classes)
     if args.mpp is not None:
         overrides["mpp"] = float(args.mpp)
+    if args.balance:
+        overrides["balance"] = True
     if overrides:
         cfg = get_preset(args.preset, **overrides)
     _err(f"pathoseg tissue-train: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test patches "
-         f"({data.source}), classes {data.classes}")
+         f"({data.source}), classes {data.classes}"
+         + (f"; {len(data.tiles)} tiles of {data.tile} px, labels {data.summary()['tile_labels']}" if data.tiles else ""))
     command = "pathoseg tissue-train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "pathoseg tissue-train"
     result = drive(
         with_sigterm(lambda token: iter_m5(
             cfg, data, out_dir=out, epochs1=args.epochs1, steps1=args.steps1, epochs2=args.epochs2,
             steps2=args.steps2, resume=args.resume, force=args.force, cancel=token, threads=args.threads,
             seed=args.seed, device=args.device, supervised=args.supervised, pseudo_from=args.pseudo_from, meta={"command": command},
+            stage1_only=args.stage1_only,
         )),
         M5Done,
         on_event=_progress(),

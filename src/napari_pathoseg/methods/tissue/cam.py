@@ -7,6 +7,8 @@ the map ``relu(sum_k w_k A_k)``, up-sampled to the image and divided by its maxi
 
 A pseudo mask gives every tissue pixel the present class (by the patch label) with the highest
 map; pixels of the grey > 210 rule are background (0, ignored by stage 2).
+:func:`tiled_pseudo_mask` does the same tile by tile, each tile with its own label (the
+patch cut into tiles whose labels say which classes each tile holds).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 
 from napari_pathoseg.methods.tissue.data import background_mask
 
-__all__ = ["gradcam_pp", "pad_to", "pseudo_mask", "to_input"]
+__all__ = ["gradcam_pp", "pad_to", "pseudo_mask", "tiled_pseudo_mask", "to_input"]
 
 
 def to_input(rgb: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -80,3 +82,28 @@ def pseudo_mask(cams: np.ndarray, present: Sequence[int], rgb: np.ndarray, *, th
         ids = (np.asarray(present)[np.argmax(sub, axis=0)] + 1).astype(np.uint8)
     ids[background_mask(rgb, threshold=threshold)] = 0
     return ids
+
+
+def tiled_pseudo_mask(net: torch.nn.Module, rgb: np.ndarray, tiles: Sequence[tuple[int, int, Sequence[int]]],
+                      size: int, *, threshold: float = 210.0, device: torch.device | str = "cpu") -> np.ndarray:
+    """Pseudo mask (H, W) uint8 of a patch from its labelled ``size`` px tiles (y, x, multi-hot labels).
+
+    Each tile gets :func:`pseudo_mask` of its own Grad-CAM++ maps and label (a one-class tile is
+    that class; later tiles overwrite the overlap of earlier ones); pixels of no tile are 0 (no
+    label), as are background pixels by the grey rule.
+    """
+    h, w = rgb.shape[:2]
+    out = np.zeros((h, w), np.uint8)
+    for y, x, labels in tiles:
+        crop = rgb[y:y + size, x:x + size]
+        present = [k for k, v in enumerate(labels) if v]
+        if not present:
+            continue
+        cams = None if len(present) == 1 else gradcam_pp(net, crop, classes=present, device=device)
+        if cams is None:
+            ids = np.full(crop.shape[:2], present[0] + 1, np.uint8)
+        else:
+            ids = (np.asarray(present)[np.argmax(cams[present], axis=0)] + 1).astype(np.uint8)
+        out[y:y + size, x:x + size] = ids
+    out[background_mask(rgb, threshold=threshold)] = 0
+    return out

@@ -66,6 +66,7 @@ M5_SCHEMA = Record(
         "lr2": Float(0.0, 10.0),
         "batch1": Int(1, 4096),
         "batch2": Int(1, 4096),
+        "balance": Bool(),
     }
 )
 

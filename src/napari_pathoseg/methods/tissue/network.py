@@ -70,6 +70,10 @@ class M5Config:
         SGD learning rates of stage 1 (M5: 0.01) and stage 2 (M5: 5e-3).
     batch1, batch2 : int
         Mini-batch sizes (M5: 16 and 16).
+    balance : bool
+        Class balancing (not in M5): stage 1 samples each label vector's patches ∝ sqrt of
+        their number instead of uniformly; stage 2 weights each pixel's loss by its pseudo
+        class (1 / sqrt of the class's pixel share, mean 1).
     """
 
     preset: str = "tissue-lite"
@@ -89,6 +93,7 @@ class M5Config:
     lr2: float = 5e-3
     batch1: int = 8
     batch2: int = 8
+    balance: bool = False
 
     def __post_init__(self) -> None:
         if len(self.widths) != 7 or len(self.blocks) != 4:

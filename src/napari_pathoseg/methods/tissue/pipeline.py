@@ -3,8 +3,10 @@
 :func:`iter_m5` yields the training engine's events of stage 1, a :class:`PseudoEvent` per
 pseudo mask, the engine's events of stage 2, and ends with one :class:`M5Done`:
 
-1. stage 1 (:class:`~.train.Stage1Task`) in ``RUN/stage1``;
-2. Grad-CAM++ pseudo masks of the training patches from stage 1's best checkpoint, written as
+1. stage 1 (:class:`~.train.Stage1Task`) in ``RUN/stage1``, on the training patches or, when the
+   data carry tiles (``TissueData.tiles``), on those tiles and their own labels;
+2. Grad-CAM++ pseudo masks of the training patches from stage 1's best checkpoint (with tiles:
+   each patch's mask put together tile by tile, :func:`~.cam.tiled_pseudo_mask`), written as
    PNGs to ``RUN/pseudo/`` (atomically; ``manifest.json`` names the checkpoint they came from,
    so a resumed run reuses them and a retrained stage 1 remakes them);
 3. stage 2 (:class:`~.train.Stage2Task`) in ``RUN/stage2`` on those masks;
@@ -16,6 +18,8 @@ starts both over. With ``supervised=True`` stage 1 is skipped and stage 2 trains
 masks of the training patches with plain cross-entropy in ``RUN/supervised`` (the reference
 a weakly supervised model is judged against). With ``pseudo_from=RUN`` stage 1 is skipped and
 stage 2 trains on the pseudo masks of another run (the ONS vs plain CE ablation on the same masks).
+``stage1_only=True`` stops after the pseudo masks and scores them on the test patches (the
+ablation of progressive dropout attention, which only acts in stage 1).
 """
 
 from __future__ import annotations
@@ -90,8 +94,20 @@ def _stamp(path: Path) -> str:
 
 
 def make_pseudo_masks(classifier: TissueClassifier, train: list[TissueImage], out_dir: Path, *, stamp: str,
-                      threshold: float, device: Any = "cpu", cancel: Any = None) -> Iterator[Any]:
-    """Write (or reuse) the Grad-CAM++ pseudo masks; yields :class:`PseudoEvent`, returns {name: mask}."""
+                      threshold: float, device: Any = "cpu", cancel: Any = None,
+                      tiles: list[TissueImage] | None = None, tile: int = 0) -> Iterator[Any]:
+    """Write (or reuse) the Grad-CAM++ pseudo masks; yields :class:`PseudoEvent`, returns {name: mask}.
+
+    With ``tiles`` (cut from ``train``, ``tile`` px) each patch's mask is made tile by tile from
+    the tiles' own labels.
+    """
+    from napari_pathoseg.methods.tissue.cam import tiled_pseudo_mask
+
+    by_parent: dict[str, list[tuple[int, int, tuple[int, ...]]]] = {}
+    for t in tiles or []:
+        by_parent.setdefault(t.parent, []).append((t.origin[0], t.origin[1], t.labels))
+    if tiles:
+        stamp = f"{stamp}:tile{tile}"
     from PIL import Image
     from skimage.io import imread
 
@@ -116,9 +132,13 @@ def make_pseudo_masks(classifier: TissueClassifier, train: list[TissueImage], ou
         if item.name in done["masks"] and path.is_file():
             masks[item.name] = np.asarray(imread(str(path))).astype(np.uint8)
         else:
-            present = [k for k, v in enumerate(item.labels) if v]
-            cams = gradcam_pp(classifier, item.image, classes=present, device=device)
-            m = pseudo_mask(cams, present, item.image, threshold=threshold)
+            if tiles:
+                m = tiled_pseudo_mask(classifier, item.image, by_parent.get(item.name, []), tile,
+                                      threshold=threshold, device=device)
+            else:
+                present = [k for k, v in enumerate(item.labels) if v]
+                cams = gradcam_pp(classifier, item.image, classes=present, device=device)
+                m = pseudo_mask(cams, present, item.image, threshold=threshold)
             with atomic_path(path) as tmp:
                 Image.fromarray(m).save(tmp, format="PNG")
             masks[item.name] = m
@@ -152,22 +172,29 @@ def read_pseudo_masks(run: str | os.PathLike, train: list[TissueImage]) -> list[
 def evaluate_test(net: TissuePSPNet, cfg: M5Config, test: list[TissueImage], *, device: Any = "cpu") -> dict[str, Any]:
     """Test scores: M5's sliding windows, the fully convolutional pass, and their pixel agreement."""
     from napari_pathoseg.methods.tissue.evaluate import (
-        evaluate_net,
+        confusion,
+        miou,
         tissue_map,
         whole_probs,
         window_probs,
     )
 
-    res = {"window": evaluate_net(net, test, cfg.classes, tile=cfg.tile_size, mode="window", device=device,
-                                  threshold=cfg.background_grey),
-           "whole": evaluate_net(net, test, cfg.classes, tile=cfg.tile_size, mode="whole", device=device,
-                                 threshold=cfg.background_grey)}
+    n = cfg.n_classes
+    conf = {"window": np.zeros((n + 1, n + 1), np.int64), "whole": np.zeros((n + 1, n + 1), np.int64)}
     same = total = 0
     for item in test:
-        a = tissue_map(window_probs(net, item.image, tile=cfg.tile_size, device=device), item.image)
-        b = tissue_map(whole_probs(net, item.image, tile=cfg.tile_size, device=device), item.image)
+        if item.mask is None:
+            continue
+        a = tissue_map(window_probs(net, item.image, tile=cfg.tile_size, device=device), item.image,
+                       threshold=cfg.background_grey)
+        b = tissue_map(whole_probs(net, item.image, tile=cfg.tile_size, device=device), item.image,
+                       threshold=cfg.background_grey)
+        conf["window"] += confusion(a, item.mask, n)
+        conf["whole"] += confusion(b, item.mask, n)
         same += int((a == b).sum())
         total += a.size
+    res: dict[str, Any] = {k: dict(miou(c, cfg.classes), images=sum(1 for i in test if i.mask is not None))
+                           for k, c in conf.items()}
     res["window_whole_agreement"] = same / total if total else float("nan")
     return res
 
@@ -175,7 +202,7 @@ def evaluate_test(net: TissuePSPNet, cfg: M5Config, test: list[TissueImage], *, 
 def iter_m5(cfg: M5Config, data: TissueData, *, out_dir: str | os.PathLike, epochs1: int, steps1: int, epochs2: int,
             steps2: int, resume: bool = False, force: bool = False, cancel: Any = None, threads: Any = None,
             seed: int = 0, device: Any = None, supervised: bool = False, pseudo_from: str | os.PathLike | None = None,
-            meta: dict[str, Any] | None = None) -> Iterator[Any]:
+            meta: dict[str, Any] | None = None, stage1_only: bool = False) -> Iterator[Any]:
     """Run M5 (see the module docstring); a generator of events ending in :class:`M5Done`."""
     from napari_pathoseg.training.engine import DoneEvent, iter_train, select_device
 
@@ -202,9 +229,12 @@ def iter_m5(cfg: M5Config, data: TissueData, *, out_dir: str | os.PathLike, epoc
         source = f"the pseudo masks of {pseudo_from}"
     else:
         train1 = [replace(t, mask=None) for t in data.train]  # image-level labels only
-        yield StageStart("stage1", f"stage 1: classifier on {len(train1)} labelled patches")
+        tiles = [replace(t, mask=None) for t in data.tiles]
+        what = f"{len(tiles)} labelled {data.tile} px tiles" if tiles else f"{len(train1)} labelled patches"
+        yield StageStart("stage1", f"stage 1: classifier on {what}")
         done1 = None
-        for ev in iter_train(Stage1Task(cfg, train1, data.val), out_dir=out / "stage1", epochs=epochs1,
+        task1 = Stage1Task(cfg, tiles or train1, data.val, tile=data.tile if tiles else 0, min_share=data.min_share)
+        for ev in iter_train(task1, out_dir=out / "stage1", epochs=epochs1,
                              steps_per_epoch=steps1, resume=resume, force=force, cancel=cancel, threads=threads,
                              seed=seed, device=dev, meta=meta):
             yield ev
@@ -217,9 +247,19 @@ def iter_m5(cfg: M5Config, data: TissueData, *, out_dir: str | os.PathLike, epoc
         yield StageStart("pseudo", "Grad-CAM++ pseudo masks")
         clf, _ = _load_net(TissueClassifier, Path(done1.best_checkpoint), "m5-cls", dev)
         masks = yield from make_pseudo_masks(clf, train1, out / "pseudo", stamp=_stamp(Path(done1.best_checkpoint)),
-                                             threshold=cfg.background_grey, device=dev, cancel=cancel)
+                                             threshold=cfg.background_grey, device=dev, cancel=cancel,
+                                             tiles=tiles, tile=data.tile)
         if masks is None:
             yield M5Done(None, cancelled=True, stage1=stage1, message="stopped while making pseudo masks")
+            return
+        if stage1_only:
+            test1: dict[str, Any] = {}
+            if any(t.mask is not None for t in data.test):
+                yield StageStart("test", f"pseudo masks of {len(data.test)} held-out test patches")
+                test1["pseudo_masks"] = cam_scores(clf, data.test, cfg.classes, device=dev,
+                                                   threshold=cfg.background_grey, tile=data.tile if tiles else 0,
+                                                   min_share=data.min_share)
+            yield M5Done(None, stage1=stage1, test=test1, message="stage 1 and pseudo masks done (stage 1 only)")
             return
         train2 = [replace(t, mask=masks[t.name]) for t in train1]
         folder2 = out / "stage2"
@@ -245,6 +285,7 @@ def iter_m5(cfg: M5Config, data: TissueData, *, out_dir: str | os.PathLike, epoc
             test = evaluate_test(net, cfg, data.test, device=dev)
         if not supervised and pseudo_from is None:
             clf, _ = _load_net(TissueClassifier, Path(stage1["best_checkpoint"]), "m5-cls", dev)
-            test["pseudo_masks"] = cam_scores(clf, data.test, cfg.classes, device=dev, threshold=cfg.background_grey)
+            test["pseudo_masks"] = cam_scores(clf, data.test, cfg.classes, device=dev, threshold=cfg.background_grey,
+                                              tile=data.tile if data.tiles else 0, min_share=data.min_share)
     yield M5Done(Path(done2.best_checkpoint), stage1=stage1, stage2=stage2, test=test,
                  message=f"done; best checkpoint {done2.best_checkpoint}")

@@ -23,8 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from napari_pathoseg.errors import PathosegError
-from napari_pathoseg.methods.tissue.cam import gradcam_pp, pad_to, pseudo_mask, to_input
-from napari_pathoseg.methods.tissue.data import TissueImage
+from napari_pathoseg.methods.tissue.cam import (
+    gradcam_pp,
+    pad_to,
+    pseudo_mask,
+    tiled_pseudo_mask,
+    to_input,
+)
+from napari_pathoseg.methods.tissue.data import TissueImage, tile_labels
 from napari_pathoseg.methods.tissue.evaluate import confusion, evaluate_net, miou
 from napari_pathoseg.methods.tissue.network import (
     M5Config,
@@ -38,7 +44,15 @@ __all__ = ["Stage1Task", "Stage2Task", "cam_scores", "ce_loss", "ons_loss", "pda
 logger = logging.getLogger(__name__)
 
 
-def ons_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def _pixel_ce(logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor | None) -> torch.Tensor:
+    ce = F.cross_entropy(logits, target.clamp_min(0), reduction="none")  # (B, H, W)
+    if class_weight is not None:
+        ce = ce * class_weight.to(ce)[target.clamp_min(0)]
+    return ce
+
+
+def ons_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, *,
+             class_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Online noise suppression: per-pixel CE weighted by softmax(-loss) over each image's pixels, mean 1.
 
     Parameters
@@ -46,8 +60,11 @@ def ons_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) ->
     logits : (B, n, H, W)
     target : (B, H, W) int64 class index 0..n-1 (any value where ``valid`` is False)
     valid : (B, H, W) bool, pixels with a pseudo label
+    class_weight : (n,) tensor or None
+        Class balancing: each pixel's CE times the weight of its (pseudo) class, before the
+        suppression weights are computed.
     """
-    ce = F.cross_entropy(logits, target.clamp_min(0), reduction="none")  # (B, H, W)
+    ce = _pixel_ce(logits, target, class_weight)
     with torch.no_grad():
         neg = (-ce).masked_fill(~valid, float("-inf")).flatten(1)
         w = torch.softmax(neg, 1)
@@ -56,9 +73,10 @@ def ons_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) ->
     return (w * ce * valid).sum() / valid.sum().clamp_min(1)
 
 
-def ce_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Plain cross-entropy over the valid pixels (the ablation of :func:`ons_loss`)."""
-    ce = F.cross_entropy(logits, target.clamp_min(0), reduction="none")
+def ce_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, *,
+            class_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain cross-entropy over the valid pixels (the ablation of :func:`ons_loss`), optionally class-weighted."""
+    ce = _pixel_ce(logits, target, class_weight)
     return (ce * valid).sum() / valid.sum().clamp_min(1)
 
 
@@ -85,17 +103,52 @@ def _crop(rng: np.random.Generator, arrays: Sequence[np.ndarray], size: int, fil
 
 
 def cam_scores(net: TissueClassifier, images: Sequence[TissueImage], classes: Sequence[str], *,
-               device: Any = "cpu", threshold: float = 210.0) -> dict[str, Any]:
-    """mIoU of the Grad-CAM++ pseudo masks of ``images`` (with masks) against their masks."""
+               device: Any = "cpu", threshold: float = 210.0, tile: int = 0, min_share: float = 0.05) -> dict[str, Any]:
+    """mIoU of the Grad-CAM++ pseudo masks of ``images`` (with masks) against their masks.
+
+    ``tile`` > 0: the pseudo masks are made tile by tile (:func:`~.cam.tiled_pseudo_mask`) with
+    the tile labels derived from each mask, as for the training patches.
+    """
     n = len(classes)
     conf = np.zeros((n + 1, n + 1), np.int64)
     for item in images:
         if item.mask is None:
             continue
-        present = [i for i, v in enumerate(item.labels) if v]
-        cams = gradcam_pp(net, item.image, classes=present, device=device)
-        conf += confusion(pseudo_mask(cams, present, item.image, threshold=threshold), item.mask, n)
+        if tile:
+            tiles = tile_labels(item.mask, tile, n_classes=n, min_share=min_share)
+            pm = tiled_pseudo_mask(net, item.image, tiles, tile, threshold=threshold, device=device)
+        else:
+            present = [i for i, v in enumerate(item.labels) if v]
+            cams = gradcam_pp(net, item.image, classes=present, device=device)
+            pm = pseudo_mask(cams, present, item.image, threshold=threshold)
+        conf += confusion(pm, item.mask, n)
     return miou(conf, classes)
+
+
+def class_weights(masks: Sequence[np.ndarray], n: int) -> torch.Tensor:
+    """Class balancing of stage 2: (n,) weights ∝ 1 / sqrt(pixel share) of each class in ``masks``
+    (ids 1..n), scaled to mean 1 over the pixels, clipped to [0.2, 5]; absent classes get 1."""
+    counts = np.zeros(n, np.float64)
+    for m in masks:
+        counts += np.bincount(np.asarray(m).ravel(), minlength=n + 1)[1:n + 1]
+    total = counts.sum()
+    if total == 0:
+        return torch.ones(n)
+    share = counts / total
+    w = np.where(share > 0, 1.0 / np.sqrt(np.maximum(share, 1e-12)), 1.0)
+    w = w / max(1e-12, float((w * share).sum()))
+    return torch.tensor(np.clip(w, 0.2, 5.0), dtype=torch.float32)
+
+
+def _sampler(items: Sequence[TissueImage], balance: bool) -> np.ndarray:
+    """Sampling probabilities of ``items``: uniform, or (``balance``) each label vector's group ∝ sqrt(its size)."""
+    if not balance:
+        return np.full(len(items), 1.0 / len(items))
+    groups: dict[tuple[int, ...], int] = {}
+    for t in items:
+        groups[tuple(t.labels)] = groups.get(tuple(t.labels), 0) + 1
+    p = np.array([1.0 / np.sqrt(groups[tuple(t.labels)]) for t in items])
+    return p / p.sum()
 
 
 class Stage1Task(TrainTask):
@@ -105,17 +158,21 @@ class Stage1Task(TrainTask):
     best_metric = "score"
     best_mode = "max"
 
-    def __init__(self, cfg: M5Config, train: Sequence[TissueImage], val: Sequence[TissueImage]) -> None:
+    def __init__(self, cfg: M5Config, train: Sequence[TissueImage], val: Sequence[TissueImage], *,
+                 tile: int = 0, min_share: float = 0.05) -> None:
         if not train:
             raise PathosegError("Stage 1 needs labelled training patches.")
         self.cfg, self.train, self.val = cfg, list(train), list(val)
+        self.tile, self.min_share = int(tile), float(min_share)
         self._thr = 1.0
+        self._p = _sampler(self.train, cfg.balance)
 
     def config(self) -> dict[str, Any]:
         return self.cfg.to_dict()
 
     def meta(self) -> dict[str, Any]:
-        return {"train": [t.name for t in self.train], "val": [t.name for t in self.val], "stage": 1}
+        return {"train": [t.name for t in self.train], "val": [t.name for t in self.val], "stage": 1,
+                "tile": self.tile, "min_share": self.min_share}
 
     def build(self, *, device: torch.device, rng: np.random.Generator) -> None:
         self.device, self.rng = device, rng
@@ -133,11 +190,11 @@ class Stage1Task(TrainTask):
         self._thr = pda_threshold(self.cfg, epoch, epochs)
 
     def batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        size = self.cfg.tile_size
+        size = self.tile or self.cfg.tile_size
         while True:
             imgs, labels = [], []
             for _ in range(self.cfg.batch1):
-                item = self.train[int(self.rng.integers(len(self.train)))]
+                item = self.train[int(self.rng.choice(len(self.train), p=self._p))]
                 (img,) = _crop(self.rng, [item.image], size, [255])
                 if self.rng.random() < 0.5:
                     img = img[:, ::-1]
@@ -164,7 +221,7 @@ class Stage1Task(TrainTask):
         out = {"val_loss": float(np.mean(losses)) if losses else float("nan")}
         if any(i.mask is not None for i in self.val):
             out.update(cam_scores(self.net, self.val, self.cfg.classes, device=self.device,
-                                  threshold=self.cfg.background_grey))
+                                  threshold=self.cfg.background_grey, tile=self.tile, min_share=self.min_share))
             out["score"] = out["miou"]
         else:
             out["score"] = -out["val_loss"]
@@ -194,6 +251,7 @@ class Stage2Task(TrainTask):
         self.cfg, self.train, self.val = cfg, list(train), list(val)
         self.mask_source = mask_source
         self._loss = ons_loss if cfg.loss == "ons" else ce_loss
+        self._cw = class_weights([t.mask for t in self.train], cfg.n_classes) if cfg.balance else None
         self._last = float("nan")
 
     def config(self) -> dict[str, Any]:
@@ -201,7 +259,8 @@ class Stage2Task(TrainTask):
 
     def meta(self) -> dict[str, Any]:
         return {"train": [t.name for t in self.train], "val": [t.name for t in self.val], "stage": 2,
-                "masks": self.mask_source, "task": "tissue", "classes": list(self.cfg.classes)}
+                "masks": self.mask_source, "task": "tissue", "classes": list(self.cfg.classes),
+                "class_weights": None if self._cw is None else [round(float(v), 4) for v in self._cw]}
 
     def build(self, *, device: torch.device, rng: np.random.Generator) -> None:
         self.device, self.rng = device, rng
@@ -234,7 +293,7 @@ class Stage2Task(TrainTask):
         dev = self.device
         self.opt.zero_grad(set_to_none=True)
         logits = self.net(batch["x"].to(dev))
-        loss = self._loss(logits, batch["t"].to(dev), batch["valid"].to(dev))
+        loss = self._loss(logits, batch["t"].to(dev), batch["valid"].to(dev), class_weight=self._cw)
         loss.backward()
         self.opt.step()
         self._last = float(loss.detach())
