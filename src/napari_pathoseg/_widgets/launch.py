@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 #: Every dock, in the order they are tabbed (the first one stays in front).
-DOCKS = ("Slide", "Stain", "Nuclei", "Lesions", "Tissue", "Slide classification", "Review", "Fine-tune", "Export", "Cohort")
+DOCKS = ("Slide", "Stain", "Nuclei", "Lesions", "Tissue", "Malignancy", "Slide classification", "Review", "Fine-tune", "Export", "Cohort")
 
 
 def launch_viewer(path: str | Path, *, run: bool = True):
