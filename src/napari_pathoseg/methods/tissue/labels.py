@@ -32,6 +32,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "PatchLabel",
     "PatchLabelError",
+    "parse_class_names",
     "parse_vector",
     "parse_wsss_name",
     "read_label_csv",
@@ -87,6 +88,18 @@ def _class_index(classes: Sequence[str]) -> dict[str, int]:
     return {c.strip().lower(): i for i, c in enumerate(classes)}
 
 
+def parse_class_names(text: str, classes: Sequence[str], *, where: str) -> tuple[int, ...]:
+    """``"tumour; stroma"`` (names separated by ``;`` or ``,``, any case) -> multi-hot vector over ``classes``."""
+    idx = _class_index(classes)
+    names = [s.strip().lower() for s in re.split(r"[;,]", str(text or "")) if s.strip()]
+    bad = [s for s in names if s not in idx]
+    if bad:
+        raise PatchLabelError(f"{where}: unknown class {bad[0]!r}; the classes are {list(classes)}.")
+    if not names:
+        raise PatchLabelError(f"{where}: names no class; every patch contains at least one class.")
+    return tuple(int(c.strip().lower() in names) for c in classes)
+
+
 def read_label_csv(path: str | Path, classes: Sequence[str]) -> list[PatchLabel]:
     """Read a CSV of multi-hot patch labels (see the module docstring for its columns)."""
     path = Path(path)
@@ -110,13 +123,7 @@ def read_label_csv(path: str | Path, classes: Sequence[str]) -> list[PatchLabel]
         if vec_col is not None:
             vec = parse_vector(row[vec_col], n, where=where)
         elif "classes" in cols:
-            names = [s.strip().lower() for s in (row[cols["classes"]] or "").split(";") if s.strip()]
-            bad = [s for s in names if s not in idx]
-            if bad:
-                raise PatchLabelError(f"{where}: unknown class {bad[0]!r}; the classes are {list(classes)}.")
-            if not names:
-                raise PatchLabelError(f"{where}: names no class; every patch contains at least one class.")
-            vec = tuple(int(c.lower() in names) for c in classes)
+            vec = parse_class_names(row[cols["classes"]], classes, where=where)
         elif len(class_cols) == n:
             vals = [(row[c] or "").strip() for c in class_cols]
             vec = parse_vector(" ".join(vals), n, where=where)
