@@ -8,6 +8,13 @@ and stitches the lesion probability map at that level (feathered overlaps). The 
 removed (both options); :func:`lesion_mask` re-thresholds without re-running the network, which
 is what the dock's live slider does.
 
+With a work folder (the CLI, cohorts, benchmarks) nothing slide-sized is held in memory: the
+engine streams the probability map to the folder, and the mask steps (threshold, fill holes,
+minimum area, region labels, areas, tissue fraction) run a band of rows at a time
+(:func:`napari_pathoseg.inference.bands.clean_mask`, identical to the in-memory steps); the
+result's ``prob``, ``mask`` and ``tissue`` are then read-only memory maps of files in the folder
+and the writers read them in strips. Without a work folder (the dock) they are arrays.
+
 Examples
 --------
 >>> import numpy as np
@@ -19,33 +26,37 @@ Examples
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from napari_pathoseg._atomic import atomic_path
 from napari_pathoseg.errors import PathosegError, StainError
 from napari_pathoseg.events import Cancellable, Progress
+from napari_pathoseg.inference._rows import RowStore
+from napari_pathoseg.inference.bands import clean_mask, write_rows_tiff
 from napari_pathoseg.inference.engine import InferenceResult, iter_predict
 from napari_pathoseg.inference.sinks import ProbabilityMap
 from napari_pathoseg.wsi.slide import Slide
 
 __all__ = [
+    "MIN_INPUT",
     "LesionPredictor",
     "LesionResult",
+    "check_threshold",
+    "export_regions_geojson",
     "iter_detect_lesions",
-    "run_detect_lesions",
     "lesion_mask",
     "region_table",
-    "check_threshold",
-    "write_probability_tiff",
+    "run_detect_lesions",
     "write_mask_tiff",
-    "MIN_INPUT",
-    "export_regions_geojson",
+    "write_probability_tiff",
 ]
 
 logger = logging.getLogger(__name__)
@@ -167,6 +178,12 @@ class LesionResult:
         The mask options.
     stain_normalized : bool
         Whether the source stain could be measured (else tiles ran unnormalised).
+    counts : dict, optional
+        ``lesion``, ``tissue`` and ``lesion_in_tissue`` pixels of ``mask`` / ``tissue``, counted
+        while streaming (``None``: counted from the arrays).
+    stores : dict, optional
+        The streamed run's row stores (``prob``, ``mask``, ``tissue``, ``labels``) in the work
+        folder, which the writers read in strips (``None``: arrays in memory).
     """
 
     prob: np.ndarray
@@ -185,21 +202,59 @@ class LesionResult:
     tiles_total: int = 0
     cancelled: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] | None = None
+    stores: dict[str, Any] | None = None
+
+    def _streamed(self) -> bool:
+        """The run was streamed and ``mask`` is still its own (not replaced, e.g. by an edited one)."""
+        if self.stores is None or not isinstance(self.mask, np.memmap):
+            return False
+        return Path(str(self.mask.filename)).resolve() == Path(self.stores["mask"].path).resolve()
+
+    def _count(self, what: str) -> int:
+        if self.counts is not None and self._streamed():
+            return int(self.counts[what])
+        if what == "lesion":
+            return int(np.count_nonzero(self.mask))
+        if what == "tissue":
+            return int(np.count_nonzero(self.tissue))
+        return int(np.count_nonzero(self.mask & self.tissue))
 
     @property
     def lesion_area_um2(self) -> float:
-        return float(self.mask.sum() * self.mpp * self.mpp)
+        return float(self._count("lesion") * self.mpp * self.mpp)
 
     @property
     def tissue_area_um2(self) -> float:
-        return float(self.tissue.sum() * self.mpp * self.mpp)
+        return float(self._count("tissue") * self.mpp * self.mpp)
 
-    def rethreshold(self, threshold: float) -> "LesionResult":
-        """The same run with another threshold (no network)."""
+    def rows(self, what: str, row0: int, row1: int) -> np.ndarray:
+        """Rows ``row0 .. row1`` of ``prob``, ``mask``, ``tissue`` or ``labels`` (from the work folder when streamed)."""
+        if self._streamed():
+            return self.stores[what].read(row0, row1)
+        if what == "labels":
+            return region_table(self.mask, mpp=self.mpp)[0][row0:row1]
+        return np.asarray(getattr(self, what)[row0:row1])
+
+    def labels(self) -> np.ndarray:
+        """Region labels (int32, ids of :attr:`regions`): a read-only memory map when streamed."""
+        if self._streamed():
+            return np.load(self.stores["labels"].path, mmap_mode="r")
+        return region_table(self.mask, mpp=self.mpp)[0]
+
+    def rethreshold(self, threshold: float) -> LesionResult:
+        """The same run with another threshold (no network; streamed again when the run was)."""
         from dataclasses import replace
 
-        mask = lesion_mask(self.prob, threshold=threshold, fill_holes=self.fill_holes,
-                           min_area_px=int(np.ceil(self.min_area_um2 / self.mpp**2)))
+        min_px = int(np.ceil(self.min_area_um2 / self.mpp**2))
+        if self._streamed():
+            tissue = self.stores["tissue"]
+            done = _stream_mask(self.stores["prob"], tissue_read=tissue.read, threshold=threshold,
+                                fill_holes=self.fill_holes, min_area_px=min_px, mpp=self.mpp,
+                                folder=Path(tissue.path).parent)
+            done["stores"]["prob"], done["stores"]["tissue"] = self.stores["prob"], tissue
+            return replace(self, threshold=float(threshold), **done)
+        mask = lesion_mask(self.prob, threshold=threshold, fill_holes=self.fill_holes, min_area_px=min_px)
         _, rows = region_table(mask, mpp=self.mpp)
         return replace(self, mask=mask, regions=rows, threshold=float(threshold))
 
@@ -217,7 +272,7 @@ class LesionResult:
             "min_area_um2": self.min_area_um2,
             "lesion_area_um2": round(self.lesion_area_um2, 1),
             "tissue_area_um2": round(tissue, 1),
-            "lesion_fraction_of_tissue": round(float(np.sum(self.mask & self.tissue)) / max(1, int(self.tissue.sum())), 4),
+            "lesion_fraction_of_tissue": round(self._count("lesion_in_tissue") / max(1, self._count("tissue")), 4),
             "n_regions": len(self.regions),
             "stain_normalized": self.stain_normalized,
             "tiles": self.tiles,
@@ -227,15 +282,65 @@ class LesionResult:
         }
 
 
-def _tissue_on_grid(slide: Slide, plan: Any, shape: tuple[int, int]) -> np.ndarray:
-    """The slide's tissue mask (:func:`~napari_pathoseg.tiling.tissue_mask`) resampled (nearest) to the output grid."""
+def _tissue_reader(slide: Slide, plan: Any, shape: tuple[int, int]) -> Any:
+    """``read(row0, row1)``: rows of the slide's tissue mask (:func:`~napari_pathoseg.tiling.tissue_mask`) on the output grid (nearest)."""
     from napari_pathoseg.tiling import tissue_mask
 
     tm, down = tissue_mask(slide)
     x, y = plan.region[:2]
-    rows = ((y + (np.arange(shape[0]) + 0.5) * plan.scale) / down).astype(np.int64).clip(0, tm.shape[0] - 1)
     cols = ((x + (np.arange(shape[1]) + 0.5) * plan.scale) / down).astype(np.int64).clip(0, tm.shape[1] - 1)
-    return tm[rows[:, None], cols[None, :]]
+
+    def read(row0: int, row1: int) -> np.ndarray:
+        rows = ((y + (np.arange(row0, row1) + 0.5) * plan.scale) / down).astype(np.int64).clip(0, tm.shape[0] - 1)
+        return tm[rows[:, None], cols[None, :]]
+
+    return read
+
+
+_RUNS = itertools.count()
+
+
+def _stream_mask(prob: RowStore, *, tissue_read: Any, threshold: float, fill_holes: bool, min_area_px: int,
+                 mpp: float, folder: Path, write_tissue: bool = False) -> dict[str, Any]:
+    """Mask, labels, tissue counts and regions of a probability map on disk, a band of rows at a time.
+
+    Returns the :class:`LesionResult` fields ``mask``, ``regions``, ``counts``, ``stores``
+    (``tissue`` too when ``write_tissue``); the mask and labels go to new files in ``folder``.
+    """
+    shape = prob.shape[:2]
+    tag = f"{os.getpid()}-{next(_RUNS)}"
+    stores = {"mask": RowStore(shape, bool, path=folder / f"lesion_mask-{tag}.npy"),
+              "labels": RowStore(shape, np.int32, path=folder / f"lesion_labels-{tag}.npy")}
+    if write_tissue:
+        stores["tissue"] = RowStore(shape, bool, path=folder / f"lesion_tissue-{tag}.npy")
+    counts = {"lesion": 0, "tissue": 0, "lesion_in_tissue": 0}
+
+    def raw(row0: int, row1: int) -> np.ndarray:
+        p = prob.read(row0, row1)
+        return (p[..., 0] if p.ndim == 3 else p) >= threshold
+
+    def on_band(row0: int, row1: int, lab: np.ndarray) -> None:
+        m = lab > 0
+        t = np.asarray(tissue_read(row0, row1), bool)
+        stores["mask"].write(row0, m)
+        stores["labels"].write(row0, lab)
+        if write_tissue:
+            stores["tissue"].write(row0, t)
+        counts["lesion"] += int(np.count_nonzero(m))
+        counts["tissue"] += int(np.count_nonzero(t))
+        counts["lesion_in_tissue"] += int(np.count_nonzero(m & t))
+
+    cm = clean_mask(raw, shape, fill_holes=fill_holes, min_area_px=min_area_px, on_band=on_band)
+    for st in stores.values():
+        st.close()
+    regions = [{"id": i + 1, "area_um2": float(cm.counts[i] * mpp * mpp),
+                "centroid_row": float(cm.centroids[i, 0]), "centroid_col": float(cm.centroids[i, 1]),
+                "bbox": [int(v) for v in cm.bboxes[i]]} for i in range(cm.n)]
+    out: dict[str, Any] = {"mask": np.load(stores["mask"].path, mmap_mode="r"), "regions": regions,
+                           "counts": counts, "stores": stores}
+    if write_tissue:
+        out["tissue"] = np.load(stores["tissue"].path, mmap_mode="r")
+    return out
 
 
 def _source_stain(model: Any, slide: Slide, image: np.ndarray | None) -> Any:
@@ -332,20 +437,28 @@ def iter_detect_lesions(
         else:
             yield ev
     assert res is not None
-    prob = np.asarray(res.outputs["prob"].values(), np.float32)
+    pmap = res.outputs["prob"]
+    min_px = int(np.ceil(min_area_um2 / res.mpp**2))
+    common = {"region": res.region, "scale": res.scale, "mpp": res.mpp, "threshold": float(threshold),
+                  "fill_holes": bool(fill_holes), "min_area_um2": float(min_area_um2), "stain_normalized": stain is not None,
+                  "model": res.name, "tiles": res.tiles, "tiles_total": res.tiles_total, "cancelled": res.cancelled,
+                  "timings": res.timings}
+    shape = tuple(pmap.shape[:2])
+    tissue_read = _tissue_reader(slide, res.plan, shape)
+    yield Progress(0, 1, "lesion mask", stage="mask")
+    if pmap.store.path is not None:  # streamed: nothing slide-sized in memory
+        done = _stream_mask(pmap.store, tissue_read=tissue_read, threshold=threshold, fill_holes=fill_holes,
+                            min_area_px=min_px, mpp=res.mpp, folder=Path(pmap.store.path).parent, write_tissue=True)
+        done["stores"]["prob"] = pmap.store
+        yield LesionResult(prob=np.load(pmap.store.path, mmap_mode="r"), **done, **common)
+        return
+    prob = np.asarray(pmap.values(), np.float32)
     if prob.ndim == 3:
         prob = prob[..., 0]
-    yield Progress(0, 1, "lesion mask", stage="mask")
-    mask = lesion_mask(prob, threshold=threshold, fill_holes=fill_holes,
-                       min_area_px=int(np.ceil(min_area_um2 / res.mpp**2)))
-    tissue = _tissue_on_grid(slide, res.plan, prob.shape)
+    mask = lesion_mask(prob, threshold=threshold, fill_holes=fill_holes, min_area_px=min_px)
+    tissue = tissue_read(0, shape[0])
     _, rows = region_table(mask, mpp=res.mpp)
-    yield LesionResult(
-        prob=prob, mask=mask, tissue=tissue, regions=rows, region=res.region, scale=res.scale, mpp=res.mpp,
-        threshold=float(threshold), fill_holes=bool(fill_holes), min_area_um2=float(min_area_um2),
-        stain_normalized=stain is not None, model=res.name, tiles=res.tiles, tiles_total=res.tiles_total,
-        cancelled=res.cancelled, timings=res.timings,
-    )
+    yield LesionResult(prob=prob, mask=mask, tissue=tissue, regions=rows, **common)
 
 
 def run_detect_lesions(source: Slide | np.ndarray, model: Any, **kwargs: Any) -> LesionResult:
@@ -363,56 +476,57 @@ def _resample_to(arr: np.ndarray, shape: tuple[int, int], *, order: int) -> np.n
     return resize(arr, shape, order=order, anti_aliasing=False, preserve_range=True).astype(arr.dtype)
 
 
+def _encode(prob: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "uint8":
+        return np.clip(np.rint(np.asarray(prob, np.float32) * 255.0), 0, 255).astype(np.uint8)
+    return np.clip(np.asarray(prob, np.float32), 0.0, 1.0).astype(np.float32)
+
+
+def _write_map(result: LesionResult, path: Path, what: str, dtype: Any, encode: Any,
+               grid: tuple[int, int] | None, order: int, metadata: dict[str, Any]) -> Path:
+    """Write ``prob`` or ``mask`` (encoded), streamed in strips on the model grid or resampled to ``grid``."""
+    import tifffile
+
+    shape = tuple(result.prob.shape[:2])
+    mpp = result.mpp if grid is None else result.mpp * shape[1] / max(1, grid[1])
+    kw = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER", "metadata": {**metadata, "mpp": mpp}}
+    with atomic_path(path) as tmp:
+        if grid is None:  # the model grid: strip by strip (bounded memory on whole slides)
+            write_rows_tiff(tmp, lambda r0, r1: encode(result.rows(what, r0, r1)), shape, dtype, **kw)
+        else:  # a plain image's own pixel grid (at most 8192 px a side)
+            data = _resample_to(np.asarray(result.rows(what, 0, shape[0])), grid, order=order)
+            tifffile.imwrite(tmp, encode(data), compression="zlib", **kw)
+    return path
+
+
 def write_probability_tiff(result: LesionResult, path: str | os.PathLike, *, dtype: str = "uint8",
                            grid: tuple[int, int] | None = None) -> Path:
     """Write the probability map as a TIFF (atomic).
 
     ``dtype``: ``"uint8"`` (0-255 = probability x 255) or ``"float32"`` (0-1). ``grid``: a
     (rows, cols) grid to resample to (bilinear; a plain image's own pixel grid), else the
-    model's grid; the metadata records ``mpp``, ``region_xywh``, ``scale`` and the encoding.
+    model's grid, written tiled strip by strip; the metadata records ``mpp``, ``region_xywh``,
+    ``scale`` and the encoding.
     """
-    import tifffile
-
-    prob = result.prob
-    if grid is not None:
-        prob = _resample_to(prob, grid, order=1)
-    if dtype == "uint8":
-        data = np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)
-    elif dtype == "float32":
-        data = np.clip(prob, 0.0, 1.0).astype(np.float32)
-    else:
+    if dtype not in ("uint8", "float32"):
         raise PathosegError(f"the probability type must be uint8 or float32, got {dtype!r}")
-    mpp = result.mpp if grid is None else result.mpp * result.prob.shape[1] / max(1, grid[1])
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, data, compression="zlib", resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER",
-                         metadata={"region_xywh": list(result.region), "mpp": mpp, "model": result.model,
-                                   "encoding": "probability x 255" if dtype == "uint8" else "probability 0-1",
-                                   "scale": result.scale if grid is None else 1.0})
-    return path
+    meta = {"region_xywh": list(result.region), "model": result.model,
+            "encoding": "probability x 255" if dtype == "uint8" else "probability 0-1",
+            "scale": result.scale if grid is None else 1.0}
+    return _write_map(result, Path(path), "prob", np.dtype(dtype), lambda p: _encode(p, dtype), grid, 1, meta)
 
 
 def write_mask_tiff(result: LesionResult, path: str | os.PathLike, *, grid: tuple[int, int] | None = None) -> Path:
     """Write the lesion mask (uint8 0/1; region labels are ``scipy.ndimage.label`` of it), atomic."""
-    import tifffile
-
-    mask = result.mask.astype(np.uint8)
-    if grid is not None:
-        mask = _resample_to(mask, grid, order=0)
-    mpp = result.mpp if grid is None else result.mpp * result.prob.shape[1] / max(1, grid[1])
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, mask, compression="zlib", resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER",
-                         metadata={"region_xywh": list(result.region), "mpp": mpp, "model": result.model,
-                                   "threshold": result.threshold})
-    return path
+    meta = {"region_xywh": list(result.region), "model": result.model, "threshold": result.threshold}
+    return _write_map(result, Path(path), "mask", np.uint8, lambda m: np.asarray(m, np.uint8), grid, 0, meta)
 
 
 def export_regions_geojson(result: Any, slide: Any, path: str | Path) -> int:
     """Write the lesion regions of ``result`` as QuPath GeoJSON annotations (class ``Tumor``); returns their number."""
     from napari_pathoseg.export.labels_export import run_export_labels
 
-    labels, _ = region_table(result.mask, mpp=result.mpp)
+    labels = result.labels() if isinstance(result, LesionResult) else region_table(result.mask, mpp=result.mpp)[0]
     x, y = result.region[:2]
     res = run_export_labels(
         path, labels, slide_metadata=slide.metadata, downsample=result.scale,

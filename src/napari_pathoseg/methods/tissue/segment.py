@@ -6,10 +6,16 @@ model's grid (0 background, 1..n the model's classes), the stitched probabilitie
 areas in µm² and fractions of the tissue. :func:`write_labels_tiff` writes the ids on the
 model grid or on the region's level-0 grid (plain images: their own pixel grid), recording
 the scale; :func:`summary` is the JSON the CLI prints.
+
+With a work folder (the CLI, cohorts, the dock's whole-slide runs) nothing slide-sized is held
+in memory: the engine streams the probabilities to the folder, the class ids are made and the
+per-class areas counted a band of rows at a time into a second file there (``ids`` is then a
+read-only memory map of it), and the writers read both in strips.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +26,8 @@ import numpy as np
 
 from napari_pathoseg._atomic import atomic_path
 from napari_pathoseg.events import Cancellable, Progress
+from napari_pathoseg.inference._rows import RowStore
+from napari_pathoseg.inference.bands import band_rows
 from napari_pathoseg.methods.tissue.predictor import TissuePredictor
 
 __all__ = [
@@ -41,7 +49,11 @@ CLASS_COLOURS = [(0, 0, 0), (0, 64, 128), (64, 128, 0), (243, 152, 0), (200, 30,
 
 @dataclass
 class TissueResult:
-    """A tissue map: ``ids`` (rows, cols) uint8 on the model grid and what produced it."""
+    """A tissue map: ``ids`` (rows, cols) uint8 on the model grid and what produced it.
+
+    ``ids_store``: the streamed run's row store of ``ids`` in the work folder (``None``: ``ids``
+    is an array in memory); :meth:`rows` reads either.
+    """
 
     ids: np.ndarray
     classes: tuple[str, ...]
@@ -56,22 +68,52 @@ class TissueResult:
     tiles: int = 0
     tiles_total: int = 0
     cancelled: bool = False
+    ids_store: Any = None
+
+    def rows(self, row0: int, row1: int) -> np.ndarray:
+        """Class ids of rows ``row0 .. row1`` (read from the work folder when streamed)."""
+        if self.ids_store is not None and isinstance(self.ids, np.memmap):
+            return self.ids_store.read(row0, row1)
+        return np.asarray(self.ids[row0:row1])
+
+
+def _ids(p: np.ndarray, n: int) -> np.ndarray:
+    ids = (np.argmax(p[..., :n], axis=-1) + 1).astype(np.uint8)
+    ids[p[..., n] >= 128] = 0
+    return ids
 
 
 def ids_from_probs(probs: np.ndarray, n: int, *, rows: int = 512) -> np.ndarray:
     """Class ids (rows, cols) uint8 from stored ``probs`` (rows, cols, n + 1): argmax + 1, 0 where background."""
     out = np.zeros(probs.shape[:2], np.uint8)
     for r in range(0, probs.shape[0], rows):
-        p = np.asarray(probs[r:r + rows])
-        ids = (np.argmax(p[..., :n], axis=-1) + 1).astype(np.uint8)
-        ids[p[..., n] >= 128] = 0
-        out[r:r + rows] = ids
+        out[r:r + rows] = _ids(np.asarray(probs[r:r + rows]), n)
     return out
+
+
+_RUNS = itertools.count()
+
+
+def _stream_ids(probs: Any, n: int, folder: Any) -> tuple[RowStore, np.ndarray]:
+    """Class ids of the stored ``probs`` written band by band to a new file in ``folder``; pixel counts per id."""
+    shape = tuple(probs.shape[:2])
+    store = RowStore(shape, np.uint8, path=Path(folder) / f"tissue_ids-{os.getpid()}-{next(_RUNS)}.npy")
+    counts = np.zeros(n + 1, np.int64)
+    step = band_rows(shape[1] * (n + 1))
+    for r in range(0, shape[0], step):
+        ids = _ids(probs.store.read(r, r + step), n)
+        store.write(r, ids)
+        counts += np.bincount(ids.ravel(), minlength=n + 1)[: n + 1]
+    store.close()
+    return store, counts
 
 
 def class_areas(ids: np.ndarray, classes: tuple[str, ...] | list[str], mpp: float) -> dict[str, Any]:
     """Per-class pixel counts, areas in µm² and fractions of the tissue (all non-background pixels)."""
-    counts = np.bincount(np.asarray(ids).ravel(), minlength=len(classes) + 1)
+    return _areas(np.bincount(np.asarray(ids).ravel(), minlength=len(classes) + 1), classes, mpp)
+
+
+def _areas(counts: np.ndarray, classes: tuple[str, ...] | list[str], mpp: float) -> dict[str, Any]:
     tissue = int(counts[1:].sum())
     px_area = float(mpp) ** 2
     out: dict[str, Any] = {}
@@ -120,12 +162,20 @@ def iter_tissue(source: Any, model: Any, *, mode: str = "literal", region: tuple
             yield ev
     assert res is not None
     probs = res.outputs["probs"]
-    ids = ids_from_probs(probs.array, len(pred.classes))
+    n = len(pred.classes)
+    store = None
+    if probs.store.path is not None:  # streamed: ids and areas a band at a time, nothing slide-sized in memory
+        store, counts = _stream_ids(probs, n, Path(probs.store.path).parent)
+        ids = np.load(store.path, mmap_mode="r")
+        areas = _areas(counts, pred.classes, res.mpp)
+    else:
+        ids = ids_from_probs(probs.array, n)
+        areas = class_areas(ids, pred.classes, res.mpp)
     yield TissueResult(
         ids=ids, classes=pred.classes, mpp=float(res.mpp), region=tuple(res.region), scale=float(res.scale),
-        model=pred.name, mode=mode, probs=probs, areas=class_areas(ids, pred.classes, res.mpp),
+        model=pred.name, mode=mode, probs=probs, areas=areas,
         timings=dict(res.timings), tiles=int(res.tiles), tiles_total=int(res.tiles_total),
-        cancelled=bool(res.cancelled),
+        cancelled=bool(res.cancelled), ids_store=store,
     )
 
 
@@ -153,10 +203,10 @@ def write_labels_tiff(result: TissueResult, path: str | os.PathLike, *, level0: 
     def tiles() -> Iterator[np.ndarray]:
         for r in range(0, shape[0], tile):
             if same:
-                strip = ids[r:r + tile]
+                strip = result.rows(r, r + tile)
             else:
                 rr = np.minimum((np.arange(r, min(h, r + tile)) / result.scale).astype(np.int64), ids.shape[0] - 1)
-                strip = ids[rr][:, cols]
+                strip = result.rows(int(rr[0]), int(rr[-1]) + 1)[rr - rr[0]][:, cols]
             for c in range(0, shape[1], tile):
                 t = np.zeros((tile, tile), np.uint8)
                 blk = strip[:, c:c + tile]
@@ -169,14 +219,32 @@ def write_labels_tiff(result: TissueResult, path: str | os.PathLike, *, level0: 
     return path
 
 
-def write_probs_tiff(result: TissueResult, path: str | os.PathLike) -> Path:
-    """Write the class probabilities (uint8, 255 = 1; last channel background) on the model grid (atomic)."""
+def write_probs_tiff(result: TissueResult, path: str | os.PathLike, *, tile: int = 256) -> Path:
+    """Write the class probabilities (uint8, 255 = 1; last channel background) on the model grid (atomic).
+
+    One tiled page of ``n + 1`` planes (``tifffile.imread`` gives ``(n + 1, rows, cols)``),
+    written strip by strip from the stored probabilities.
+    """
     import tifffile
 
     path = Path(path)
-    arr = np.asarray(result.probs.array)
+    store = result.probs.store
+    rows, cols, chans = (*store.shape[:2], store.shape[2] if len(store.shape) == 3 else 1)
+
+    def tiles() -> Iterator[np.ndarray]:
+        for ch in range(chans):
+            for r in range(0, rows, tile):
+                strip = np.asarray(store.read(r, r + tile))
+                strip = strip[..., ch] if strip.ndim == 3 else strip
+                for c in range(0, cols, tile):
+                    t = np.zeros((tile, tile), np.uint8)
+                    blk = strip[:, c:c + tile]
+                    t[:blk.shape[0], :blk.shape[1]] = blk
+                    yield t
+
     with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, np.moveaxis(arr, -1, 0), compression="zlib", photometric="minisblack",
+        tifffile.imwrite(tmp, tiles(), shape=(chans, rows, cols), dtype=np.uint8, tile=(tile, tile), compression="zlib",
+                         photometric="minisblack", planarconfig="separate",
                          metadata={**_tiff_meta(result, False), "channels": [*result.classes, "background"]})
     return path
 
