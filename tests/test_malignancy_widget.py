@@ -82,3 +82,49 @@ def test_dock_rectangle_layers_threshold_stop(make_napari_viewer, sample_svs, un
     assert seen and part.cancelled and 0 < part.tiles < part.tiles_total
     assert "stopped" in w.call_label.text()
     assert np.count_nonzero(~np.isnan(viewer.layers[heat_name].data)) == part.tiles
+
+
+def test_training_panel_stop_resume_register(make_napari_viewer, shared_data, tmp_path, monkeypatch, sync_jobs,
+                                             one_torch_thread):
+    from PIL import Image
+
+    from napari_pathoseg._widgets.malignancy import MalignancyWidget
+    from napari_pathoseg.training.engine import StepEvent
+
+    monkeypatch.setenv("PATHOSEG_HOME", str(tmp_path / "home"))  # a private registry
+    root = shared_data / "ebhi_seg_crc"
+    for kind, label in (("adenocarcinoma", "malignant"), ("normal", "benign")):
+        for p in sorted((root / "images" / kind).iterdir())[:3]:  # real 64-px crops, masks for the malignant ones
+            (tmp_path / "labels" / label).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.asarray(Image.open(p))[:64, :64]).save(tmp_path / "labels" / label / p.name)
+            if label == "malignant":
+                (tmp_path / "masks").mkdir(exist_ok=True)
+                Image.fromarray(np.asarray(Image.open(root / "masks" / kind / p.name))[:64, :64]).save(tmp_path / "masks" / p.name)
+    w = MalignancyWidget(make_napari_viewer())
+    assert not w.train_btn.isEnabled() and "labels" in w.train_btn.toolTip()
+    w.labels_edit.setText(str(tmp_path / "labels"))
+    w.masks_edit.setText(str(tmp_path / "masks"))
+    w.run_dir_edit.setText(str(tmp_path / "run"))
+    w.epochs_spin.setValue(1)
+    w.steps_spin.setValue(2)
+    w.register_edit.setText("my-m1")
+    w.train_options = {"threads": 1, "config": {"batch_size": 2, "tile_size": 64, "widths": [4, 8, 8, 16, 16]}}
+    assert w.train_btn.isEnabled()
+    show = w.on_train_event
+    stages = []
+
+    def stop_in_b(ev):
+        show(ev)
+        if isinstance(ev, StepEvent):
+            stages.append(ev.stage)
+            if ev.stage == "B":
+                w.train_jobs.stop()
+
+    w.on_train_event = stop_in_b
+    w.train_btn.click()
+    assert stages[-1] == "B" and "A" in stages
+    assert w.resume_check.isChecked() and "Stopped" in w.train_status.text() and w.model_combo.findText("my-m1") < 0
+    w.on_train_event = show
+    w.train_btn.click()  # resumes: A is not trained again
+    assert w.model_combo.currentText() == "my-m1" and "Registered 'my-m1'" in w.train_status.text()
+    assert (tmp_path / "run" / "malignancy.safetensors").is_file()

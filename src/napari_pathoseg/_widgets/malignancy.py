@@ -116,21 +116,31 @@ class TrainingDone:
     cancelled: bool = False
 
 
-def train_job(*, labels: str, masks: str | None, run_dir: str, preset: str, epochs: int, register_as: str | None,
-              resume: bool, cancel: Any) -> Iterator[Any]:
-    """The training job: :func:`train_malignancy`'s events, then one :class:`TrainingDone`."""
-    from napari_pathoseg.methods.malignancy.train import train_malignancy
+def train_job(*, labels: str, masks: str | None, run_dir: str, preset: str, epochs: int, steps: int,
+              register_as: str | None, resume: bool, cancel: Any, **options: Any) -> Iterator[Any]:
+    """The training job: :func:`train_malignancy`'s events, then one :class:`TrainingDone`.
 
-    last: Any = None
+    ``options`` go to :func:`train_malignancy` as they are (``config``, ``threads``...).
+    """
+    from napari_pathoseg.methods.malignancy.train import (
+        MalignancyTrainResult,
+        train_malignancy,
+    )
+
+    result = None
     for ev in train_malignancy(labels=labels, masks=masks or None, run_dir=run_dir, preset=preset, epochs=epochs,
-                               register_as=register_as or None, resume=resume, cancel=cancel):
-        last = ev
-        if getattr(ev, "model_path", None) is None:
+                               steps_per_epoch=steps, register_as=register_as or None, resume=resume, cancel=cancel,
+                               **options):
+        if isinstance(ev, MalignancyTrainResult):
+            result = ev
+        else:
             yield ev
-    if last is not None and getattr(last, "model_path", None) is not None and not getattr(last, "cancelled", False):
-        yield TrainingDone(Path(last.model_path), dict(getattr(last, "scores", {}) or {}), register_as or None)
-    else:
+    if result is None or result.cancelled or result.model_path is None:
         yield TrainingDone(None, {}, None, cancelled=True)
+    else:
+        flat = {f"{stage} {k}": v for stage, metrics in (result.scores or {}).items() if isinstance(metrics, dict)
+                for k, v in metrics.items() if isinstance(v, (int, float))}
+        yield TrainingDone(Path(result.model_path), flat, result.registered)
 
 
 def _describe(ev: Any) -> str:
@@ -233,7 +243,15 @@ class MalignancyWidget(QWidget):
         self.epochs_spin = QSpinBox()
         self.epochs_spin.setRange(1, 1000)
         self.epochs_spin.setValue(5)
-        self.epochs_spin.setSuffix(" per stage")
+        self.epochs_spin.setSuffix(" epochs")
+        self.epochs_spin.setToolTip("epochs of each stage (A, B, C)")
+        self.steps_spin = QSpinBox()
+        self.steps_spin.setRange(1, 100000)
+        self.steps_spin.setValue(40)
+        self.steps_spin.setSuffix(" steps")
+        self.steps_spin.setToolTip("training steps per epoch")
+        #: More keyword options for train_malignancy (``config`` overrides, ``threads``), for scripts and tests.
+        self.train_options: dict[str, Any] = {}
         self.resume_check = QCheckBox("resume")
         self.resume_check.setToolTip("continue the run in this folder from its last checkpoint")
         self.register_edit = QLineEdit()
@@ -252,7 +270,8 @@ class MalignancyWidget(QWidget):
                 ("Labels", hbox((self.labels_edit, 1), self.labels_file_btn, self.labels_dir_btn)),
                 ("Masks", hbox((self.masks_edit, 1), self.masks_btn)),
                 ("Run folder", hbox((self.run_dir_edit, 1), self.run_dir_btn)),
-                ("Preset", hbox((self.preset_combo, 1), self.epochs_spin, self.resume_check)),
+                ("Preset", hbox((self.preset_combo, 1), self.epochs_spin, self.steps_spin)),
+                ("", self.resume_check),
                 ("Register as", self.register_edit),
             ),
             hbox(self.train_btn, self.train_stop_btn),
@@ -409,13 +428,15 @@ class MalignancyWidget(QWidget):
     # ------------------------------------------------------------------ training
     def _on_train(self) -> None:
         args = {"labels": self.labels_edit.text().strip(), "masks": self.masks_edit.text().strip() or None,
-                    "run_dir": self.run_dir_edit.text().strip(), "preset": self.preset_combo.currentText(),
-                    "epochs": self.epochs_spin.value(), "register_as": self.register_edit.text().strip() or None,
-                    "resume": self.resume_check.isChecked()}
+                "run_dir": self.run_dir_edit.text().strip(), "preset": self.preset_combo.currentText(),
+                "epochs": self.epochs_spin.value(), "steps": self.steps_spin.value(),
+                "register_as": self.register_edit.text().strip() or None, "resume": self.resume_check.isChecked(),
+                **self.train_options}
         self.train_jobs.start(lambda token: train_job(cancel=token, **args), done_type=TrainingDone,
-                              on_event=self._on_train_event, on_done=self._on_trained, message="checking the labels…")
+                              on_event=self.on_train_event, on_done=self._on_trained, message="checking the labels…")
 
-    def _on_train_event(self, ev: Any) -> None:
+    def on_train_event(self, ev: Any) -> None:
+        """Show a training event on the panel's status line."""
         text = _describe(ev)
         if text:
             self.train_status.setText(text)
@@ -425,7 +446,7 @@ class MalignancyWidget(QWidget):
             self.train_status.setText("Stopped; the run folder keeps the last checkpoint: tick 'resume' to continue.")
             self.resume_check.setChecked(True)
             return
-        scores = ", ".join(f"{k} {v:.3f}" for k, v in done.scores.items() if isinstance(v, (int, float)))
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in done.scores.items())
         if done.registered:
             self.refresh_models(select=done.registered)
             self.train_status.setText(f"Registered {done.registered!r} ({scores}); it is selected above.")
