@@ -43,6 +43,7 @@ from napari_pathoseg._widgets._common import (
     adopt_units,
     ask_directory,
     ask_open_file,
+    display_levels,
     form,
     grid_placement,
     hbox,
@@ -70,6 +71,8 @@ logger = logging.getLogger(__name__)
 TASK = "malignancy"
 REGIONS = ("Current view", "Drawn rectangle", "Whole slide")
 PRESETS = ("lite", "m1")
+#: Region masks up to this many pixels are re-thresholded on the GUI thread; larger ones in the background.
+SYNC_PIXELS = 1 << 20
 
 
 def malignancy_models() -> list[Any]:
@@ -84,7 +87,7 @@ class MalignancyLayers:
     """A run's result with its layer data, prepared off the GUI thread."""
 
     result: MalignancyResult
-    labels: np.ndarray
+    labels: list[np.ndarray]
 
     @property
     def cancelled(self) -> bool:
@@ -101,7 +104,7 @@ def run_job(slide: Any, model_ref: str, *, region: Any, mpp: float | None, mask_
     for ev in iter_malignancy(slide, model=model, region=region, mpp=mpp, mask_threshold=mask_threshold,
                               whole_image=False, cancel=cancel):
         if isinstance(ev, MalignancyResult):
-            yield MalignancyLayers(ev, ev.mask.astype(np.uint8))
+            yield MalignancyLayers(ev, display_levels(ev.mask.astype(np.uint8)))
         else:
             yield ev
 
@@ -384,7 +387,8 @@ class MalignancyWidget(QWidget):
                                   metadata=dict(meta, what="classifier C's malignant probability per tile"), **heat_place)
 
         def add_labels() -> None:
-            self.viewer.add_labels(prepared.labels, name=lab, opacity=0.5,
+            data = prepared.labels if len(prepared.labels) > 1 else prepared.labels[0]
+            self.viewer.add_labels(data, name=lab, opacity=0.5, multiscale=len(prepared.labels) > 1,
                                    metadata=dict(meta, what="segmenter B's malignant region"), **mask_place)
             self.viewer.layers.selection.active = slide_layer
 
@@ -414,11 +418,23 @@ class MalignancyWidget(QWidget):
         """Re-make the region mask from the stored probabilities (no network; a comparison per pixel)."""
         if self.result is None or self.jobs.running:
             return
-        self.result = self.result.with_mask_threshold(self.mask_threshold.value() / 100)
+        res = self.result.with_mask_threshold(self.mask_threshold.value() / 100)
+
+        def job(token: Any) -> MalignancyLayers:
+            return MalignancyLayers(res, display_levels(res.mask.astype(np.uint8)))
+
+        if int(np.prod(res.shape)) <= SYNC_PIXELS:
+            self._on_rethreshold(job(None))
+        else:
+            self.jobs.start(job, on_done=self._on_rethreshold, message="new region threshold…",
+                            action="Re-thresholding", abandon_on_stop=True)
+
+    def _on_rethreshold(self, prepared: MalignancyLayers) -> None:
+        self.result = prepared.result
         layer = layer_named(self.viewer, self.layer_names()[1])
         if layer is not None:
-            layer.data = self.result.mask.astype(np.uint8)
-        self._show_call(self.result)
+            layer.data = prepared.labels if len(prepared.labels) > 1 else prepared.labels[0]
+        self._show_call(prepared.result)
 
     def _on_opacity(self, value: int) -> None:
         layer = layer_named(self.viewer, self.layer_names()[0]) if self.result is not None else None

@@ -73,6 +73,8 @@ logger = logging.getLogger(__name__)
 POOLINGS = ("topk", "max", "mean")
 #: Share of the tissue tiles the top-k mean averages.
 TOP_FRACTION = 0.1
+#: Rows of the model's grid handled at once when counting or writing the mask.
+STRIP_ROWS = 1024
 TASK = "malignancy"
 
 
@@ -138,12 +140,14 @@ class MalignancyResult:
         Level-0 pixels per heat-map cell.
     origin : (x, y)
         Level-0 corner of the heat map.
-    region_prob : (rows, cols) uint8
-        B's probability x 255 on the model's grid over ``region`` (0 off tissue on slides).
-    tissue : (rows, cols) bool
-        Tissue on the same grid.
+    region_prob : (rows, cols) uint8 array or memory map
+        B's probability x 255 on the model's grid over ``region`` (a memory map in the run's
+        work folder when it had one: the caller keeps the folder while it uses the result).
+    tissue_lowres : (mask, downsample) or None
+        The slide's low-resolution tissue mask and its level-0 pixels per pixel (the mask
+        is cut to it); ``None``: everything counts as tissue (plain images).
     mask_threshold : float
-        The region mask is ``region_prob >= mask_threshold`` (cut to the tissue on slides).
+        The region mask is ``region_prob >= mask_threshold``, cut to the tissue.
     region : (x, y, w, h)
         Level-0 rectangle covered. ``scale``: level-0 pixels per model pixel; ``mpp``: µm per
         model pixel.
@@ -162,8 +166,8 @@ class MalignancyResult:
     heatmap: np.ndarray
     cell: float
     origin: tuple[float, float]
-    region_prob: np.ndarray
-    tissue: np.ndarray
+    region_prob: Any
+    tissue_lowres: tuple[np.ndarray, float] | None
     mask_threshold: float
     region: tuple[int, int, int, int]
     scale: float
@@ -178,12 +182,46 @@ class MalignancyResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
-    def mask(self) -> np.ndarray:
-        """(rows, cols) bool malignant-region mask on the model's grid."""
-        m = self.region_prob >= np.uint8(min(255, round(self.mask_threshold * 255)))
-        if not self.whole_image:
-            m &= self.tissue
+    def shape(self) -> tuple[int, int]:
+        """(rows, cols) of the model's grid over ``region``."""
+        return tuple(self.region_prob.shape[:2])
+
+    def tissue_rows(self, r0: int, r1: int) -> np.ndarray:
+        """Tissue (bool) of grid rows ``r0 .. r1`` (the slide's tissue mask, nearest)."""
+        cols = self.shape[1]
+        if self.tissue_lowres is None:
+            return np.ones((r1 - r0, cols), bool)
+        tm, down = self.tissue_lowres
+        x, y = self.region[:2]
+        rr = ((y + (np.arange(r0, r1) + 0.5) * self.scale) / down).astype(np.int64).clip(0, tm.shape[0] - 1)
+        cc = ((x + (np.arange(cols) + 0.5) * self.scale) / down).astype(np.int64).clip(0, tm.shape[1] - 1)
+        return tm[rr[:, None], cc[None, :]]
+
+    def mask_rows(self, r0: int, r1: int) -> np.ndarray:
+        """The malignant-region mask (bool) of grid rows ``r0 .. r1``, cut to the tissue."""
+        m = np.asarray(self.region_prob[r0:r1]) >= np.uint8(min(255, round(self.mask_threshold * 255)))
+        if self.tissue_lowres is not None:
+            m &= self.tissue_rows(r0, r1)
         return m
+
+    @property
+    def tissue(self) -> np.ndarray:
+        """(rows, cols) bool tissue on the model's grid (whole array: small results, the dock)."""
+        return self.tissue_rows(0, self.shape[0])
+
+    @property
+    def mask(self) -> np.ndarray:
+        """(rows, cols) bool malignant-region mask on the model's grid (whole array)."""
+        return self.mask_rows(0, self.shape[0])
+
+    def areas_px(self, *, strip: int = STRIP_ROWS) -> tuple[int, int]:
+        """Malignant and tissue pixels, counted a strip of rows at a time (bounded memory)."""
+        mal = tis = 0
+        for r0 in range(0, self.shape[0], strip):
+            r1 = min(self.shape[0], r0 + strip)
+            mal += int(np.count_nonzero(self.mask_rows(r0, r1)))
+            tis += int(np.count_nonzero(self.tissue_rows(r0, r1))) if self.tissue_lowres is not None else (r1 - r0) * self.shape[1]
+        return mal, tis
 
     def with_mask_threshold(self, threshold: float) -> MalignancyResult:
         """The same run with another region threshold (no network)."""
@@ -198,9 +236,8 @@ class MalignancyResult:
 
     def summary(self) -> dict[str, Any]:
         """JSON summary: probability, call, malignant area and fraction of the tissue, tiles."""
-        mask = self.mask
+        mal_px, tissue_px = self.areas_px()
         px_um2 = self.mpp * self.mpp
-        tissue_px = int(self.tissue.sum())
         prob = None if math.isnan(self.probability) else round(float(self.probability), 5)
         return {
             "probability": prob,
@@ -214,25 +251,14 @@ class MalignancyResult:
             "mpp": self.mpp,
             "scale": self.scale,
             "mask_threshold": self.mask_threshold,
-            "malignant_area_um2": round(float(mask.sum()) * px_um2, 1),
+            "malignant_area_um2": round(mal_px * px_um2, 1),
             "tissue_area_um2": round(tissue_px * px_um2, 1),
-            "malignant_fraction": round(float(np.sum(mask & self.tissue)) / max(1, tissue_px), 4),
+            "malignant_fraction": round(mal_px / max(1, tissue_px), 4),
             "tiles_run": self.tiles,
             "tiles_total": self.tiles_total,
             "cancelled": self.cancelled,
             "timings": self.timings,
         }
-
-
-def _tissue_on_grid(slide: Slide, plan: Any, shape: tuple[int, int]) -> np.ndarray:
-    """The slide's tissue mask (``tiling.tissue_mask``) sampled (nearest) on the output grid."""
-    from napari_pathoseg.inference.engine import _tissue
-
-    tm, down = _tissue(slide)
-    x, y = plan.region[:2]
-    rows = ((y + (np.arange(shape[0]) + 0.5) * plan.scale) / down).astype(np.int64).clip(0, tm.shape[0] - 1)
-    cols = ((x + (np.arange(shape[1]) + 0.5) * plan.scale) / down).astype(np.int64).clip(0, tm.shape[1] - 1)
-    return tm[rows[:, None], cols[None, :]]
 
 
 def _check_model(model: Any) -> None:
@@ -350,16 +376,18 @@ def iter_malignancy(
     assert res is not None
     scores = res.outputs["prob"]
     probs = scores.scores[:, 0] if scores.scores.size else np.zeros(0, np.float32)
-    shape = res.plan.shape
-    tissue = _tissue_on_grid(slide, res.plan, shape) if tissue_only else np.ones(shape, bool)
     if with_mask:
-        region_prob = np.asarray(res.outputs["mask"].array, np.uint8)
+        region_prob = res.outputs["mask"].array  # a memory map when the run has a work folder
         if region_prob.ndim == 3:
             region_prob = region_prob[..., 0]
-        if tissue_only:
-            region_prob = np.where(tissue, region_prob, np.uint8(0))
     else:
-        region_prob = np.zeros(shape, np.uint8)
+        region_prob = np.zeros(res.plan.shape, np.uint8)
+    if tissue_only:
+        from napari_pathoseg.inference.engine import _tissue
+
+        tissue_lowres = _tissue(slide)
+    else:
+        tissue_lowres = None
     pooled = {k: pool_tile_probabilities(probs, pooling=k, top_fraction=top_fraction) for k in POOLINGS}
     pooled["share"] = float(np.mean(probs >= threshold)) if probs.size else float("nan")
     probability = pooled[pooling]
@@ -372,7 +400,7 @@ def iter_malignancy(
     yield MalignancyResult(
         probability=float(probability), label=label, threshold=threshold, tile_probs=probs.astype(np.float32),
         boxes=scores.boxes, heatmap=scores.heatmap[..., 0], cell=float(scores.cell), origin=scores.origin,
-        region_prob=region_prob, tissue=tissue, mask_threshold=mask_threshold, region=res.region, scale=res.scale,
+        region_prob=region_prob, tissue_lowres=tissue_lowres, mask_threshold=mask_threshold, region=res.region, scale=res.scale,
         mpp=res.mpp, whole_image=whole_image, pooling=pooling, pooled=pooled, model=res.name, tiles=res.tiles,
         tiles_total=res.tiles_total, cancelled=res.cancelled, timings=res.timings,
     )
@@ -407,35 +435,55 @@ def _write_tiff(path: str | os.PathLike, data: np.ndarray, *, mpp: float, metada
     return path
 
 
-def write_mask_tiff(result: MalignancyResult, path: str | os.PathLike, *, grid: tuple[int, int] | None = None) -> Path:
+def _mask_tiles(result: MalignancyResult, tile: int) -> Iterator[np.ndarray]:
+    """The model-grid mask as ``tile``² uint8 tiles, row-major, made a strip of rows at a time."""
+    rows, cols = result.shape
+    for r0 in range(0, rows, tile):
+        strip = result.mask_rows(r0, min(rows, r0 + tile)).astype(np.uint8)
+        for c0 in range(0, cols, tile):
+            out = np.zeros((tile, tile), np.uint8)
+            part = strip[:, c0:c0 + tile]
+            out[: part.shape[0], : part.shape[1]] = part
+            yield out
+
+
+def write_mask_tiff(result: MalignancyResult, path: str | os.PathLike, *, grid: tuple[int, int] | None = None,
+                    tile: int = 256) -> Path:
     """Write B's region mask as uint8 0/1 (atomic).
 
-    ``grid``: (rows, cols) of a plain image's own pixels over the region (the mask is
-    resampled from B's probability, bilinear, then thresholded); default the model's grid
-    (the inference level). The metadata records ``mpp``, ``region_xywh``, ``scale``, the
-    threshold and the model.
+    Default: on the model's grid (the inference level), written as a tiled TIFF a strip of
+    ``tile`` rows at a time (memory stays a strip whatever the slide). ``grid``: (rows, cols)
+    of a plain image's own pixels over the region (the mask is resampled from B's
+    probability, bilinear, then thresholded). The metadata records ``mpp``, ``region_xywh``,
+    ``scale``, the threshold and the model.
     """
-    if grid is None:
-        mask, mpp, scale = result.mask.astype(np.uint8), result.mpp, result.scale
-    else:
+    import tifffile
+
+    meta = {"region_xywh": list(result.region), "model": result.model, "mask_threshold": result.mask_threshold,
+            "encoding": "1 = malignant region (segmenter B), 0 = not"}
+    if grid is not None:
         from skimage.transform import resize
 
-        prob = resize(result.region_prob.astype(np.float32), grid, order=1, preserve_range=True, anti_aliasing=False)
+        prob = resize(np.asarray(result.region_prob, np.float32), grid, order=1, preserve_range=True, anti_aliasing=False)
         mask = (prob >= result.mask_threshold * 255 - 1e-3).astype(np.uint8)
-        if not result.whole_image:
+        if result.tissue_lowres is not None:
             mask &= _resample_nearest(result.tissue, grid).astype(np.uint8)
-        mpp = result.mpp * result.region_prob.shape[1] / max(1, grid[1])
-        scale = result.region[2] / max(1, grid[1])
-    return _write_tiff(path, mask, mpp=mpp, metadata={
-        "region_xywh": list(result.region), "mpp": mpp, "scale": scale, "model": result.model,
-        "mask_threshold": result.mask_threshold, "encoding": "1 = malignant region (segmenter B), 0 = not"})
+        mpp = result.mpp * result.shape[1] / max(1, grid[1])
+        return _write_tiff(path, mask, mpp=mpp, metadata={**meta, "mpp": mpp, "scale": result.region[2] / max(1, grid[1])})
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, _mask_tiles(result, tile), shape=result.shape, dtype=np.uint8, tile=(tile, tile),
+                         compression="zlib", resolution=(1e4 / result.mpp, 1e4 / result.mpp), resolutionunit="CENTIMETER",
+                         metadata={**meta, "mpp": result.mpp, "scale": result.scale})
+    return path
 
 
 def write_heatmap_tiff(result: MalignancyResult, path: str | os.PathLike, *, grid: tuple[int, int] | None = None) -> Path:
     """Write the tile heat map as float32 probability 0-1, NaN where no tile ran (atomic).
 
     Default: one pixel per heat-map cell. The metadata places it: ``region_xywh`` is the
-    level-0 rectangle the TIFF covers and ``level0_pixels_per_pixel`` its pixel size (the cell). ``grid``: (rows, cols) of a plain image's own pixels over the region; each
+    level-0 rectangle the TIFF covers and ``level0_pixels_per_pixel`` its pixel size (the
+    cell). ``grid``: (rows, cols) of a plain image's own pixels over the region; each
     pixel gets the probability of the tile cell it lies in.
     """
     slide_mpp = result.mpp / result.scale
