@@ -21,7 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["SlideJob", "run_slide_job", "cached_model", "model_loads", "peak_rss_mb", "one_line_error", "worker_name"]
+from distributed.diagnostics.plugin import WorkerPlugin
+
+__all__ = [
+    "SlideJob",
+    "WorkerWarmup",
+    "run_slide_job",
+    "cached_model",
+    "model_loads",
+    "peak_rss_mb",
+    "one_line_error",
+    "worker_name",
+    "warm_worker",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +170,87 @@ def cached_model(model_task: str, model: str) -> tuple[Any, bool]:
         _CACHE[key] = loaded
         _LOADS["n"] += 1
         return loaded, False
+
+
+def warm_worker(*, runner: str, model_task: str | None, model: str | None, torch_threads: int) -> None:
+    """Import what a slide needs and load the model into this process's cache (best effort).
+
+    Run in a background thread of a worker as soon as it starts, so the imports (torch alone
+    takes 1-2 s) and the model load overlap the client's own start-up; a slide that starts
+    meanwhile waits for the same imports (Python's import lock) and the same cache entry
+    (:func:`cached_model`), it never loads anything twice. Errors are only logged: the slide
+    that needs the module or the model reports them.
+    """
+    from napari_pathoseg.cohort.tasks import resolve_runner
+
+    t0 = time.perf_counter()
+    try:
+        _set_threads(torch_threads)
+        import napari_pathoseg.wsi.slide  # noqa: F401 - the import is the point
+        resolve_runner(runner)
+        if model is not None and model_task is not None:
+            cached_model(model_task, model)
+    except Exception as exc:  # noqa: BLE001 - best effort; the slide reports the error
+        logger.info("worker warm-up: %s", one_line_error(exc))
+    logger.debug("worker warm-up took %.2f s", time.perf_counter() - t0)
+
+
+def _exit_now() -> None:
+    """The last step of a worker process we started: leave without finalising the interpreter.
+
+    Registered with :mod:`atexit` (so it runs first, after the worker has closed and every
+    result was delivered). Finalising a process that imported torch takes 1-4 s, which the
+    cohort's caller would wait for when the local cluster closes.
+    """
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(0)
+
+
+class WorkerWarmup(WorkerPlugin):
+    """A dask worker plugin: warm each worker up in the background (:func:`warm_worker`).
+
+    With ``fast_exit`` (only for the worker processes of a local cluster the runner started
+    and closes itself) the worker process also ends with :func:`os._exit` once it has closed,
+    instead of finalising the interpreter. Never in the client's own process.
+
+    Parameters
+    ----------
+    runner, model_task, model, torch_threads
+        As in :class:`SlideJob`.
+    fast_exit : bool
+    client_pid : int
+        The process of the client (no fast exit there, e.g. for in-process workers).
+    """
+
+    name = "pathoseg-warmup"
+    idempotent = False
+
+    def __init__(self, *, runner: str, model_task: str | None, model: str | None, torch_threads: int,
+                 fast_exit: bool, client_pid: int) -> None:
+        self.runner = runner
+        self.model_task = model_task
+        self.model = model
+        self.torch_threads = int(torch_threads)
+        self.fast_exit = bool(fast_exit)
+        self.client_pid = int(client_pid)
+
+    def setup(self, worker: Any = None) -> None:
+        """Start the warm-up thread (and arm the fast exit); returns at once."""
+        if self.fast_exit and os.getpid() != self.client_pid:
+            import atexit
+
+            atexit.register(_exit_now)
+        threading.Thread(
+            target=warm_worker, name="pathoseg-warmup", daemon=True,
+            kwargs={"runner": self.runner, "model_task": self.model_task, "model": self.model,
+                    "torch_threads": self.torch_threads},
+        ).start()
+
 
 
 def run_slide_job(job: SlideJob) -> dict[str, Any]:

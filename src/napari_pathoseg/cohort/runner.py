@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from napari_pathoseg.cohort import outputs
-from napari_pathoseg.cohort.job import SlideJob, run_slide_job
+from napari_pathoseg.cohort.job import SlideJob, WorkerWarmup, run_slide_job
 from napari_pathoseg.cohort.manifest import CohortSlide
 from napari_pathoseg.cohort.summary import SUMMARY, new_row, summary_columns, write_summary
 from napari_pathoseg.cohort.tasks import get_batch_task
@@ -56,6 +56,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LOCK = ".pathoseg-batch.lock"
+
+#: ``summary.csv`` is rewritten at most this often while slides finish (and at the end).
+SUMMARY_EVERY_S = 2.0
 
 
 class CohortError(PathosegError):
@@ -114,6 +117,14 @@ class CohortResult:
     seconds : float
     cancelled : bool
     task, model : str
+    scheduler : str
+        The scheduler's address ("" when nothing ran).
+    workers : int
+    timings : dict
+        Seconds of the run's phases: ``verify_s`` (resume checks), ``cluster_start_s`` (cluster
+        up, or connected), ``first_result_s`` (cluster up to the first slide back: worker
+        imports and model load included), ``run_s`` (all slides), ``close_s`` (cluster down),
+        ``total_s``.
     """
 
     rows: list[dict]
@@ -129,6 +140,7 @@ class CohortResult:
     model: str | None
     scheduler: str = ""
     workers: int = 0
+    timings: dict = field(default_factory=dict)
 
 
 def format_seconds(s: float) -> str:
@@ -204,10 +216,22 @@ def _folder_lock(folder: Path) -> Iterator[None]:
 # ----------------------------------------------------------------------------- cluster
 
 
-@contextlib.contextmanager
-def _client(*, scheduler: str | None, workers: int, threads_per_worker: int, processes: bool,
-            dashboard: str | None, retries: int) -> Iterator[tuple[Any, str, str | None, int]]:
-    """A dask client: (client, scheduler address, dashboard link or None, workers)."""
+class _Cluster:
+    """A dask client and, for a local cluster, the cluster itself; :meth:`close` ends both."""
+
+    def __init__(self, client: Any, cluster: Any, address: str, dashboard: str | None, workers: int) -> None:
+        self.client, self.cluster, self.address, self.dashboard, self.workers = client, cluster, address, dashboard, workers
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def _open_cluster(*, scheduler: str | None, workers: int, threads_per_worker: int, processes: bool,
+                  dashboard: str | None, warmup: Any) -> _Cluster:
+    """Connect to ``scheduler`` or start a local cluster; ``warmup`` (a worker plugin) on local workers."""
     import dask
     from distributed import Client, LocalCluster
 
@@ -218,10 +242,10 @@ def _client(*, scheduler: str | None, workers: int, threads_per_worker: int, pro
             raise CohortError(f"cannot reach the dask scheduler at {scheduler} ({exc}); check the address and that it runs") from exc
         try:
             n = len(client.scheduler_info(n_workers=-1).get("workers", {}))
-            yield client, scheduler, _dashboard(client), n
-        finally:
+            return _Cluster(client, None, scheduler, _dashboard(client), n)
+        except BaseException:
             client.close()
-        return
+            raise
     # a worker that dies is retried by the runner (retries), not silently by the scheduler; a worker
     # gets a slide only when a thread is free, so a dying worker takes no queued slide with it
     # dask sets MALLOC_TRIM_THRESHOLD_ in its workers, which turns off glibc's adaptive mmap threshold:
@@ -230,16 +254,30 @@ def _client(*, scheduler: str | None, workers: int, threads_per_worker: int, pro
                           "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
         cluster = LocalCluster(
             n_workers=workers, threads_per_worker=threads_per_worker, processes=processes,
-            dashboard_address=dashboard or ":0", silence_logs=logging.ERROR, host="127.0.0.1" if processes else None,
+            dashboard_address=dashboard, silence_logs=logging.ERROR, host="127.0.0.1" if processes else None,
         )
     try:
         client = Client(cluster, set_as_default=False)
-        try:
-            yield client, str(cluster.scheduler_address), _dashboard(client) if dashboard else None, workers
-        finally:
-            client.close()
-    finally:
+        if warmup is not None:  # imports and model load start on every worker now, in the background
+            client.register_plugin(warmup)
+        return _Cluster(client, cluster, str(cluster.scheduler_address), _dashboard(client) if dashboard else None, workers)
+    except BaseException:
         cluster.close()
+        raise
+
+
+class _Background:
+    """``fn(*args, **kwargs)`` in a thread; :meth:`result` joins it and re-raises its error."""
+
+    def __init__(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        import concurrent.futures
+
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pathoseg-cohort")
+        self._future = self._pool.submit(fn, *args, **kwargs)
+        self._pool.shutdown(wait=False)
+
+    def result(self) -> Any:
+        return self._future.result()
 
 
 def _dashboard(client: Any) -> str | None:
@@ -357,12 +395,15 @@ def iter_cohort(
     except OSError as exc:
         raise CohortError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
     model_ref = (model or spec.default_model) if spec.model_task else None
-    if spec.model_task:
-        _check_model(spec.name, spec.model_task, model_ref)
+    # the check reads the model registry, which imports torch (1-2 s): it runs in the background
+    # while the slides are verified and the cluster starts, and ends before anything is written
+    check = _Background(_check_model, spec.name, spec.model_task, model_ref) if spec.model_task else None
     n_workers = int(workers) if workers else default_workers(threads_per_worker)
     t_start = time.perf_counter()
+    timings: dict[str, float] = {}
     columns = summary_columns(spec.figures, slides)
     summary_path = out / SUMMARY
+    local_processes = processes and not scheduler
 
     with _folder_lock(out):
         rows = [new_row(s) for s in slides]
@@ -386,45 +427,77 @@ def iter_cohort(
                 torch_threads=1 if processes or scheduler else 0,
             ))
         n_skip = len(slides) - len(jobs)
-        write_summary(summary_path, rows, columns)
+        timings["verify_s"] = time.perf_counter() - t_start
 
         def result(cancelled: bool, address: str = "", nw: int = 0) -> CohortResult:
             write_summary(summary_path, rows, columns)
             count = {k: sum(r["status"] == k for r in rows) for k in ("ok", "failed", "skipped", "pending")}
+            timings["total_s"] = time.perf_counter() - t_start
             return CohortResult(
                 rows=rows, summary=summary_path, out_dir=out, n_ok=count["ok"], n_failed=count["failed"],
-                n_skipped=count["skipped"], n_pending=count["pending"], seconds=time.perf_counter() - t_start,
+                n_skipped=count["skipped"], n_pending=count["pending"], seconds=timings["total_s"],
                 cancelled=cancelled, task=spec.name, model=model_ref, scheduler=address, workers=nw,
+                timings={k: round(v, 3) for k, v in timings.items()},
             )
 
-        if not jobs:
-            yield CohortStarted(len(slides), 0, n_skip, 0, threads_per_worker, "", None, str(out),
-                                done=n_skip, message=f"all {n_skip} slides are complete; nothing to run",
-                                rows=tuple(dict(r) for r in rows))
-            yield result(False)
+        starting = None
+        if jobs and not (cancel is not None and cancel.is_set()):
+            warmup = None if scheduler else WorkerWarmup(
+                runner=str(spec.runner), model_task=spec.model_task, model=model_ref,
+                torch_threads=1 if processes else 0, fast_exit=local_processes, client_pid=os.getpid())
+            t_cluster = time.perf_counter()
+            starting = _Background(_open_cluster, scheduler=scheduler, workers=n_workers,
+                                   threads_per_worker=int(threads_per_worker), processes=processes,
+                                   dashboard=dashboard, warmup=warmup)
+        try:
+            if check is not None:
+                check.result()
+        except BaseException:
+            if starting is not None:
+                with contextlib.suppress(BaseException):
+                    starting.result().close()
+            raise
+        write_summary(summary_path, rows, columns)
+        if starting is None:
+            if not jobs:
+                yield CohortStarted(len(slides), 0, n_skip, 0, threads_per_worker, "", None, str(out),
+                                    done=n_skip, message=f"all {n_skip} slides are complete; nothing to run",
+                                    rows=tuple(dict(r) for r in rows))
+            yield result(bool(jobs))
             return
-        if cancel is not None and cancel.is_set():
-            yield result(True)
-            return
-        with _client(scheduler=scheduler, workers=n_workers, threads_per_worker=int(threads_per_worker),
-                     processes=processes, dashboard=dashboard, retries=retries) as (client, address, link, nw):
+        cluster = starting.result()
+        timings["cluster_start_s"] = time.perf_counter() - t_cluster
+        try:
+            nw = cluster.workers
             yield CohortStarted(
-                len(slides), len(jobs), n_skip, nw, int(threads_per_worker), address, link, str(out), done=n_skip,
-                message=f"{len(jobs)} slides to run on {nw} worker(s), {n_skip} complete",
+                len(slides), len(jobs), n_skip, nw, int(threads_per_worker), cluster.address, cluster.dashboard,
+                str(out), done=n_skip, message=f"{len(jobs)} slides to run on {nw} worker(s), {n_skip} complete",
                 rows=tuple(dict(r) for r in rows),
             )
-            yield from _gather(client, jobs, rows, slides, summary_path, columns, retries=int(retries),
-                               cancel=cancel, poll_s=poll_s, n_skip=n_skip,
+            t_run = time.perf_counter()
+            yield from _gather(cluster.client, jobs, rows, slides, summary_path, columns, retries=int(retries),
+                               cancel=cancel, poll_s=poll_s, n_skip=n_skip, timings=timings,
                                max_in_flight=None if scheduler else nw * int(threads_per_worker))
-            stopped = cancel is not None and cancel.is_set()
-            yield result(stopped, address, nw)
+            timings["run_s"] = time.perf_counter() - t_run
+        finally:
+            t_close = time.perf_counter()
+            cluster.close()
+            timings["close_s"] = time.perf_counter() - t_close
+        stopped = cancel is not None and cancel.is_set()
+        yield result(stopped, cluster.address, nw)
 
 
 def _gather(client: Any, jobs: list[SlideJob], rows: list[dict], slides: Sequence[CohortSlide], summary_path: Path,
             columns: list[str], *, retries: int, cancel: Cancellable | None, poll_s: float,
-            n_skip: int, max_in_flight: int | None) -> Iterator[SlideFinished]:
-    """Submit the jobs, collect them as they finish, retry lost workers; yield one event per slide."""
-    from distributed import as_completed
+            n_skip: int, max_in_flight: int | None, timings: dict[str, float] | None = None,
+            summary_every_s: float = SUMMARY_EVERY_S) -> Iterator[SlideFinished]:
+    """Submit the jobs, collect them as they finish, retry lost workers; yield one event per slide.
+
+    ``summary.csv`` is rewritten when a slide fails, and otherwise at most every
+    ``summary_every_s`` seconds (a cohort of thousands of slides would spend its time rewriting
+    the table); the caller writes it once more at the end.
+    """
+    from distributed.client import _wait as wait_any  # distributed.wait, on our client (not the default one)
 
     t0 = time.perf_counter()
     attempt: dict[int, int] = {}
@@ -442,23 +515,26 @@ def _gather(client: Any, jobs: list[SlideJob], rows: list[dict], slides: Sequenc
     waiting = list(jobs)
     first = waiting if max_in_flight is None else waiting[: max(1, max_in_flight)]
     waiting = waiting[len(first):]
-    futures = [submit(j) for j in first]
-    ac = as_completed(futures, loop=client.loop)
+    active = [submit(j) for j in first]
     finished = 0
     total = len(rows)
-    while not ac.is_empty():
+    last_write = -float("inf")
+    while active:
         if cancel is not None and cancel.is_set():
-            pending = [f for f in futures if not f.done()]
-            client.cancel(pending)
-            for f in pending:
+            client.cancel(active)
+            for f in active:
                 rows[by_key[f.key].index]["error"] = "stopped before it finished"
             for j in waiting:
                 rows[j.index]["error"] = "stopped before it ran"
             return
-        if not ac.has_ready():
-            time.sleep(poll_s)
+        # wakes as soon as a slide ends (no polling delay), or after poll_s to look at Stop
+        try:
+            ended = client.sync(wait_any, active, timeout=poll_s, return_when="FIRST_COMPLETED").done
+        except TimeoutError:
             continue
-        for fut in ac.next_batch(block=False):
+        ended = [f for f in active if f in ended]  # submission order
+        active = [f for f in active if f not in ended]
+        for fut in ended:
             job = by_key[fut.key]
             row = rows[job.index]
             if fut.status == "finished":
@@ -474,9 +550,7 @@ def _gather(client: Any, jobs: list[SlideJob], rows: list[dict], slides: Sequenc
                 exc = fut.exception()
                 if _lost_worker(exc) and attempt[job.index] <= retries:
                     logger.warning("%s: its worker was lost (%s); retrying", slides[job.index].stem, type(exc).__name__)
-                    new = submit(job)
-                    futures.append(new)
-                    ac.add(new)
+                    active.append(submit(job))
                     continue
                 from napari_pathoseg.cohort.job import one_line_error
 
@@ -489,11 +563,14 @@ def _gather(client: Any, jobs: list[SlideJob], rows: list[dict], slides: Sequenc
                 row.update(status="failed", error=error)
             row["attempts"] = attempt[job.index]
             if waiting:
-                new = submit(waiting.pop(0))
-                futures.append(new)
-                ac.add(new)
+                active.append(submit(waiting.pop(0)))
             finished += 1
-            write_summary(summary_path, rows, columns)
+            if timings is not None and "first_result_s" not in timings:
+                timings["first_result_s"] = time.perf_counter() - t0
+            now = time.perf_counter()
+            if row["status"] == "failed" or now - last_write >= summary_every_s:
+                write_summary(summary_path, rows, columns)
+                last_write = now
             done = finished + n_skip
             failed = sum(r["status"] == "failed" for r in rows)
             elapsed = time.perf_counter() - t0
