@@ -54,6 +54,7 @@ M4_SCHEMA = Record(
         "k": Float(0.0, 1.0, low_open=True),
         "sinkhorn_iters": Int(1, 10_000),
         "sinkhorn_lambda": Float(0.0, 100.0, low_open=True),
+        "bank_refresh": Int(0, 1_000_000),
         "bag_tiles": Int(1, 4096),
         "pooling": Choice(POOLINGS),
         "pooling_k": Float(0.0, 1e6, low_open=True),

@@ -71,6 +71,8 @@ class MilConfig:
         Sinkhorn-Knopp iterations per re-solve.
     sinkhorn_lambda : float
         Sharpness: the transport plan is built from ``probabilities ** lambda``.
+    bank_refresh : int
+        Re-predict the whole prediction bank with the teacher every this many steps (0: never).
     bag_tiles : int
         ``meanpool`` baseline: tiles per slide bag.
     pooling : str
@@ -94,6 +96,7 @@ class MilConfig:
     k: float = 0.2
     sinkhorn_iters: int = 50
     sinkhorn_lambda: float = 1.0
+    bank_refresh: int = 50
     bag_tiles: int = 16
     pooling: str = "topk_mean"
     pooling_k: float = 5
