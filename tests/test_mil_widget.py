@@ -108,3 +108,33 @@ def test_training_panel_needs_a_cohort_and_a_folder(make_napari_viewer, tmp_path
     assert not w.train_btn.isEnabled() and "run folder" in w.train_btn.toolTip()
     w.run_edit.setText(str(tmp_path / "run"))
     assert w.train_btn.isEnabled()
+
+
+@pytest.mark.slow
+def test_training_panel_runs_train_mil_and_stop_keeps_a_resumable_checkpoint(make_napari_viewer, he_image, make_pyramid_tiff,
+                                                                             tmp_path, sync_jobs, one_torch_thread):
+    from napari_pathoseg._widgets.slidecls import SlideClassificationWidget
+
+    rows = []
+    for i, label in enumerate(("negative", "positive")):
+        make_pyramid_tiff(tmp_path / f"s{i}.tif", he_image[i * 512:(i + 1) * 512, :512], levels=1, tile=256, mpp=1.0)
+        rows.append(f"s{i}.tif,{label}")
+    (tmp_path / "cohort.csv").write_text("slide,label\n" + "\n".join(rows) + "\n")
+    w = SlideClassificationWidget(make_napari_viewer())
+    w.cohort_edit.setText(str(tmp_path / "cohort.csv"))
+    w.run_edit.setText(str(tmp_path / "run"))
+    seen = []
+
+    def on_event(ev):
+        seen.append(ev)
+        if getattr(ev, "stage", "") == "train":
+            w.train_stop_btn.click()  # Stop after the first training step
+
+    real_start = w.train_jobs.start
+    w.train_jobs.start = lambda job, **kw: real_start(job, **{**kw, "on_event": on_event})
+    w.train_btn.click()
+    steps = [ev for ev in seen if getattr(ev, "stage", "") == "train"]
+    assert steps and steps[0].total >= steps[0].done >= 1 and "epoch 1" in steps[0].message
+    assert "stopped" in w.train_status.text() and "resume" in w.train_status.text()
+    assert (tmp_path / "run" / "last.safetensors").is_file()
+    assert w.train_btn.isEnabled() and not w.train_stop_btn.isEnabled()

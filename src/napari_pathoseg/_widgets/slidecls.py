@@ -145,7 +145,11 @@ def train_job(*, cohort: str, run_dir: str, preset: str, epochs: int | None, res
                         register_as=register or None, cancel=cancel, threads=1):
         last = ev
         done, total = getattr(ev, "done", None), getattr(ev, "total", None)
-        if isinstance(done, int) and isinstance(total, int):
+        if isinstance(ev, Progress):  # cutting the slides into tiles
+            yield ev
+        elif hasattr(ev, "steps_per_epoch") and not hasattr(ev, "losses"):  # the run starts
+            yield Progress(0, 0, str(getattr(ev, "message", "training…")), stage="start")
+        elif isinstance(done, int) and isinstance(total, int):  # one optimisation step
             losses = getattr(ev, "losses", None) or {}
             text = " ".join(f"{k} {v:.3f}" for k, v in list(losses.items())[:3])
             yield Progress(done, total, f"epoch {getattr(ev, 'epoch', 0) + 1}, step {done}/{total} {text}".strip(),
