@@ -418,7 +418,7 @@ def train_malignancy(*, labels: Any = None, masks: str | os.PathLike | None = No
         yield MalignancyTrainResult(run_dir, None, scores, stages=done_events)
         return
     card = _write_run_pair(pair, have["C"], have["B"], cfg=cfg, table=table, scores=scores, name=register_as,
-                           command=meta["command"])
+                           command=meta["command"], seed=seed)
     registered = None
     if register_as:
         from napari_pathoseg.models.registry import register_model
@@ -434,7 +434,7 @@ def _scores(done: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_run_pair(path: Path, c_best: Path, b_best: Path, *, cfg: M1Config, table: LabelTable,
-                    scores: dict[str, Any], name: str | None, command: str) -> dict[str, Any]:
+                    scores: dict[str, Any], name: str | None, command: str, seed: int = 0) -> dict[str, Any]:
     from napari_pathoseg.methods.malignancy.release import write_pair
     from napari_pathoseg.models.checkpoint import load_checkpoint
 
@@ -461,5 +461,5 @@ def _write_run_pair(path: Path, c_best: Path, b_best: Path, *, cfg: M1Config, ta
         "created": date.today().isoformat(),
     }
     write_pair(path, classifier=c_t["classifier"], segmenter=b_t["segmenter"], config=cfg, card=card,
-               meta={"command": command}, card_json=False)
+               meta={"command": command, "seed": seed, "data_counts": table.summary()}, card_json=False)
     return card
