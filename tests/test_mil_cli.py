@@ -80,6 +80,13 @@ def test_cli_slide_call_tiles_and_heatmap(tissue_slide, untrained, model, tmp_pa
 def test_cli_plain_image_needs_mpp_and_tiles_the_image(he_image, untrained, tmp_path, capsys, one_torch_thread):
     png = tmp_path / "crop.png"
     Image.fromarray(he_image[:200, :300]).save(png)
+    from napari_pathoseg.methods.mil.classify import is_plain
+    from napari_pathoseg.wsi.slide import open_slide
+
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.tile(he_image[:200], (1, 2, 1))).save(wide)  # 200 x 2048: the reader adds coarser levels
+    with open_slide(wide) as s:
+        assert s.level_count > 1 and is_plain(s)
     out = tmp_path / "o.json"
     assert main(["mil", str(png), "--json", str(out), "--model", str(untrained)]) == 2
     err = capsys.readouterr().err

@@ -9,7 +9,7 @@ those probabilities into the slide probability with the model's pooling
 (``model.pool``: max, top-k mean or share above a threshold, as its card says). The slide is
 called ``positive`` when the pooled probability is at least ``model.threshold``.
 
-A plain image (an array, or a one-level file up to 8192 px) is cut into tiles of the image
+A plain image (an array, a PNG/JPEG or a one-level file, up to 8192 px) is cut into tiles of the image
 itself (no tissue mask: the entropy filter alone drops blank tiles); tiles reaching past its
 right or bottom edge are filled with its mirror image (a slide's are filled with glass, white).
 
@@ -51,6 +51,7 @@ __all__ = [
     "write_heatmap_tiff",
     "read_heatmap_tiff",
     "PLAIN_MAX_SIDE",
+    "is_plain",
 ]
 
 logger = logging.getLogger(__name__)
@@ -185,19 +186,23 @@ def _label(model: Any, probability: float) -> str:
     return classes[1] if probability >= float(model.threshold) else classes[0]
 
 
+def is_plain(slide: Slide) -> bool:
+    """A plain image: a PNG/JPEG (its coarser levels are computed, not stored) or a one-level file, sides <= 8192 px."""
+    w, h = slide.metadata.level_dimensions[0]
+    return max(w, h) <= PLAIN_MAX_SIDE and (slide.level_count == 1 or slide.metadata.format == "image")
+
+
 @contextlib.contextmanager
 def _opened(source: Any, mpp: float | None) -> Iterator[tuple[Slide, bool]]:
     """(slide, plain) for a Slide, an RGB array or a file path; a path is closed afterwards."""
     if isinstance(source, Slide):
-        w, h = source.metadata.level_dimensions[0]
-        yield source, source.level_count == 1 and max(w, h) <= PLAIN_MAX_SIDE
+        yield source, is_plain(source)
         return
     if isinstance(source, (str, os.PathLike)):
         from napari_pathoseg.wsi.slide import open_slide
 
         with open_slide(source) as slide:
-            w, h = slide.metadata.level_dimensions[0]
-            yield slide, slide.level_count == 1 and max(w, h) <= PLAIN_MAX_SIDE
+            yield slide, is_plain(slide)
         return
     arr = np.asarray(source)
     if arr.ndim != 3 or arr.shape[2] != 3:
