@@ -64,7 +64,8 @@ def test_cli_tissue_map_and_bad_input(tmp_path, shared_data, tiny_tissue_model, 
 
 
 @pytest.mark.gui
-def test_tissue_dock_rectangle(make_napari_viewer, sample_svs, tiny_tissue_model, sync_jobs, one_torch_thread):
+def test_tissue_dock_rectangle(make_napari_viewer, sample_svs, tiny_tissue_model, sync_jobs, one_torch_thread,
+                               tmp_path):
     from napari_pathoseg._widgets.tissue import TissueWidget
 
     viewer = make_napari_viewer()
@@ -94,3 +95,17 @@ def test_tissue_dock_rectangle(make_napari_viewer, sample_svs, tiny_tissue_model
     assert sum(fractions) == pytest.approx(1.0, abs=0.01)
     w.opacity.setValue(30)
     assert lab.opacity == pytest.approx(0.3)
+    # the class regions as QuPath annotations with their class, on level-0 pixels of the slide
+    import json
+
+    assert w.export_btn.isEnabled()
+    out = tmp_path / "tissue.geojson"
+    w.start_export(str(out))
+    feats = json.loads(out.read_text())["features"]
+    assert feats and {f["properties"]["objectType"] for f in feats} == {"annotation"}
+    names = {f["properties"]["classification"]["name"] for f in feats}
+    assert names <= {"tumour epithelium", "stroma", "normal"}
+    xy = np.array([c for f in feats for ring in f["geometry"]["coordinates"]
+                   for c in (ring if f["geometry"]["type"] == "Polygon" else ring[0])], float)
+    assert xy[:, 0].min() >= c0 - 4 and xy[:, 0].max() <= c1 + 4 and xy[:, 1].min() >= r0 - 4
+    assert "regions" in w.status.text()

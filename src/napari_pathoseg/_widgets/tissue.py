@@ -3,7 +3,9 @@
 The model is loaded and the region segmented in a background thread through the dock job
 controller; the class-id pyramid is built there too; the GUI thread only adds the Labels layer
 (class colours, class names as layer features) and fills the per-class area table. Stop keeps
-the tiles already finished.
+the tiles already finished. **Export GeoJSON…** writes the class regions of the map (as the
+user may have edited it) as QuPath annotations with their class, in the background. The
+training panel (:mod:`._widgets.tissue_train`) trains a model from tiles tagged on the slide.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
+    QFileDialog,
     QProgressBar,
     QPushButton,
     QSlider,
@@ -95,6 +98,15 @@ class TissueLayers:
         return bool(self.result.cancelled)
 
 
+@dataclass
+class ExportDone:
+    """A finished GeoJSON export: the file and the regions per class (``total``)."""
+
+    path: str
+    counts: dict[str, int]
+    cancelled: bool = False
+
+
 def tissue_job(slide: Any, model_ref: str, *, region: Any, mpp: float | None, mode: str, work_dir: str | None,
                cancel: Any):
     """The dock's job: load the model, map the tissue, prepare the label levels (worker thread)."""
@@ -139,6 +151,10 @@ class TissueWidget(QWidget):
         self.opacity.setValue(60)
         self.table = QTableWidget(0, 4)
         self.table.setHorizontalHeaderLabels(["class", "id", "area (mm²)", "fraction"])
+        self.export_btn = QPushButton("Export GeoJSON…")
+        from napari_pathoseg._widgets.tissue_train import TissueTrainPanel
+
+        self.train_panel = TissueTrainPanel(self)
         vbox(
             self,
             form(("Slide", self.layer_combo), ("Model", self.model_combo), ("Region", self.region_combo),
@@ -148,10 +164,14 @@ class TissueWidget(QWidget):
             self.status,
             form(("Opacity", self.opacity)),
             self.table,
+            hbox(self.export_btn),
+            self.train_panel,
         )
         self.jobs = JobController(self, progress=self.progress, status=self.status, stop_button=self.stop_btn,
-                                  run_buttons=[self.run_btn], why_not=self._why_not, action="Tissue segmentation")
+                                  run_buttons=[self.run_btn], why_not=self._why_not, on_busy=self._on_busy,
+                                  action="Tissue segmentation")
         self.run_btn.clicked.connect(self._on_run)
+        self.export_btn.clicked.connect(self._on_export)
         self.opacity.valueChanged.connect(self._on_opacity)
         for combo in (self.layer_combo, self.region_combo, self.shapes_combo, self.model_combo):
             combo.currentIndexChanged.connect(self.jobs.refresh)
@@ -179,7 +199,12 @@ class TissueWidget(QWidget):
 
         refill_combo(self.layer_combo, [ly.name for ly in slide_layers(self.viewer)])
         refill_combo(self.shapes_combo, [ly.name for ly in self.viewer.layers if isinstance(ly, Shapes)])
+        self.train_panel.refresh()
         self.jobs.refresh()
+
+    def _on_busy(self, running: bool) -> None:
+        self.export_btn.setEnabled(not running and layer_named(self.viewer, self.labels_name()) is not None)
+        self.train_panel.train_btn.setEnabled(not running)
 
     def _why_not(self) -> str:
         if not self.layer_combo.currentText():
@@ -272,6 +297,7 @@ class TissueWidget(QWidget):
                 opacity=self.opacity.value() / 100.0, features=features,
                 colormap=DirectLabelColormap(color_dict=class_colormap(n)),
                 metadata={"model": result.model, "region_xywh": list(result.region), "mpp": result.mpp,
+                          "level0_pixels_per_pixel": result.scale,
                           "classes": list(result.classes), "areas": result.areas, "cancelled": prepared.cancelled,
                           "slide": slide_layer.metadata.get("slide"), "pathoseg_slide": slide_of_layer(slide_layer),
                           "object_type": "annotation"},
@@ -279,7 +305,7 @@ class TissueWidget(QWidget):
             )
             self.viewer.layers.selection.active = slide_layer
 
-        in_turns(add_labels)
+        in_turns(add_labels, self.jobs.refresh)
         self.fill_table(result)
         tissue = sum(a["pixels"] for k, a in result.areas.items() if k != "background")
         if prepared.cancelled:
@@ -288,6 +314,43 @@ class TissueWidget(QWidget):
             return
         self.status.setText(f"{tissue * result.mpp ** 2 / 1e6:.3f} mm² tissue · {result.tiles} tiles · "
                             f"{result.timings.get('total_s', 0):.1f} s ({result.model})")
+
+    # ------------------------------------------------------------------ export
+    def start_export(self, path: str) -> Any:
+        """Export the class regions of the tissue layer to ``path`` (QuPath annotations) as a background job."""
+        from napari_pathoseg.methods.tissue.regions import export_tissue_geojson
+
+        layer = layer_named(self.viewer, self.labels_name())
+        if layer is None:
+            raise PathosegError("Segment tissue first: there is no tissue layer to export.")
+        md = layer.metadata
+        ids = layer.data[0] if layer.multiscale else layer.data
+        slide = md.get("pathoseg_slide")
+        x, y = md["region_xywh"][:2]
+
+        def job(token: Any):
+            yield Progress(0, 0, "tracing the class regions…", stage="export")
+            counts = export_tissue_geojson(np.asarray(ids), md["classes"], path, region_xy=(x, y),
+                                           scale=float(md.get("level0_pixels_per_pixel", 1.0)),
+                                           slide_metadata=getattr(slide, "metadata", None), cancel=token,
+                                           metadata={"model": str(md.get("model", ""))})
+            yield ExportDone(path, counts)
+
+        return self.jobs.start(job, done_type=ExportDone, on_done=self._on_exported, message="exporting…",
+                               action="GeoJSON export")
+
+    def _on_export(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export tissue regions", "tissue.geojson", "GeoJSON (*.geojson)")
+        if not path:
+            return
+        try:
+            self.start_export(path)
+        except PathosegError as exc:
+            show_error(str(exc))
+
+    def _on_exported(self, done: ExportDone) -> None:
+        per = ", ".join(f"{v} {k}" for k, v in done.counts.items() if k != "total")
+        self.status.setText(f"exported {done.counts['total']} regions ({per}) to {done.path}")
 
     def closeEvent(self, event: Any) -> None:
         self.jobs.shutdown()
