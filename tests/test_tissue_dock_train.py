@@ -9,10 +9,10 @@ import pytest
 @pytest.mark.gui
 def test_tag_tiles_train_register_and_overlay(make_napari_viewer, sample_svs, sync_jobs, one_torch_thread, tmp_path,
                                               monkeypatch, qtbot):
-    import napari_pathoseg.methods.tissue.network as network
     from napari_pathoseg._widgets.tissue import TissueWidget
     from napari_pathoseg._widgets.tissue_train import shape_rects, tag_layer_labels
     from napari_pathoseg.errors import PathosegError
+    from napari_pathoseg.methods.tissue import network
 
     monkeypatch.setenv("PATHOSEG_HOME", str(tmp_path / "home"))
     monkeypatch.setitem(network.PRESETS, "tiny", network.get_preset(
