@@ -247,7 +247,8 @@ def test_loader_refuses_out_of_bounds_config_and_stage_checkpoints(tmp_path):
     for key, value in (("widths", [16, 32, 64, 128, 100000]), ("tile_size", 10**6), ("mpp", -1.0),
                        ("threshold", 2.0), ("surprise", 1)):
         bad = tmp_path / f"bad_{key}.safetensors"
-        save_checkpoint(bad, tensors, dict(config, **{key: value}), meta, kind="m1")
+        tiny = {"classifier": {"head.bias": tensors["classifier"]["head.bias"]}}  # refused before weights matter
+        save_checkpoint(bad, tiny, dict(config, **{key: value}), meta, kind="m1")
         with pytest.raises(CheckpointError, match=key):
             load_malignancy_model(bad)
     stage = tmp_path / "stage.safetensors"
