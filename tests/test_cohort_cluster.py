@@ -56,6 +56,16 @@ def test_local_cluster_two_worker_processes_nuclei(tmp_path, he_image, make_pyra
     assert res.timings["close_s"] < 2.0
 
 
+def test_an_unknown_model_is_refused_by_the_worker_before_any_slide_runs(tmp_path, he_image, make_pyramid_tiff):
+    from napari_pathoseg.cohort.runner import CohortError
+
+    folder = make_cohort(tmp_path / "slides", he_image, make_pyramid_tiff, good=1, corrupt=False)
+    with pytest.raises(CohortError, match="no nuclei model named 'nope'; pass --model"):
+        run_cohort(read_manifest(folder), task="nuclei", out_dir=tmp_path / "out", model="nope", workers=1,
+                   processes=True, dashboard=None)
+    assert not (tmp_path / "out" / "summary.csv").exists() and not (tmp_path / "out" / "slide0").exists()
+
+
 def test_a_dying_worker_is_retried_then_the_slide_fails(tmp_path, he_image, make_pyramid_tiff, monkeypatch):
     folder = make_cohort(tmp_path / "slides", he_image, make_pyramid_tiff, good=1, corrupt=False)
     shutil.copy(folder / "slide0.tif", folder / "crash.tif")

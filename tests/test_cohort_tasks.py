@@ -44,7 +44,7 @@ def test_lesion_and_tissue_tasks_write_their_outputs_and_figures(tmp_path, he_im
 
     slides = read_manifest(make_cohort(tmp_path / "slides", he_image, make_pyramid_tiff, good=1, corrupt=False))
     with pytest.raises(CohortError, match="no lesion model named 'nope'"):
-        run_cohort(slides, task="lesion", out_dir=tmp_path / "l", model="nope")
+        run_cohort(slides, task="lesion", out_dir=tmp_path / "l", model="nope", workers=1, processes=False)
 
     lesion = tiny_lesion(tmp_path / "lesion.safetensors", he_image)
     res = run_cohort(slides, task="lesion", out_dir=tmp_path / "l", model=str(lesion), workers=1, processes=False, dashboard=None)

@@ -29,6 +29,7 @@ __all__ = [
     "run_slide_job",
     "cached_model",
     "model_loads",
+    "model_problem",
     "peak_rss_mb",
     "one_line_error",
     "worker_name",
@@ -170,6 +171,26 @@ def cached_model(model_task: str, model: str) -> tuple[Any, bool]:
         _CACHE[key] = loaded
         _LOADS["n"] += 1
         return loaded, False
+
+
+def model_problem(task: str, model_task: str, model: str | None) -> str:
+    """Why ``model`` cannot run ``task`` here ("" when it can): neither a checkpoint file nor registered.
+
+    The cohort runner asks this before any slide runs, on a worker when it started the workers
+    (the registry imports torch, which the client process then never needs).
+    """
+    from napari_pathoseg.errors import PathosegError
+    from napari_pathoseg.models.registry import list_models
+
+    try:
+        names = [str(m["name"]) for m in list_models(task=model_task)]
+    except PathosegError:
+        names = []
+    if model is not None and (model in names or Path(model).expanduser().is_file()):
+        return ""
+    listed = ", ".join(names) if names else "none registered yet"
+    what = f"no {model_task} model named {model!r}" if model else f"the {task} task has no default model"
+    return f"{what}; pass --model NAME or a .safetensors checkpoint ({model_task} models: {listed})"
 
 
 def warm_worker(*, runner: str, model_task: str | None, model: str | None, torch_threads: int) -> None:

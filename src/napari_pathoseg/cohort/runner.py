@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from napari_pathoseg.cohort import outputs
-from napari_pathoseg.cohort.job import SlideJob, WorkerWarmup, run_slide_job
+from napari_pathoseg.cohort.job import SlideJob, WorkerWarmup, model_problem, run_slide_job
 from napari_pathoseg.cohort.manifest import CohortSlide
 from napari_pathoseg.cohort.summary import SUMMARY, new_row, summary_columns, write_summary
 from napari_pathoseg.cohort.tasks import get_batch_task
@@ -122,7 +122,8 @@ class CohortResult:
     workers : int
     timings : dict
         Seconds of the run's phases: ``verify_s`` (resume checks), ``cluster_start_s`` (cluster
-        up, or connected), ``first_result_s`` (cluster up to the first slide back: worker
+        up, or connected), ``model_check_s`` (the model check on a worker: its imports),
+        ``first_result_s`` (cluster up to the first slide back: worker
         imports and model load included), ``run_s`` (all slides), ``close_s`` (cluster down),
         ``total_s``.
     """
@@ -307,17 +308,9 @@ def _lost_worker(exc: BaseException) -> bool:
 
 def _check_model(task: str, model_task: str, model: str | None) -> None:
     """Refuse, before any slide runs, a model that is neither a checkpoint file nor registered here."""
-    from napari_pathoseg.models.registry import list_models
-
-    try:
-        names = [str(m["name"]) for m in list_models(task=model_task)]
-    except PathosegError:
-        names = []
-    if model is not None and (model in names or Path(model).expanduser().is_file()):
-        return
-    listed = ", ".join(names) if names else "none registered yet"
-    what = f"no {model_task} model named {model!r}" if model else f"the {task} task has no default model"
-    raise CohortError(f"{what}; pass --model NAME or a .safetensors checkpoint ({model_task} models: {listed})")
+    problem = model_problem(task, model_task, model)
+    if problem:
+        raise CohortError(problem)
 
 
 def _add_columns(columns: list[str], figures: dict[str, Any] | None) -> None:
@@ -395,9 +388,6 @@ def iter_cohort(
     except OSError as exc:
         raise CohortError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
     model_ref = (model or spec.default_model) if spec.model_task else None
-    # the check reads the model registry, which imports torch (1-2 s): it runs in the background
-    # while the slides are verified and the cluster starts, and ends before anything is written
-    check = _Background(_check_model, spec.name, spec.model_task, model_ref) if spec.model_task else None
     n_workers = int(workers) if workers else default_workers(threads_per_worker)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -441,7 +431,15 @@ def iter_cohort(
             )
 
         starting = None
-        if jobs and not (cancel is not None and cancel.is_set()):
+        run_now = bool(jobs) and not (cancel is not None and cancel.is_set())
+        # The model check reads the model registry, which imports torch (1-2 s). With worker processes
+        # of our own it runs on a worker (which imports torch anyway) and this process never imports
+        # torch; otherwise it runs here in the background while the cluster starts. Either way it
+        # ends before anything is written or any slide runs.
+        check_on_worker = bool(spec.model_task) and run_now and local_processes
+        check = (_Background(_check_model, spec.name, spec.model_task, model_ref)
+                 if spec.model_task and not check_on_worker else None)
+        if run_now:
             warmup = None if scheduler else WorkerWarmup(
                 runner=str(spec.runner), model_task=spec.model_task, model=model_ref,
                 torch_threads=1 if processes else 0, fast_exit=local_processes, client_pid=os.getpid())
@@ -452,6 +450,15 @@ def iter_cohort(
         try:
             if check is not None:
                 check.result()
+            if check_on_worker:
+                client = starting.result().client
+                timings["cluster_start_s"] = time.perf_counter() - t_cluster
+                t_check = time.perf_counter()
+                problem = client.submit(model_problem, spec.name, spec.model_task, model_ref, pure=False,
+                                        key=f"pathoseg-model-check-{time.time_ns()}").result()
+                timings["model_check_s"] = time.perf_counter() - t_check
+                if problem:
+                    raise CohortError(problem)
         except BaseException:
             if starting is not None:
                 with contextlib.suppress(BaseException):
@@ -466,7 +473,7 @@ def iter_cohort(
             yield result(bool(jobs))
             return
         cluster = starting.result()
-        timings["cluster_start_s"] = time.perf_counter() - t_cluster
+        timings.setdefault("cluster_start_s", time.perf_counter() - t_cluster)
         try:
             nw = cluster.workers
             yield CohortStarted(
