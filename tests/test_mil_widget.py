@@ -69,6 +69,18 @@ def test_dock_call_heatmap_placement_and_tile_table(dock_on_slide, sync_jobs, on
     w.opacity.setValue(25)
     w.cmap_combo.setCurrentText("viridis")
     assert heat.opacity == pytest.approx(0.25) and "viridis" in heat.colormap.name
+    # a second run (a drawn rectangle) updates the same layer, placed on the rectangle's tiles
+    r0, c0, r1, c1 = 128, 64, 384, 320  # level-0 pixels
+    sy, sx = slide.scale
+    viewer.add_shapes([np.array([[r0 * sy, c0 * sx], [r0 * sy, c1 * sx], [r1 * sy, c1 * sx], [r1 * sy, c0 * sx]])],
+                      shape_type="rectangle", name="roi")
+    w.region_combo.setCurrentText("Drawn rectangle")
+    w.shapes_combo.setCurrentText("roi")
+    n_layers = len(viewer.layers)
+    w.run_btn.click()
+    assert len(viewer.layers) == n_layers and viewer.layers[w.heat_name()] is heat
+    assert heat.data.shape == (4, 4) and w.result.region == (c0, r0, c1 - c0, r1 - r0)
+    np.testing.assert_allclose(heat.data_to_world((0, 0)), slide.data_to_world((r0 + (t - 1) / 2, c0 + (t - 1) / 2)))
 
 
 def test_dock_stop_keeps_the_finished_tiles(dock_on_slide, sync_jobs, one_torch_thread):
