@@ -57,6 +57,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="with --tiles: a class is present in a tile from this share of its tissue pixels")
     p.add_argument("--balance", action="store_true",
                    help="class balancing: label vectors sampled ∝ sqrt(count) in stage 1, class-weighted loss in stage 2")
+    p.add_argument("--correct", type=int, default=0,
+                   help="with --pseudo-from and --tiles: replace the N least confident pseudo masks by their true masks "
+                   "(a reviewer's corrections, simulated; the 0/5/10 corrected-patch measurement)")
     p.add_argument("--stage1-only", action="store_true",
                    help="stop after stage 1 and the pseudo masks (scored on the test patches): the PDA ablation")
     p.add_argument("--supervised", action="store_true",
@@ -117,7 +120,10 @@ def _load_data(args: argparse.Namespace, cfg: Any) -> Any:
             raise PathosegError("--classes goes with --labels; the WSSS4LUAD classes are fixed.")
         if args.tiles and not 32 <= args.tiles <= 1024:
             raise PathosegError(f"--tiles {args.tiles}: give a tile size from 32 to 1024 px (or 0 for whole patches).")
-        return load_wsss4luad(args.data, train_masks=args.supervised, tile=args.tiles, min_share=args.label_share)
+        if args.correct and (args.pseudo_from is None or not args.tiles or args.correct < 0):
+            raise PathosegError("--correct N goes with --pseudo-from RUN and --tiles (the run's tile size).")
+        return load_wsss4luad(args.data, train_masks=args.supervised or args.correct > 0, tile=args.tiles,
+                              min_share=args.label_share)
     if args.tiles:
         raise PathosegError("--tiles derives tile labels from WSSS4LUAD's masks; your --labels patches are used whole.")
     if not args.classes:
@@ -157,7 +163,7 @@ def cmd_tissue_train(args: argparse.Namespace) -> int:
             cfg, data, out_dir=out, epochs1=args.epochs1, steps1=args.steps1, epochs2=args.epochs2,
             steps2=args.steps2, resume=args.resume, force=args.force, cancel=token, threads=args.threads,
             seed=args.seed, device=args.device, supervised=args.supervised, pseudo_from=args.pseudo_from, meta={"command": command},
-            stage1_only=args.stage1_only,
+            stage1_only=args.stage1_only, correct=args.correct,
         )),
         M5Done,
         on_event=_progress(),

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from napari_pathoseg.methods.tissue.data import background_mask
 
-__all__ = ["gradcam_pp", "pad_to", "pseudo_mask", "tiled_pseudo_mask", "to_input"]
+__all__ = ["gradcam_pp", "pad_to", "pseudo_confidence", "pseudo_mask", "tiled_pseudo_mask", "to_input"]
 
 
 def to_input(rgb: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -107,3 +107,21 @@ def tiled_pseudo_mask(net: torch.nn.Module, rgb: np.ndarray, tiles: Sequence[tup
         out[y:y + size, x:x + size] = ids
     out[background_mask(rgb, threshold=threshold)] = 0
     return out
+
+
+def pseudo_confidence(net: torch.nn.Module, rgb: np.ndarray, tiles: Sequence[tuple[int, int, Sequence[int]]],
+                      size: int, *, threshold: float = 210.0, device: torch.device | str = "cpu") -> float:
+    """The classifier's confidence in a patch's tiled pseudo mask: the mean, over its labelled tissue
+    pixels, of the margin between the highest and the second-highest Grad-CAM++ map of the tile's
+    classes (1 on one-class tiles, whose label decides). Low = the maps hardly told the classes apart."""
+    margin = np.full(rgb.shape[:2], np.nan, np.float32)
+    for y, x, labels in tiles:
+        crop = rgb[y:y + size, x:x + size]
+        present = [k for k, v in enumerate(labels) if v]
+        if len(present) == 1:
+            margin[y:y + size, x:x + size] = 1.0
+        elif present:
+            top = np.sort(gradcam_pp(net, crop, classes=present, device=device)[present], axis=0)
+            margin[y:y + size, x:x + size] = top[-1] - top[-2]
+    keep = ~background_mask(rgb, threshold=threshold) & np.isfinite(margin)
+    return float(margin[keep].mean()) if keep.any() else 1.0

@@ -18,7 +18,10 @@ starts both over. With ``supervised=True`` stage 1 is skipped and stage 2 trains
 masks of the training patches with plain cross-entropy in ``RUN/supervised`` (the reference
 a weakly supervised model is judged against). With ``pseudo_from=RUN`` stage 1 is skipped and
 stage 2 trains on the pseudo masks of another run (the ONS vs plain CE ablation on the same masks).
-``stage1_only=True`` stops after the pseudo masks and scores them on the test patches (the
+``correct=N`` (with ``pseudo_from``) replaces the pseudo masks of the N training patches the
+stage-1 classifier was least confident about (:func:`~.cam.pseudo_confidence`) by their true
+masks: a reviewer correcting N pseudo masks, simulated (the 0 / 5 / 10 corrected-patch
+measurement; ``RUN/corrected.json`` lists them). ``stage1_only=True`` stops after the pseudo masks and scores them on the test patches (the
 ablation of progressive dropout attention, which only acts in stage 1).
 """
 
@@ -199,10 +202,36 @@ def evaluate_test(net: TissuePSPNet, cfg: M5Config, test: list[TissueImage], *, 
     return res
 
 
+def _correct_least_confident(data: TissueData, train2: list[TissueImage], run: Path, n: int, out: Path,
+                             cfg: M5Config, dev: Any) -> Iterator[Any]:
+    """The true masks of the ``n`` training patches with the least confident pseudo masks (by ``run``'s stage 1)."""
+    from napari_pathoseg._atomic import write_json
+    from napari_pathoseg.methods.tissue.cam import pseudo_confidence
+
+    if any(t.mask is None for t in data.train) or not data.tiles:
+        raise PathosegError("Correcting pseudo masks needs the WSSS4LUAD training masks and --tiles (as the run had).")
+    ckpt = run / "stage1" / "best.safetensors"
+    if not ckpt.is_file():
+        raise PathosegError(f"{run} has no stage-1 best checkpoint to rank its pseudo masks by.")
+    clf, _ = _load_net(TissueClassifier, ckpt, "m5-cls", dev)
+    by_parent: dict[str, list[tuple[int, int, tuple[int, ...]]]] = {}
+    for t in data.tiles:
+        by_parent.setdefault(t.parent, []).append((t.origin[0], t.origin[1], t.labels))
+    yield StageStart("correct", f"ranking {len(train2)} pseudo masks by the classifier's confidence")
+    conf = {t.name: pseudo_confidence(clf, t.image, by_parent.get(t.name, []), data.tile,
+                                      threshold=cfg.background_grey, device=dev) for t in train2}
+    order = sorted(conf, key=lambda k: (conf[k], k))[:max(0, int(n))]
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "corrected.json", {"from": str(run), "n": len(order), "corrected": order,
+                                        "confidence": {k: round(v, 4) for k, v in sorted(conf.items())}})
+    truth = {t.name: t.mask for t in data.train}
+    return {k: truth[k] for k in order}
+
+
 def iter_m5(cfg: M5Config, data: TissueData, *, out_dir: str | os.PathLike, epochs1: int, steps1: int, epochs2: int,
             steps2: int, resume: bool = False, force: bool = False, cancel: Any = None, threads: Any = None,
             seed: int = 0, device: Any = None, supervised: bool = False, pseudo_from: str | os.PathLike | None = None,
-            meta: dict[str, Any] | None = None, stage1_only: bool = False) -> Iterator[Any]:
+            meta: dict[str, Any] | None = None, stage1_only: bool = False, correct: int = 0) -> Iterator[Any]:
     """Run M5 (see the module docstring); a generator of events ending in :class:`M5Done`."""
     from napari_pathoseg.training.engine import DoneEvent, iter_train, select_device
 
@@ -227,6 +256,11 @@ def iter_m5(cfg: M5Config, data: TissueData, *, out_dir: str | os.PathLike, epoc
         stage1 = {"pseudo_from": str(pseudo_from)}
         folder2 = out / "stage2"
         source = f"the pseudo masks of {pseudo_from}"
+        if correct:
+            fixed = yield from _correct_least_confident(data, train2, Path(pseudo_from), correct, out, cfg, dev)
+            train2 = [replace(t, mask=fixed[t.name]) if t.name in fixed else t for t in train2]
+            stage1["corrected"] = sorted(fixed)
+            source += f", {len(fixed)} of them replaced by their true masks (least confident first)"
     else:
         train1 = [replace(t, mask=None) for t in data.train]  # image-level labels only
         tiles = [replace(t, mask=None) for t in data.tiles]
