@@ -84,7 +84,7 @@ def test_dock_call_heatmap_placement_and_tile_table(dock_on_slide, sync_jobs, on
 
 
 def test_dock_stop_keeps_the_finished_tiles(dock_on_slide, sync_jobs, one_torch_thread):
-    viewer, w = dock_on_slide
+    _, w = dock_on_slide
     real = w._on_progress
 
     def stop_after_first_batch(ev):

@@ -60,12 +60,16 @@ from napari_pathoseg._widgets.nuclei import shape_region, view_region
 from napari_pathoseg._widgets.slide import slide_layers, slide_of_layer
 from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.events import Progress
-from napari_pathoseg.methods.mil.classify import ClassifyResult, iter_classify, top_tiles
+from napari_pathoseg.methods.mil.classify import (
+    ClassifyResult,
+    iter_classify,
+    top_tiles,
+)
 
 if TYPE_CHECKING:
     import napari
 
-__all__ = ["SlideClassificationWidget", "slide_models", "heat_colormap", "heat_display", "TrainOutcome", "train_job"]
+__all__ = ["SlideClassificationWidget", "TrainOutcome", "heat_colormap", "heat_display", "slide_models", "train_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +170,7 @@ def train_job(*, cohort: str, run_dir: str, preset: str, epochs: int | None, res
 class SlideClassificationWidget(QWidget):
     """Classify a slide with a slide model: call, probability, heat map, strongest tiles; train a model."""
 
-    def __init__(self, napari_viewer: "napari.Viewer") -> None:
+    def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
         self._models: dict[str, str] = {}
@@ -437,9 +441,9 @@ class SlideClassificationWidget(QWidget):
 
     # ------------------------------------------------------------------ train
     def _on_train(self) -> None:
-        args = dict(cohort=self.cohort_edit.text().strip(), run_dir=self.run_edit.text().strip(),
-                    preset=self.preset_combo.currentText(), epochs=self.epochs_spin.value() or None,
-                    resume=self.resume_check.isChecked(), register=self.register_edit.text().strip() or None)
+        args = {"cohort": self.cohort_edit.text().strip(), "run_dir": self.run_edit.text().strip(),
+                "preset": self.preset_combo.currentText(), "epochs": self.epochs_spin.value() or None,
+                "resume": self.resume_check.isChecked(), "register": self.register_edit.text().strip() or None}
         self.train_jobs.start(lambda token: train_job(cancel=token, **args), done_type=TrainOutcome,
                               on_done=self._on_trained, message="reading the cohort…")
 
@@ -454,7 +458,7 @@ class SlideClassificationWidget(QWidget):
             self.refresh_models(select=out.registered)
             show_info(f"Registered {out.registered}; it is selected in the model list")
 
-    def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
+    def closeEvent(self, event: Any) -> None:
         self.jobs.shutdown()
         self.train_jobs.shutdown()
         super().closeEvent(event)

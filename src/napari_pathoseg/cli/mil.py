@@ -16,10 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from napari_pathoseg._atomic import OutputError, check_output, write_json
-from napari_pathoseg.cli._driver import drive, existing_file, mpp_value, positive_int, print_json
+from napari_pathoseg.cli._driver import (
+    drive,
+    existing_file,
+    mpp_value,
+    positive_int,
+    print_json,
+)
 from napari_pathoseg.cli.nuclei import _parse_region
 
-__all__ = ["add_commands", "DEFAULT_MODEL"]
+__all__ = ["DEFAULT_MODEL", "add_commands"]
 
 #: The shipped slide classifier.
 DEFAULT_MODEL = "slidecls-crc-lite"
@@ -36,7 +42,11 @@ def _outputs(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def _cmd_mil(args: argparse.Namespace) -> int:
-    from napari_pathoseg.methods.mil.classify import ClassifyResult, iter_classify, write_heatmap_tiff
+    from napari_pathoseg.methods.mil.classify import (
+        ClassifyResult,
+        iter_classify,
+        write_heatmap_tiff,
+    )
     from napari_pathoseg.models.registry import load_model
     from napari_pathoseg.wsi.slide import open_slide
 

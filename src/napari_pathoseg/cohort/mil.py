@@ -21,7 +21,7 @@ from typing import Any
 from napari_pathoseg.cohort.tasks import SlideOutput
 from napari_pathoseg.errors import PathosegError
 
-__all__ = ["run_mil_slide", "FIGURES"]
+__all__ = ["FIGURES", "run_mil_slide"]
 
 #: The key-figure columns of ``summary.csv``.
 FIGURES = ("probability", "call", "n_tiles", "top_tile_probability")
@@ -32,7 +32,11 @@ def run_mil_slide(slide: Any, *, model: Any, out_dir: str | os.PathLike, region:
     """Classify one slide; write its call and heat map (see the module docstring)."""
     from napari_pathoseg._atomic import write_json
     from napari_pathoseg.events import run_to_end
-    from napari_pathoseg.methods.mil.classify import ClassifyResult, iter_classify, write_heatmap_tiff
+    from napari_pathoseg.methods.mil.classify import (
+        ClassifyResult,
+        iter_classify,
+        write_heatmap_tiff,
+    )
 
     out = Path(out_dir)
     res = run_to_end(iter_classify(slide, model=model, mpp=mpp, region=region, cancel=cancel), ClassifyResult)

@@ -28,9 +28,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -43,15 +44,15 @@ from napari_pathoseg.methods.mil.predictor import SCORE_COLUMNS, SlideTilePredic
 from napari_pathoseg.wsi.slide import Slide
 
 __all__ = [
+    "PLAIN_MAX_SIDE",
     "ClassifyResult",
     "NoTissueError",
+    "is_plain",
     "iter_classify",
+    "read_heatmap_tiff",
     "run_classify",
     "top_tiles",
     "write_heatmap_tiff",
-    "read_heatmap_tiff",
-    "PLAIN_MAX_SIDE",
-    "is_plain",
 ]
 
 logger = logging.getLogger(__name__)
@@ -285,8 +286,8 @@ def _result(res: InferenceResult, model: Any, predictor: SlideTilePredictor, *, 
     tiles = []
     w0, h0 = size
     for (x, y, w, h), p in zip(scores.boxes[keep], probs[keep]):
-        x, y = int(round(x)), int(round(y))
-        tiles.append({"x": x, "y": y, "w": int(min(round(w), w0 - x)), "h": int(min(round(h), h0 - y)),
+        x, y = int(np.rint(x)), int(np.rint(y))
+        tiles.append({"x": x, "y": y, "w": int(min(np.rint(w), w0 - x)), "h": int(min(np.rint(h), h0 - y)),
                       "probability": round(float(p), 5)})
     probability = float(model.pool(probs[keep].astype(np.float32))) if keep.any() else float("nan")
     return ClassifyResult(
@@ -320,8 +321,8 @@ def write_heatmap_tiff(result: ClassifyResult, path: str | os.PathLike) -> Path:
     path = Path(path)
     mpp = result.heatmap_mpp
     meta = {
-        "region_xywh": [int(result.origin[0]), int(result.origin[1]), int(round(result.heatmap.shape[1] * result.cell)),
-                        int(round(result.heatmap.shape[0] * result.cell))],
+        "region_xywh": [int(result.origin[0]), int(result.origin[1]), int(np.rint(result.heatmap.shape[1] * result.cell)),
+                        int(np.rint(result.heatmap.shape[0] * result.cell))],
         "origin_xy": [float(v) for v in result.origin], "level0_pixels_per_pixel": float(result.cell), "mpp": mpp,
         "model": result.model, "pooling": result.pooling, "probability": float(result.probability),
         "label": result.label, "encoding": "positive probability 0-1 per tile; NaN = no tissue tile",

@@ -33,7 +33,7 @@ import numpy as np
 
 from napari_pathoseg.errors import PathosegError
 
-__all__ = ["SlideTilePredictor", "SCORE_COLUMNS"]
+__all__ = ["SCORE_COLUMNS", "SlideTilePredictor"]
 
 logger = logging.getLogger(__name__)
 
