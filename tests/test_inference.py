@@ -319,3 +319,38 @@ def test_bad_input(he_image):
     ev.set()
     res = run_predict(he_image, pred, [ProbabilityMap()], mpp=0.5, overlap=16, cancel=ev)
     assert res.cancelled and res.tiles == 0 and res.outputs["prob"].array.max() == 0
+
+
+@pytest.mark.parametrize("fill_holes,min_area", [(True, 0), (True, 6), (False, 6), (False, 0)])
+def test_band_labelling_equals_scipy_on_the_whole_map(fill_holes, min_area):
+    """Bands of 1-9 rows (many seams): mask, labels, sizes, boxes and centroids == scipy on the whole array."""
+    from scipy import ndimage as ndi
+
+    from napari_pathoseg.inference.bands import clean_mask
+
+    rng = np.random.default_rng(3)
+    for trial in range(8):
+        h, w = (int(v) for v in rng.integers(6, 60, 2))
+        p = ndi.gaussian_filter(rng.random((h, w)), rng.uniform(0.6, 2.5))
+        m = p > np.quantile(p, rng.uniform(0.3, 0.7))
+        ref = ndi.binary_fill_holes(m) if fill_holes else m
+        if min_area > 1:
+            lab, _ = ndi.label(ref)
+            keep = np.bincount(lab.ravel()) >= min_area
+            keep[0] = False
+            ref = keep[lab]
+        ref_lab, n = ndi.label(ref)
+        got = np.full((h, w), -1, np.int64)
+
+        def on_band(r0, r1, lab, got=got):
+            got[r0:r1] = lab
+
+        out = clean_mask(lambda r0, r1, m=m: m[r0:r1], (h, w), fill_holes=fill_holes, min_area_px=min_area,
+                         rows=int(rng.integers(1, 10)), on_band=on_band)
+        np.testing.assert_array_equal(got, ref_lab, err_msg=f"trial {trial}")
+        assert out.n == n and out.mask_pixels == int(ref.sum())
+        if n:
+            np.testing.assert_array_equal(out.counts, np.bincount(ref_lab.ravel())[1:])
+            boxes = [[s[0].start, s[1].start, s[0].stop, s[1].stop] for s in ndi.find_objects(ref_lab)]
+            np.testing.assert_array_equal(out.bboxes, boxes)
+            np.testing.assert_allclose(out.centroids, ndi.center_of_mass(ref, ref_lab, range(1, n + 1)))

@@ -210,3 +210,48 @@ def test_cli_lesion(tmp_path, shared_data, small_data, capsys):
     assert main(["lesion", str(img), "--out", str(tmp_path / "q.tif"), "--model", "nuclei-lite", "--mpp", "1.0"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "lesion" in err.splitlines()[-1]
+
+
+def test_streamed_detection_equals_in_memory(tmp_path, make_pyramid_tiff, he_image, small_data, monkeypatch,
+                                             one_torch_thread):
+    """With a work folder the mask steps run band by band: same map, mask, regions, figures and files."""
+    import tifffile
+
+    from napari_pathoseg.inference import bands
+    from napari_pathoseg.methods.lesion.detect import (
+        run_detect_lesions,
+        write_mask_tiff,
+        write_probability_tiff,
+    )
+    from napari_pathoseg.methods.lesion.model import load_lesion_model
+    from napari_pathoseg.wsi.slide import open_slide
+
+    monkeypatch.setattr(bands, "BAND_PIXELS", 2000)  # bands of 8 rows: dozens of seams on a 256² map
+    _, norm = small_data
+    model = load_lesion_model(_tiny_checkpoint(tmp_path / "m.safetensors", norm))
+    work = tmp_path / "work"
+    work.mkdir()
+    with open_slide(make_pyramid_tiff("s.tif", he_image, mpp=0.5)) as slide:
+        kw = dict(min_area_um2=60.0, tile=128, overlap=16, tissue_only=False)
+        mem0 = run_detect_lesions(slide, model, **kw)
+        st0 = run_detect_lesions(slide, model, work_dir=work, **kw)
+        assert isinstance(st0.mask, np.memmap) and st0.stores is not None and mem0.stores is None
+        np.testing.assert_array_equal(np.asarray(st0.prob), mem0.prob)
+        np.testing.assert_array_equal(np.asarray(st0.mask), mem0.mask)
+        t = float(np.quantile(mem0.prob, 0.55))  # the untrained net's map is flat: a threshold inside it
+        mem, st = mem0.rethreshold(t), st0.rethreshold(t)  # (the dock's slider: no network)
+        assert isinstance(st.mask, np.memmap)
+        np.testing.assert_array_equal(np.asarray(st.mask), mem.mask)
+        assert 0 < mem.mask.sum() < mem.mask.size and len(mem.regions) > 3  # a real test: several regions
+        drop = {"timings"}
+        assert {k: v for k, v in st.summary().items() if k not in drop} == \
+               {k: v for k, v in mem.summary().items() if k not in drop}
+        for a, b in zip(st.regions, mem.regions, strict=True):
+            assert a["id"] == b["id"] and a["bbox"] == b["bbox"] and a["area_um2"] == b["area_um2"]
+            assert a["centroid_row"] == pytest.approx(b["centroid_row"]) and a["centroid_col"] == pytest.approx(b["centroid_col"])
+        np.testing.assert_array_equal(st.labels(), mem.labels())
+        for res, tag in ((mem, "m"), (st, "s")):
+            write_mask_tiff(res, tmp_path / f"mask_{tag}.tif")
+            write_probability_tiff(res, tmp_path / f"prob_{tag}.tif")
+        for name in ("mask", "prob"):
+            np.testing.assert_array_equal(tifffile.imread(tmp_path / f"{name}_s.tif"), tifffile.imread(tmp_path / f"{name}_m.tif"))

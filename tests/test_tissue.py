@@ -199,7 +199,7 @@ def test_engine_literal_mode_is_the_method(shared_data, one_torch_thread):
     cfg = tiny_cfg()
     model = TissueModel(TissuePSPNet(cfg).eval(), cfg, name="tiny")
     img = load_rgb(shared_data / WSSS / "images" / "test_02.png")[:160, :224]  # 32 k + 64 on both sides
-    res = run_to_end(iter_tissue(img, model, mode="literal", mpp=1.0), TissueResult)
+    res = run_to_end(iter_tissue(img, model, mode="literal", mpp=1.0, weights="box"), TissueResult)
     ref = window_probs(model.net, img, tile=64)
     probs = np.asarray(res.probs.array, np.float32) / 255.0
     assert np.abs(np.moveaxis(probs[..., :3], -1, 0) - ref).max() < 0.01
@@ -208,3 +208,70 @@ def test_engine_literal_mode_is_the_method(shared_data, one_torch_thread):
     assert sum(v["pixels"] for v in res.areas.values()) == img.shape[0] * img.shape[1]
     fast = run_to_end(iter_tissue(img, model, mode="fast", mpp=1.0), TissueResult)
     assert fast.ids.shape == res.ids.shape and (fast.ids == 0).sum() == (res.ids == 0).sum()
+
+
+class _WindowContextModel:
+    """A stand-in for a context-heavy network: each window's class-"a" probability is its mean red / 255, everywhere."""
+
+    mpp, tile_size, classes, background_grey, name, task = 1.0, 64, ("a", "b"), 210.0, "window-context", "tissue"
+
+    def predict(self, batch):
+        a = np.asarray(batch, np.float32)[..., 0].mean(axis=(1, 2)) / 255.0
+        p = np.broadcast_to(a[:, None, None], (len(a),) + batch.shape[1:3])
+        return np.stack([p, 1.0 - p], axis=1).astype(np.float32)
+
+
+def _grid_share(ids, grid):
+    """Share of the class changes between horizontal neighbours that sit on the window grid lines."""
+    flip = (ids[:, 1:] != ids[:, :-1]).sum(axis=0)
+    on = (np.arange(1, ids.shape[1]) % grid) == 0
+    return flip[on].sum() / max(1, flip.sum())
+
+
+def test_literal_windows_leave_no_straight_edges_on_the_window_grid(tmp_path, monkeypatch):
+    """The whole-slide map's straight edges: M5's plain window mean jumps on every half-window grid line.
+
+    With a network whose output follows each window's content as a whole (PSPNet's pyramid
+    pooling), the plain mean is piecewise constant on the 32 px grid (windows of 64 px here), so
+    class boundaries run along grid lines; the raised-cosine weighted mean (the default) is
+    continuous. Also: a streamed run (work folder) gives the same ids, areas and files.
+    """
+    import tifffile
+
+    from napari_pathoseg.events import run_to_end
+    from napari_pathoseg.inference import bands
+    from napari_pathoseg.methods.tissue.predictor import window_weight
+    from napari_pathoseg.methods.tissue.segment import (
+        TissueResult,
+        iter_tissue,
+        write_labels_tiff,
+        write_probs_tiff,
+    )
+
+    rr, cc = np.mgrid[0:352, 0:448]  # 160 + 96 k: the engine's tiles end on the image's edges (no padding)
+    red = (20 + 180 * (cc + 0.6 * rr) / (447 + 0.6 * 351)).astype(np.uint8)  # a diagonal ramp, all tissue
+    img = np.stack([red, np.full_like(red, 90), np.full_like(red, 150)], axis=-1)
+    model = _WindowContextModel()
+    run = {w: run_to_end(iter_tissue(img, model, mode="literal", mpp=1.0, weights=w), TissueResult) for w in ("box", "hann")}
+    jump = {w: np.abs(np.diff(np.asarray(r.probs.array[..., 0], np.int16), axis=1)).max() for w, r in run.items()}
+    assert jump["box"] >= 8 and jump["hann"] <= 2  # (uint8 probabilities: 1 = 1/255)
+    assert _grid_share(run["box"].ids, 32) > 0.9  # the old map: every class edge on the grid
+    assert _grid_share(run["hann"].ids, 32) < 0.2
+    assert (run["hann"].ids == 0).sum() == 0 and set(np.unique(run["hann"].ids)) == {1, 2}
+    w = window_weight(64)
+    assert np.allclose(w[:32, :32] + w[32:, :32] + w[:32, 32:] + w[32:, 32:], 1.0)  # 4 windows at 50 % overlap: sum 1
+    # streamed (work folder, bands of 8 rows) == in memory: ids, areas, files
+    monkeypatch.setattr(bands, "BAND_PIXELS", 1000)
+    work = tmp_path / "work"
+    work.mkdir()
+    st = run_to_end(iter_tissue(img, model, mode="literal", mpp=1.0, work_dir=work), TissueResult)
+    mem = run["hann"]
+    assert isinstance(st.ids, np.memmap) and st.ids_store is not None
+    np.testing.assert_array_equal(np.asarray(st.ids), mem.ids)
+    assert st.areas == mem.areas
+    for res, tag in ((mem, "m"), (st, "s")):
+        write_labels_tiff(res, tmp_path / f"l_{tag}.tif", tile=64)
+        write_probs_tiff(res, tmp_path / f"p_{tag}.tif", tile=64)
+    for name in ("l", "p"):
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / f"{name}_s.tif"), tifffile.imread(tmp_path / f"{name}_m.tif"))
+    assert tifffile.imread(tmp_path / "p_s.tif").shape == (3, 352, 448)

@@ -10,15 +10,20 @@ written, so the page cache, not the process, holds it).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 __all__ = ["RowBand", "RowStore"]
 
-#: Rows per block when a run of rows no tile touched is written out.
+#: Rows per block when a run of rows no tile touched is written out (at most).
 FILL_ROWS = 256
+
+#: Values per such block (rows x cols x channels): the block shrinks as the slide widens, so
+#: memory stays flat however wide the output is.
+FILL_VALUES = 1 << 20
 
 
 class RowStore:
@@ -112,6 +117,8 @@ class RowBand:
         self._off = 0  # buffer row of ``top``
         self._parts = [(tuple(t), np.dtype(d), f) for t, d, f in parts]
         self._buf = [np.full((0,) + t, f, d) for t, d, f in self._parts]
+        row_values = max([int(np.prod(t, dtype=np.int64)) for t, _, _ in self._parts] or [1])
+        self._fill_rows = max(1, min(FILL_ROWS, FILL_VALUES // max(1, row_values)))
         #: Most rows the buffer ever held.
         self.peak = 0
 
@@ -141,11 +148,12 @@ class RowBand:
 
         The blocks are the buffer's own rows (use them before asking for more rows), at
         most :data:`FILL_ROWS` at a time; rows never asked for come back as fresh fill
-        blocks, so a long run of untouched rows costs no memory.
+        blocks of at most :data:`FILL_VALUES` values, so a long run of untouched rows costs
+        no memory, however wide.
         """
         upto = min(int(upto), self.rows)
         while self.top < upto:
-            k = min(upto - self.top, FILL_ROWS)
+            k = min(upto - self.top, FILL_ROWS if self.height > 0 else self._fill_rows)
             if self.height > 0:
                 k = min(k, self.height)
                 blocks = [b[self._off : self._off + k] for b in self._buf]

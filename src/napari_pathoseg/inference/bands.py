@@ -35,9 +35,9 @@ BAND_PIXELS = 1 << 21
 Reader = Callable[[int, int], np.ndarray]
 
 
-def band_rows(cols: int, *, pixels: int = BAND_PIXELS) -> int:
-    """Rows per band so that a band holds about ``pixels`` pixels (at least 8 rows)."""
-    return max(8, int(pixels) // max(1, int(cols)))
+def band_rows(cols: int, *, pixels: int | None = None) -> int:
+    """Rows per band so that a band holds about ``pixels`` (default :data:`BAND_PIXELS`) pixels, at least 8 rows."""
+    return max(8, int(BAND_PIXELS if pixels is None else pixels) // max(1, int(cols)))
 
 
 def _resolve(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:

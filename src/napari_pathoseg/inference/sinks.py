@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,19 +34,23 @@ from napari_pathoseg.events import Cancellable
 from napari_pathoseg.inference._rows import RowBand, RowStore
 from napari_pathoseg.inference._sink import Sink, batch_output
 from napari_pathoseg.inference.engine import TilePlan
-from napari_pathoseg.inference.instances import Instances, InstancesResult, paste_owned  # re-exported: one place to import sinks from
+from napari_pathoseg.inference.instances import (  # re-exported: one place to import sinks from
+    Instances,
+    InstancesResult,
+    paste_owned,
+)
 from napari_pathoseg.inference.tile_scores import ScoresResult, TileScores
 
 __all__ = [
-    "Sink",
-    "ProbabilityMap",
-    "MapResult",
-    "TileScores",
-    "ScoresResult",
+    "BLENDS",
     "Instances",
     "InstancesResult",
+    "MapResult",
+    "ProbabilityMap",
+    "ScoresResult",
+    "Sink",
+    "TileScores",
     "paste_owned",
-    "BLENDS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -312,7 +317,11 @@ class ProbabilityMap(Sink):
         integer = np.issubdtype(self.dtype, np.integer)
         for r0, (acc, wsum) in self._band.pop(row):  # released rows: scaled in place
             covered = wsum > 0
-            self._covered += int(np.count_nonzero(covered))
+            n_covered = int(np.count_nonzero(covered))
+            if n_covered == 0:  # rows no tile reached (background, a cancelled run): the fill, no arithmetic
+                self._store.write(r0, np.full(acc.shape, self.fill, self.dtype))
+                continue
+            self._covered += n_covered
             np.maximum(wsum, np.float32(1e-20), out=wsum)
             inv = np.divide(np.float32(self.scale), wsum, out=wsum)
             acc *= inv[..., None] if self._channels else inv

@@ -8,6 +8,13 @@ Two modes, both on the platform engine (:func:`~napari_pathoseg.inference.iter_p
   (``blend="core"``); inside a tile the 16 windows of 224 px at a 112 px stride are averaged.
   Every owned pixel is thus the mean over exactly the windows of the global 112 px grid that
   cover it, as in the method; 16 windows per 336² owned pixels cost 1.8x the literal 9.
+  ``weights="hann"`` (the default) weighs each window's pixels by a raised cosine that falls
+  to ~0 at the window's edges; ``weights="box"`` is M5's plain mean. With the plain mean the
+  set of windows averaged changes abruptly on every 112 px grid line, and since the network
+  sees each 224 px window as a whole (PSPNet's pyramid pooling gives every pixel the window's
+  context) neighbouring windows disagree, so the argmax flips along those lines: the straight
+  edges of the whole-slide map. The weighted mean is continuous across window edges (at 50 %
+  overlap the weights of the windows covering a pixel sum to one), which removes them.
 * ``"fast"``: the network is fully convolutional: one pass over 512 px tiles overlapping by
   64 px, feathered (its agreement with the literal mode is measured in ``docs/tissue.md``).
 
@@ -26,10 +33,21 @@ from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.inference.sinks import ProbabilityMap
 from napari_pathoseg.methods.tissue.data import background_mask
 
-__all__ = ["MODES", "TissuePredictor"]
+__all__ = ["MODES", "WINDOW_WEIGHTS", "TissuePredictor", "window_weight"]
 
 #: (engine tile, engine overlap, blend) per mode, in multiples of the window for "literal".
 MODES = ("literal", "fast")
+
+#: How the literal mode averages overlapping windows: raised-cosine weighted, or M5's plain mean.
+WINDOW_WEIGHTS = ("hann", "box")
+
+
+def window_weight(size: int, kind: str = "hann") -> np.ndarray:
+    """(size, size) float32 weights of one window's pixels: ``sin²`` ramps to ~0 at the edges, or ones (``"box"``)."""
+    if kind == "box":
+        return np.ones((size, size), np.float32)
+    ramp = np.sin(np.pi * (np.arange(size, dtype=np.float64) + 0.5) / size) ** 2
+    return np.outer(ramp, ramp).astype(np.float32)
 
 
 class TissuePredictor:
@@ -43,13 +61,19 @@ class TissuePredictor:
     mode : {"literal", "fast"}
     batch : int
         Windows per network call in the literal mode.
+    weights : {"hann", "box"}
+        Literal mode: raised-cosine weighted mean of the overlapping windows (no straight
+        edges on the window grid) or M5's plain mean.
     """
 
-    def __init__(self, model: Any, *, mode: str = "literal", batch: int = 8) -> None:
+    def __init__(self, model: Any, *, mode: str = "literal", batch: int = 8, weights: str = "hann") -> None:
         if mode not in MODES:
             raise PathosegError(f"Unknown tissue inference mode {mode!r}; use one of {MODES}.")
+        if weights not in WINDOW_WEIGHTS:
+            raise PathosegError(f"Unknown window weighting {weights!r}; use one of {WINDOW_WEIGHTS}.")
         self.model = model
         self.mode = mode
+        self.weights = weights
         self.batch = int(batch)
         self.window = int(model.tile_size)
         self.stride = self.window // 2
@@ -93,12 +117,13 @@ class TissuePredictor:
                     where.append((i, y, x))
         acc = np.zeros((b, len(self.classes), h, w), np.float32)
         cnt = np.zeros((b, 1, h, w), np.float32)
+        wt = window_weight(win, self.weights)
         for k in range(0, len(crops), self.batch):
             p = self.model.predict(np.stack(crops[k:k + self.batch]))
             for (i, y, x), pk in zip(where[k:k + self.batch], p):
-                acc[i, :, y:y + win, x:x + win] += pk
-                cnt[i, :, y:y + win, x:x + win] += 1
-        return acc / np.maximum(cnt, 1)
+                acc[i, :, y:y + win, x:x + win] += pk * wt
+                cnt[i, :, y:y + win, x:x + win] += wt
+        return acc / np.where(cnt > 0, cnt, 1)
 
     def predict(self, batch: np.ndarray) -> dict[str, Any]:
         """``probs`` (B, n + 1, H, W) float32 of a (B, H, W, 3) uint8 batch (last channel: background)."""

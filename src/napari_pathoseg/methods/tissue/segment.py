@@ -125,7 +125,7 @@ def _areas(counts: np.ndarray, classes: tuple[str, ...] | list[str], mpp: float)
 
 
 def iter_tissue(source: Any, model: Any, *, mode: str = "literal", region: tuple[int, int, int, int] | None = None,
-                mpp: float | None = None, batch_size: int = 2, tissue_only: bool | None = None,
+                mpp: float | None = None, batch_size: int = 2, tissue_only: bool | None = None, weights: str = "hann",
                 work_dir: str | os.PathLike | None = None, cancel: Cancellable | None = None,
                 ) -> Iterator[Progress | TissueResult]:
     """Segment the tissue of a slide region or image; yields progress, finally a :class:`TissueResult`.
@@ -142,6 +142,9 @@ def iter_tissue(source: Any, model: Any, *, mode: str = "literal", region: tuple
         µm per level-0 pixel of a source that does not record it.
     batch_size : int
         Engine tiles per call.
+    weights : {"hann", "box"}
+        Literal mode's window average: raised-cosine weighted (default; no straight edges on
+        the 112 px window grid) or M5's plain mean (see :mod:`.predictor`).
     tissue_only : bool, optional
         Skip tiles without tissue (default: slides yes, arrays no).
     work_dir : path, optional
@@ -151,7 +154,7 @@ def iter_tissue(source: Any, model: Any, *, mode: str = "literal", region: tuple
     """
     from napari_pathoseg.inference import InferenceResult, iter_predict
 
-    pred = TissuePredictor(model, mode=mode)
+    pred = TissuePredictor(model, mode=mode, weights=weights)
     res = None
     for ev in iter_predict(source, pred, pred.sinks(), mpp=mpp, region=region, tile=pred.tile_size,
                            overlap=pred.overlap, batch_size=batch_size, tissue_only=tissue_only, edge="white",
