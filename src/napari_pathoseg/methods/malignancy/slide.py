@@ -73,6 +73,9 @@ logger = logging.getLogger(__name__)
 POOLINGS = ("topk", "max", "mean")
 #: Share of the tissue tiles the top-k mean averages.
 TOP_FRACTION = 0.1
+#: How each pooling is named in results (``{f}``: the top fraction).
+POOLING_WORDS = {"topk": "mean of the top {f:.0%} of the tissue tiles' probabilities",
+                 "max": "maximum of the tissue tiles' probabilities", "mean": "mean of the tissue tiles' probabilities"}
 #: Rows of the model's grid handled at once when counting or writing the mask.
 STRIP_ROWS = 1024
 TASK = "malignancy"
@@ -175,6 +178,7 @@ class MalignancyResult:
     whole_image: bool
     pooling: str
     pooled: dict[str, float] = field(default_factory=dict)
+    top_fraction: float = TOP_FRACTION
     model: str = ""
     tiles: int = 0
     tiles_total: int = 0
@@ -244,7 +248,7 @@ class MalignancyResult:
             "label": self.label,
             "threshold": self.threshold,
             "probability_from": "C on the whole image" if self.whole_image else
-                                f"{self.pooling} of the tissue tiles' probabilities",
+                                POOLING_WORDS[self.pooling].format(f=self.top_fraction),
             "pooled": {k: (None if math.isnan(v) else round(v, 5)) for k, v in self.pooled.items()},
             "model": self.model,
             "region_xywh": list(self.region),
@@ -401,7 +405,7 @@ def iter_malignancy(
         probability=float(probability), label=label, threshold=threshold, tile_probs=probs.astype(np.float32),
         boxes=scores.boxes, heatmap=scores.heatmap[..., 0], cell=float(scores.cell), origin=scores.origin,
         region_prob=region_prob, tissue_lowres=tissue_lowres, mask_threshold=mask_threshold, region=res.region, scale=res.scale,
-        mpp=res.mpp, whole_image=whole_image, pooling=pooling, pooled=pooled, model=res.name, tiles=res.tiles,
+        mpp=res.mpp, whole_image=whole_image, pooling=pooling, pooled=pooled, top_fraction=float(top_fraction), model=res.name, tiles=res.tiles,
         tiles_total=res.tiles_total, cancelled=res.cancelled, timings=res.timings,
     )
 
