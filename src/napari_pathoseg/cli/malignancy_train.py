@@ -88,8 +88,7 @@ def _progress(label: str):
         if isinstance(ev, StageEvent):
             _err(f"{label}: {ev.message}")
         elif isinstance(ev, TrainStart):
-            init = f"; init {ev.init.summary()}" if ev.init is not None else ""
-            _err(f"{label}: stage {stage}: {ev.message}{init}")
+            _err(f"{label}: stage {stage}: {ev.message}")  # names what init_from copied
         elif isinstance(ev, EpochEvent):
             v = ev.val_metrics
             metric = (f"val Dice {v.get('dice', float('nan')):.4f}" if stage == "B"
