@@ -20,7 +20,7 @@ from napari_pathoseg.methods.malignancy.data import LabelItem, Sample, load_samp
 from napari_pathoseg.methods.malignancy.model import pad_to_multiple, pooled_probability
 from napari_pathoseg.methods.malignancy.network import to_input
 
-__all__ = ["roc_auc", "classify_scores", "segment_scores", "evaluate_model", "evaluate_nets", "run_summary",
+__all__ = ["roc_auc", "image_probabilities", "call_scores", "mask_counts", "dice_scores", "classify_scores", "segment_scores", "evaluate_model", "evaluate_nets", "run_summary",
            "net_classifier", "net_segmenter"]
 
 
@@ -62,15 +62,19 @@ def net_segmenter(net: torch.nn.Module, *, device: Any = "cpu") -> Callable[[np.
     return run
 
 
-def classify_scores(classify: Callable[[np.ndarray], np.ndarray], samples: Iterable[Sample], *, side: int,
-                    threshold: float = 0.5, min_size: int = 64) -> dict[str, Any]:
-    """ROC AUC, accuracy, sensitivity and specificity of image-level probabilities."""
-    probs, truth = [], []
+def image_probabilities(classify: Callable[[np.ndarray], np.ndarray], samples: Iterable[Sample], *, side: int,
+                        min_size: int = 64) -> np.ndarray:
+    """Each sample's malignant probability (whole image, or the area-weighted tile mean): (N,) float64."""
+    out = []
     for s in samples:
         img = pad_to_multiple(s.image[None], minimum=min_size)[0]
-        probs.append(pooled_probability(img, side=side, classify=classify))
-        truth.append(s.label)
-    p, t = np.asarray(probs), np.asarray(truth, bool)
+        out.append(pooled_probability(img, side=side, classify=classify))
+    return np.asarray(out, np.float64)
+
+
+def call_scores(probs: np.ndarray, labels: np.ndarray, *, threshold: float = 0.5) -> dict[str, Any]:
+    """ROC AUC, accuracy, sensitivity and specificity of image probabilities vs labels (1 = malignant)."""
+    p, t = np.asarray(probs, np.float64), np.asarray(labels, bool)
     if not len(p):
         return {"images": 0}
     call = p >= threshold
@@ -84,31 +88,43 @@ def classify_scores(classify: Callable[[np.ndarray], np.ndarray], samples: Itera
     }
 
 
+def classify_scores(classify: Callable[[np.ndarray], np.ndarray], samples: Iterable[Sample], *, side: int,
+                    threshold: float = 0.5, min_size: int = 64) -> dict[str, Any]:
+    """ROC AUC, accuracy, sensitivity and specificity of image-level probabilities."""
+    samples = list(samples)
+    probs = image_probabilities(classify, samples, side=side, min_size=min_size)
+    return call_scores(probs, np.array([s.label for s in samples], bool), threshold=threshold)
+
+
+def mask_counts(segment: Callable[[np.ndarray], np.ndarray], sample: Sample, *, threshold: float = 0.5,
+                tile: int = 512) -> tuple[float, float]:
+    """``(|pred & truth|, |pred| + |truth|)`` of B on one masked sample (tiles of ``tile`` px)."""
+    h, w = sample.mask.shape
+    img = pad_to_multiple(sample.image[None], minimum=64)
+    prob = np.zeros(img.shape[1:3], np.float32)
+    for y in range(0, img.shape[1], tile):
+        for x in range(0, img.shape[2], tile):
+            part = pad_to_multiple(img[:, y:y + tile, x:x + tile], minimum=64)
+            ph, pw = min(tile, img.shape[1] - y), min(tile, img.shape[2] - x)
+            prob[y:y + ph, x:x + pw] = segment(part)[0, :ph, :pw]
+    pred = prob[:h, :w] >= threshold
+    truth = sample.mask > 0
+    return float(np.sum(pred & truth)), float(pred.sum() + truth.sum())
+
+
+def dice_scores(counts: list[tuple[float, float]]) -> dict[str, Any]:
+    """Pooled and mean per-image Dice from :func:`mask_counts` results."""
+    if not counts:
+        return {"masked_images": 0}
+    inter, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    per = [2 * i / t if t else 1.0 for i, t in counts]
+    return {"dice": 2 * inter / total if total else 1.0, "dice_mean": float(np.mean(per)), "masked_images": len(per)}
+
+
 def segment_scores(segment: Callable[[np.ndarray], np.ndarray], samples: Iterable[Sample], *,
                    threshold: float = 0.5, tile: int = 512) -> dict[str, Any]:
     """Pooled and per-image Dice of B on the samples that have a mask."""
-    inter = total = 0.0
-    per = []
-    for s in samples:
-        if s.mask is None:
-            continue
-        h, w = s.mask.shape
-        img = pad_to_multiple(s.image[None], minimum=64)
-        prob = np.zeros(img.shape[1:3], np.float32)
-        for y in range(0, img.shape[1], tile):
-            for x in range(0, img.shape[2], tile):
-                part = pad_to_multiple(img[:, y:y + tile, x:x + tile], minimum=64)
-                ph, pw = min(tile, img.shape[1] - y), min(tile, img.shape[2] - x)
-                prob[y:y + ph, x:x + pw] = segment(part)[0, :ph, :pw]
-        pred = prob[:h, :w] >= threshold
-        truth = s.mask > 0
-        i, t = float(np.sum(pred & truth)), float(pred.sum() + truth.sum())
-        inter += i
-        total += t
-        per.append(2 * i / t if t else 1.0)
-    if not per:
-        return {"masked_images": 0}
-    return {"dice": 2 * inter / total if total else 1.0, "dice_mean": float(np.mean(per)), "masked_images": len(per)}
+    return dice_scores([mask_counts(segment, s, threshold=threshold, tile=tile) for s in samples if s.mask is not None])
 
 
 def evaluate_nets(samples: list[Sample], *, classifier: torch.nn.Module | None = None,
@@ -124,19 +140,26 @@ def evaluate_nets(samples: list[Sample], *, classifier: torch.nn.Module | None =
 
 
 def evaluate_model(model: Any, items: list[LabelItem], *, per_dataset: bool = True) -> dict[str, Any]:
-    """Scores of a :class:`MalignancyModel` (C and B) on labelled items (read at the model's scale)."""
+    """Scores of a :class:`MalignancyModel` (C and B) on labelled items (read at the model's scale).
+
+    Each image is classified once and each mask segmented once; the per-data-set scores reuse them.
+    """
     from napari_pathoseg.methods.malignancy.model import WHOLE_IMAGE_FACTOR
 
     samples = load_samples(items, mpp=model.mpp)
-    side = WHOLE_IMAGE_FACTOR * model.input_size
-    res = classify_scores(model.classify, samples, side=side, threshold=model.threshold, min_size=model.min_size)
-    res.update(segment_scores(model.segment, samples, threshold=model.mask_threshold))
+    probs = image_probabilities(model.classify, samples, side=WHOLE_IMAGE_FACTOR * model.input_size,
+                                min_size=model.min_size)
+    labels = np.array([s.label for s in samples], bool)
+    counts = {i: mask_counts(model.segment, s, threshold=model.mask_threshold)
+              for i, s in enumerate(samples) if s.mask is not None}
+    res = call_scores(probs, labels, threshold=model.threshold)
+    res.update(dice_scores(list(counts.values())))
     if per_dataset:
         res["per_dataset"] = {}
         for ds in sorted({s.dataset for s in samples}):
-            sub = [s for s in samples if s.dataset == ds]
-            r = classify_scores(model.classify, sub, side=side, threshold=model.threshold, min_size=model.min_size)
-            r.update(segment_scores(model.segment, sub, threshold=model.mask_threshold))
+            idx = [i for i, s in enumerate(samples) if s.dataset == ds]
+            r = call_scores(probs[idx], labels[idx], threshold=model.threshold)
+            r.update(dice_scores([counts[i] for i in idx if i in counts]))
             res["per_dataset"][ds] = r
     return res
 
