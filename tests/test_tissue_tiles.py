@@ -135,29 +135,32 @@ def test_stage1_on_tiles_and_stage1_only(shared_data, tmp_path, one_torch_thread
     tiles = make_tiles(items, masks, 64, n_classes=3)
     test = [replace(items[1], mask=masks[1])]
     data = TissueData(CLASSES, items, test, test, tiles=tiles, tile=64)
-    events = list(iter_m5(tiny_cfg(balance=True), data, out_dir=tmp_path / "run", epochs1=1, steps1=1, epochs2=1,
-                          steps2=1, threads=1, stage1_only=True))
+    kw = {"epochs1": 1, "steps1": 1, "epochs2": 1, "steps2": 1, "threads": 1}
+    events = list(iter_m5(tiny_cfg(balance=True), data, out_dir=tmp_path / "run", **kw))
     starts = [e.message for e in events if isinstance(e, StageStart)]
     assert f"{len(tiles)} labelled 64 px tiles" in starts[0]
     assert sum(isinstance(e, PseudoEvent) for e in events) == 2
-    done = events[-1]
-    assert isinstance(done, M5Done) and not done.cancelled and done.best_checkpoint is None
-    assert 0 <= done.test["pseudo_masks"]["miou"] <= 1 and not (tmp_path / "run" / "stage2").exists()
     manifest = json.loads((tmp_path / "run" / "pseudo" / "manifest.json").read_text())
     assert manifest["checkpoint"].endswith(":tile64")
+    assert 0 <= events[-1].test["pseudo_masks"]["miou"] <= 1
+    # stage 1 only (the PDA ablation): no pseudo masks of the training patches, no stage 2
+    events = list(iter_m5(tiny_cfg(), data, out_dir=tmp_path / "s1", stage1_only=True, **kw))
+    done = events[-1]
+    assert isinstance(done, M5Done) and not done.cancelled and done.best_checkpoint is None
+    assert not any(isinstance(e, PseudoEvent) for e in events)
+    assert 0 <= done.test["pseudo_masks"]["miou"] <= 1 and not (tmp_path / "s1" / "stage2").exists()
     # stage 2 on those pseudo masks with the least confident one replaced by its true mask (a simulated review)
     from napari_pathoseg.events import run_to_end
 
     data2 = TissueData(CLASSES, [replace(i, mask=m) for i, m in zip(items, masks)], test, test, tiles=tiles, tile=64)
     fixed = run_to_end(iter_m5(tiny_cfg(), data2, out_dir=tmp_path / "fix", pseudo_from=tmp_path / "run", correct=1,
-                               epochs1=1, steps1=1, epochs2=1, steps2=1, threads=1), M5Done)
+                               **kw), M5Done)
     record = json.loads((tmp_path / "fix" / "corrected.json").read_text())
     assert record["n"] == 1 and fixed.stage1["corrected"] == record["corrected"]
     assert record["corrected"][0] == min(record["confidence"], key=record["confidence"].get)
     assert all(0 <= v <= 1 for v in record["confidence"].values())
     with pytest.raises(PathosegError, match="training masks"):
-        list(iter_m5(tiny_cfg(), data, out_dir=tmp_path / "nofix", pseudo_from=tmp_path / "run", correct=1,
-                     epochs1=1, steps1=1, epochs2=1, steps2=1))
+        list(iter_m5(tiny_cfg(), data, out_dir=tmp_path / "nofix", pseudo_from=tmp_path / "run", correct=1, **kw))
 
 
 def test_train_from_tags_registers_a_model(sample_svs, tmp_path, monkeypatch, one_torch_thread):

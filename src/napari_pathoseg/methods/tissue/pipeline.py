@@ -21,8 +21,9 @@ stage 2 trains on the pseudo masks of another run (the ONS vs plain CE ablation 
 ``correct=N`` (with ``pseudo_from``) replaces the pseudo masks of the N training patches the
 stage-1 classifier was least confident about (:func:`~.cam.pseudo_confidence`) by their true
 masks: a reviewer correcting N pseudo masks, simulated (the 0 / 5 / 10 corrected-patch
-measurement; ``RUN/corrected.json`` lists them). ``stage1_only=True`` stops after the pseudo masks and scores them on the test patches (the
-ablation of progressive dropout attention, which only acts in stage 1).
+measurement; ``RUN/corrected.json`` lists them). ``stage1_only=True`` stops after stage 1
+and scores its pseudo masks on the test patches (the ablation of progressive dropout
+attention, which only acts in stage 1).
 """
 
 from __future__ import annotations
@@ -278,22 +279,22 @@ def iter_m5(cfg: M5Config, data: TissueData, *, out_dir: str | os.PathLike, epoc
             yield M5Done(None, cancelled=True, message=f"stopped in stage 1; resumable checkpoint {out / 'stage1'}")
             return
         stage1 = {"best_checkpoint": str(done1.best_checkpoint), "best_metrics": done1.best_metrics}
-        yield StageStart("pseudo", "Grad-CAM++ pseudo masks")
         clf, _ = _load_net(TissueClassifier, Path(done1.best_checkpoint), "m5-cls", dev)
-        masks = yield from make_pseudo_masks(clf, train1, out / "pseudo", stamp=_stamp(Path(done1.best_checkpoint)),
-                                             threshold=cfg.background_grey, device=dev, cancel=cancel,
-                                             tiles=tiles, tile=data.tile)
-        if masks is None:
-            yield M5Done(None, cancelled=True, stage1=stage1, message="stopped while making pseudo masks")
-            return
-        if stage1_only:
+        if stage1_only:  # PDA acts in stage 1 only: score its pseudo masks on the test patches, no stage 2
             test1: dict[str, Any] = {}
             if any(t.mask is not None for t in data.test):
                 yield StageStart("test", f"pseudo masks of {len(data.test)} held-out test patches")
                 test1["pseudo_masks"] = cam_scores(clf, data.test, cfg.classes, device=dev,
                                                    threshold=cfg.background_grey, tile=data.tile if tiles else 0,
                                                    min_share=data.min_share)
-            yield M5Done(None, stage1=stage1, test=test1, message="stage 1 and pseudo masks done (stage 1 only)")
+            yield M5Done(None, stage1=stage1, test=test1, message="stage 1 done (stage 1 only)")
+            return
+        yield StageStart("pseudo", "Grad-CAM++ pseudo masks")
+        masks = yield from make_pseudo_masks(clf, train1, out / "pseudo", stamp=_stamp(Path(done1.best_checkpoint)),
+                                             threshold=cfg.background_grey, device=dev, cancel=cancel,
+                                             tiles=tiles, tile=data.tile)
+        if masks is None:
+            yield M5Done(None, cancelled=True, stage1=stage1, message="stopped while making pseudo masks")
             return
         train2 = [replace(t, mask=masks[t.name]) for t in train1]
         folder2 = out / "stage2"
