@@ -9,6 +9,8 @@ other (one training at a time), each in its own run folder under ``--runs``; a v
 
 * **ONS vs CE** (stage 2 only): ``--pseudo-from`` the shipped run's pseudo masks, presets
   ``tissue-lite`` (ONS) and ``tissue-lite-ce`` (CE), seeds 0 and 1, ``--epochs2`` x ``--steps2``.
+* **Corrected patches** (the review measurement, simulated): ONS, first seed, with the
+  ``--correct`` N least confident pseudo masks replaced by their true masks (0 = ``s2-ons``).
 * **PDA vs no PDA** (stage 1 only, PDA acts nowhere else): ``--stage1-only``, presets
   ``tissue-lite`` and ``tissue-lite-nopda``, seeds 0 and 1, ``--epochs1`` x ``--steps1``; the
   score is the held-out test mIoU of the tiled Grad-CAM++ pseudo masks.
@@ -30,14 +32,19 @@ KEYS = ("miou", "miou_tumour_stroma", "iou_tumour epithelium", "iou_stroma", "io
 
 
 def variants(args: argparse.Namespace) -> list[dict]:
+    """Seed by seed (a partial table is usable): stage-2 ONS / CE, the corrected-patch runs, stage-1 PDA / none."""
     common = ["--tiles", str(args.tiles), "--balance", "--threads", str(args.threads), "--data", args.data]
     out = []
     for seed in args.seeds:
+        s2 = ["--pseudo-from", args.pseudo_from, "--seed", str(seed), "--epochs2", str(args.epochs2),
+              "--steps2", str(args.steps2), *common]
         for preset, arm in (("tissue-lite", "ons"), ("tissue-lite-ce", "ce")):
             out.append({"name": f"s2-{arm}-s{seed}", "arm": f"stage2 {arm}", "score": "window",
-                        "args": ["--preset", preset, "--pseudo-from", args.pseudo_from, "--seed", str(seed),
-                                 "--epochs2", str(args.epochs2), "--steps2", str(args.steps2), *common]})
-    for seed in args.seeds:
+                        "args": ["--preset", preset, *s2]})
+        if seed == args.seeds[0]:
+            for n in args.correct:
+                out.append({"name": f"s2-ons-s{seed}-fix{n}", "arm": f"stage2 ons, {n} corrected", "score": "window",
+                            "args": ["--preset", "tissue-lite", "--correct", str(n), *s2]})
         for preset, arm in (("tissue-lite", "pda"), ("tissue-lite-nopda", "nopda")):
             out.append({"name": f"s1-{arm}-s{seed}", "arm": f"stage1 {arm}", "score": "pseudo_masks",
                         "args": ["--preset", preset, "--stage1-only", "--seed", str(seed),
@@ -76,10 +83,12 @@ def main() -> None:
     p.add_argument("--out", required=True, help="JSON table")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--tiles", type=int, default=96)
-    p.add_argument("--epochs1", type=int, default=8)
+    p.add_argument("--epochs1", type=int, default=10)
     p.add_argument("--steps1", type=int, default=40)
-    p.add_argument("--epochs2", type=int, default=8)
+    p.add_argument("--epochs2", type=int, default=12)
     p.add_argument("--steps2", type=int, default=15)
+    p.add_argument("--correct", type=int, nargs="*", default=[5, 10],
+                   help="also stage 2 (ONS, first seed) with this many least confident pseudo masks corrected")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", default=None, help="run only the variants whose name starts with this")
     args = p.parse_args()
