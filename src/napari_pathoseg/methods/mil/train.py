@@ -67,13 +67,18 @@ DEFAULT_BUDGET = {"lite": (12, 100), "m4": (50, 200)}
 
 def roc_auc(score: Any, truth: Any) -> float | None:
     """ROC AUC by the rank-sum statistic (ties averaged); ``None`` without both classes."""
-    from scipy.stats import rankdata
-
     s, t = np.asarray(score, np.float64).ravel(), np.asarray(truth).ravel().astype(bool)
     n_pos, n_neg = int(t.sum()), int((~t).sum())
     if n_pos == 0 or n_neg == 0:
         return None
-    r = rankdata(s)
+    order = np.argsort(s, kind="mergesort")
+    sorted_s = s[order]
+    first = np.r_[True, sorted_s[1:] != sorted_s[:-1]]
+    group = np.cumsum(first) - 1
+    starts = np.flatnonzero(first)
+    ends = np.r_[starts[1:], len(s)]
+    r = np.empty(len(s))
+    r[order] = ((starts + ends + 1) / 2.0)[group]  # 1-based ranks, ties averaged
     return float((r[t].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
