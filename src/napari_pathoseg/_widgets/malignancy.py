@@ -88,6 +88,12 @@ class MalignancyLayers:
 
     result: MalignancyResult
     labels: list[np.ndarray]
+    summary: dict[str, Any]
+
+    @classmethod
+    def prepare(cls, result: MalignancyResult) -> MalignancyLayers:
+        """Layer data and figures of ``result`` (worker thread: the mask and areas cost O(pixels))."""
+        return cls(result, display_levels(result.mask.astype(np.uint8)), result.summary())
 
     @property
     def cancelled(self) -> bool:
@@ -104,7 +110,7 @@ def run_job(slide: Any, model_ref: str, *, region: Any, mpp: float | None, mask_
     for ev in iter_malignancy(slide, model=model, region=region, mpp=mpp, mask_threshold=mask_threshold,
                               whole_image=False, cancel=cancel):
         if isinstance(ev, MalignancyResult):
-            yield MalignancyLayers(ev, display_levels(ev.mask.astype(np.uint8)))
+            yield MalignancyLayers.prepare(ev)
         else:
             yield ev
 
@@ -393,13 +399,12 @@ class MalignancyWidget(QWidget):
             self.viewer.layers.selection.active = slide_layer
 
         in_turns(add_heat, add_labels)
-        self._show_call(res)
+        self._show_call(res, prepared.summary)
         self.jobs.refresh()
         if prepared.cancelled:
             show_info(f"Stopped: the {res.tiles} finished tiles are kept")
 
-    def _show_call(self, res: MalignancyResult) -> None:
-        s = res.summary()
+    def _show_call(self, res: MalignancyResult, s: dict[str, Any]) -> None:
         if s["probability"] is None:
             self.call_label.setText("No tissue tile ran: no call.")
             return
@@ -421,7 +426,7 @@ class MalignancyWidget(QWidget):
         res = self.result.with_mask_threshold(self.mask_threshold.value() / 100)
 
         def job(token: Any) -> MalignancyLayers:
-            return MalignancyLayers(res, display_levels(res.mask.astype(np.uint8)))
+            return MalignancyLayers.prepare(res)
 
         if int(np.prod(res.shape)) <= SYNC_PIXELS:
             self._on_rethreshold(job(None))
@@ -434,7 +439,7 @@ class MalignancyWidget(QWidget):
         layer = layer_named(self.viewer, self.layer_names()[1])
         if layer is not None:
             layer.data = prepared.labels if len(prepared.labels) > 1 else prepared.labels[0]
-        self._show_call(prepared.result)
+        self._show_call(prepared.result, prepared.summary)
 
     def _on_opacity(self, value: int) -> None:
         layer = layer_named(self.viewer, self.layer_names()[0]) if self.result is not None else None
