@@ -4,9 +4,10 @@
   and its card, so slide, CLI and dock code can be built and tested before a model is trained
   (its card says it is untrained; its scores are empty).
 * :func:`release_model` scores a training run's ``best.safetensors`` on held-out mosaic slides
-  (:mod:`.evaluate`) and writes ``models/weights/<name>.{safetensors,json}``::
+  (:mod:`.evaluate`; pooling and call threshold chosen on the validation slides) and writes
+  ``models/weights/<name>.{safetensors,json}``::
 
-    python -m napari_pathoseg.methods.mil.release RUN_DIR --test TEST.csv --name slidecls-crc-lite
+    python -m napari_pathoseg.methods.mil.release RUN_DIR --val VAL.csv --test TEST.csv --name slidecls-crc-lite
 
 It refuses to overwrite its input.
 """
@@ -90,37 +91,52 @@ def _history(run_dir: Path) -> list[dict[str, Any]]:
     return json.loads(hist.read_text()) if hist.is_file() else []
 
 
-def release_model(run_dir: str | os.PathLike, *, test_csv: str | os.PathLike, name: str = "slidecls-crc-lite",
-                  out_dir: str | os.PathLike = WEIGHTS_DIR, pooling: str | None = None,
-                  pooling_k: float | None = None, data: str = "", val_csv: str | os.PathLike | None = None,
+def _choose_pooling(poolings: list[dict[str, Any]]) -> dict[str, Any]:
+    """Best validation slide AUC, then accuracy at its best threshold; ties keep the grid order."""
+    return max(poolings, key=lambda p: ((p["slide_auc"] or 0.0), p["accuracy_at_best"]))
+
+
+def release_model(run_dir: str | os.PathLike, *, test_csv: str | os.PathLike, val_csv: str | os.PathLike,
+                  name: str = "slidecls-crc-lite", out_dir: str | os.PathLike = WEIGHTS_DIR,
+                  pooling: str | None = None, pooling_k: float | None = None, data: str = "",
                   threads: int | None = None) -> dict[str, Any]:
     """Score ``run_dir/best.safetensors`` on held-out slides and write ``out_dir/<name>.{safetensors,json}``.
 
-    ``pooling`` / ``pooling_k`` replace the run's pooling (chosen by the pooling comparison on
-    the validation slides, see :func:`.evaluate.compare_poolings`). Returns the card.
+    The pooling and the call threshold are chosen on the **validation** slides
+    (:func:`.evaluate.compare_poolings`: best slide AUC, then accuracy; the threshold with the best
+    validation accuracy), unless ``pooling`` / ``pooling_k`` are given; then the model is scored
+    on the **test** slides with that pooling and threshold. Returns the card.
     """
-    from napari_pathoseg.methods.mil.evaluate import compare_poolings, evaluate_checkpoint
+    from napari_pathoseg.methods.mil.evaluate import compare_poolings, evaluate_checkpoint, scores_by_group
 
     run_dir = Path(run_dir)
     best = run_dir / "best.safetensors"
     tensors, config, meta = load_checkpoint(best, expected_kind="m4")
     config = dict(config)
-    if pooling is not None:
-        config["pooling"] = pooling
-    if pooling_k is not None:
-        config["pooling_k"] = float(pooling_k)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = check_output(out / f"{name}.safetensors", inputs=[best], what="the released model")
     tmp = out / f".{name}.scoring.safetensors"
-    save_checkpoint(tmp, {"net": tensors["net"]}, config, dict(meta), kind="m4")
     try:
+        save_checkpoint(tmp, {"net": tensors["net"]}, config, dict(meta), kind="m4")
+        val = evaluate_checkpoint(tmp, val_csv, threads=threads)
+        val_poolings = compare_poolings(val["slides"])
+        if pooling is None:
+            chosen = _choose_pooling(val_poolings)
+        else:
+            k = float(pooling_k if pooling_k is not None else config["pooling_k"])
+            chosen = next((p for p in val_poolings if p["pooling"] == pooling and float(p["k"]) == k), None)
+            if chosen is None:
+                chosen = compare_poolings(val["slides"], grid=((pooling, k),))[0]
+        config.update(pooling=chosen["pooling"], pooling_k=float(chosen["k"]), threshold=float(chosen["best_threshold"]))
+        save_checkpoint(tmp, {"net": tensors["net"]}, config, dict(meta), kind="m4")
+        val = evaluate_checkpoint(tmp, val_csv, threads=threads)
         test = evaluate_checkpoint(tmp, test_csv, threads=threads)
-        val = evaluate_checkpoint(tmp, val_csv, threads=threads) if val_csv else None
-        poolings = compare_poolings(test["slides"])
     finally:
         tmp.unlink(missing_ok=True)
     hist = _history(run_dir)
+    test_slides = test.pop("slides")
+    val_slides = val.pop("slides")
     card = card_for(
         name, config,
         description=(f"M4 NegGuide MIL slide classifier ({config['preset']}: ResNet-18 structure "
@@ -129,11 +145,12 @@ def release_model(run_dir: str | os.PathLike, *, test_csv: str | os.PathLike, na
                      f"{config['mpp']} um/px; random init (no pretrained weights reachable)"),
         best_epoch=meta.get("epoch"), epochs_trained=len(hist),
         train_seconds=round(sum(h.get("seconds", 0.0) for h in hist), 1),
-        command=meta.get("command"), seed=meta.get("seed"), data=data or meta.get("data", ""),
+        command=meta.get("command"), seed=meta.get("seed"), data=data or meta.get("cohort", ""),
         k=config["k"],
-        test={k: v for k, v in test.items() if k != "slides"},
-        val=({k: v for k, v in val.items() if k != "slides"} if val else None),
-        pooling_comparison_test=poolings,
+        pooling_choice="chosen on the validation slides (best slide AUC, then accuracy; threshold with the best "
+                       "validation accuracy)" if pooling is None else "given",
+        val=val, val_by_source=scores_by_group(val_slides), pooling_comparison_val=val_poolings,
+        test=test, test_by_source=scores_by_group(test_slides), pooling_comparison_test=compare_poolings(test_slides),
         scores={k: test[k] for k in ("slide_auc", "slide_accuracy", "tile_auc") if test.get(k) is not None},
     )
     save_checkpoint(target, {"net": tensors["net"]}, config, dict(meta, card=card), kind="m4")
@@ -146,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir")
     ap.add_argument("--test", required=True, help="held-out cohort CSV (with per-tile truth beside the slides)")
-    ap.add_argument("--val", default=None, help="validation cohort CSV (scores reported too)")
+    ap.add_argument("--val", required=True, help="validation cohort CSV (chooses the pooling and threshold)")
     ap.add_argument("--name", default="slidecls-crc-lite")
     ap.add_argument("--out", default=str(WEIGHTS_DIR))
     ap.add_argument("--pooling", default=None)
