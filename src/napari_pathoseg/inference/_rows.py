@@ -146,14 +146,14 @@ class RowBand:
     def pop(self, upto: int) -> Iterator[tuple[int, list[np.ndarray]]]:
         """Release rows ``top .. upto``: yield ``(row0, blocks)`` strips of them, top to bottom.
 
-        The blocks are the buffer's own rows (use them before asking for more rows), at
-        most :data:`FILL_ROWS` at a time; rows never asked for come back as fresh fill
-        blocks of at most :data:`FILL_VALUES` values, so a long run of untouched rows costs
-        no memory, however wide.
+        The blocks are the buffer's own rows (use them before asking for more rows); rows
+        never asked for come back as fresh fill blocks, so a long run of untouched rows costs
+        no memory. Blocks have at most :data:`FILL_ROWS` rows and :data:`FILL_VALUES` values,
+        so what a sink does with them costs the same however wide the output is.
         """
         upto = min(int(upto), self.rows)
         while self.top < upto:
-            k = min(upto - self.top, FILL_ROWS if self.height > 0 else self._fill_rows)
+            k = min(upto - self.top, self._fill_rows)
             if self.height > 0:
                 k = min(k, self.height)
                 blocks = [b[self._off : self._off + k] for b in self._buf]

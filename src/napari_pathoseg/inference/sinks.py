@@ -263,7 +263,10 @@ class ProbabilityMap(Sink):
         rows, cols = self.plan.shape
         self._channels = channels
         tail = (cols, channels) if channels else (cols,)
-        self._band = RowBand(rows, [(tail, np.float32, 0.0), ((cols,), np.float32, 0.0)])
+        if self.blend == "core":  # one owner per pixel: its stored value and a coverage flag (compact band)
+            self._band = RowBand(rows, [(tail, self.dtype, self.fill), ((cols,), np.uint8, 0)])
+        else:
+            self._band = RowBand(rows, [(tail, np.float32, 0.0), ((cols,), np.float32, 0.0)])
         self._store = RowStore((rows,) + tail, self.dtype, path=self._file())
 
     def _weight(self, r: int, c: int, hh: int, ww: int) -> np.ndarray:
@@ -303,6 +306,9 @@ class ProbabilityMap(Sink):
         elif chans != self._channels:
             raise PathosegError(f"map {self.name!r}: {chans} channels in this batch, {self._channels} before")
         rows, cols = self.plan.shape
+        if self.blend == "core":
+            self._add_owned(tiles, arr)
+            return
         for k, (r, c) in enumerate(tiles):
             hh, ww = min(arr.shape[1], rows - r), min(arr.shape[2], cols - c)
             wt = self._weight(r, c, hh, ww)
@@ -311,8 +317,35 @@ class ProbabilityMap(Sink):
             acc[:, c : c + ww] += t
             wsum[:, c : c + ww] += wt
 
+    def _encode(self, values: np.ndarray) -> np.ndarray:
+        """Map values -> stored values (x ``scale``; rounded and clipped for integer types)."""
+        v = np.multiply(values, np.float32(self.scale), dtype=np.float32)
+        if np.issubdtype(self.dtype, np.integer):
+            info = np.iinfo(self.dtype)
+            np.rint(v, out=v)
+            np.clip(v, info.min, info.max, out=v)
+        return v.astype(self.dtype, copy=False)
+
+    def _add_owned(self, tiles: Sequence[tuple[int, int]], arr: np.ndarray) -> None:
+        """``blend="core"``: each tile's own part goes straight into the band, already in the stored type."""
+        rows, cols = self.plan.shape
+        for k, (r, c) in enumerate(tiles):
+            hh, ww = min(arr.shape[1], rows - r), min(arr.shape[2], cols - c)
+            r0, c0, r1, c1 = self.plan.core(r, c)
+            r1, c1 = min(r1, hh), min(c1, ww)
+            if r1 <= r0 or c1 <= c0:
+                continue
+            acc, seen = self._band.window(r + r0, r + r1)
+            acc[:, c + c0 : c + c1] = self._encode(arr[k, r0:r1, c0:c1])
+            seen[:, c + c0 : c + c1] = 1
+
     def release(self, row: int) -> None:
         if self._band is None:
+            return
+        if self.blend == "core":
+            for r0, (acc, seen) in self._band.pop(row):
+                self._covered += int(np.count_nonzero(seen))
+                self._store.write(r0, acc)
             return
         integer = np.issubdtype(self.dtype, np.integer)
         for r0, (acc, wsum) in self._band.pop(row):  # released rows: scaled in place
