@@ -29,7 +29,11 @@ with the slide). ``peak_rss_ratio`` is the largest slide's peak over the smalles
 ``seams`` maps the sample slide in the literal mode with the raised-cosine window weights (the
 default) and M5's plain mean, and reports the share of class changes between neighbouring
 pixels that fall on the 112 px window grid lines (about 1 in 112 when boundaries do not care
-about the grid; far more when the map has straight edges there).
+about the grid; far more when the map has straight edges there). ``weights --data DIR`` scores
+both weightings on the held-out WSSS4LUAD test patches through the engine (each patch an image at
+1 µm/px, literal mode; mIoU over tumour, stroma, normal on the masks' tissue pixels)::
+
+    python benchmarks/bench_tissue.py weights --data /work/shared/data --out weights.json
 """
 
 from __future__ import annotations
@@ -212,6 +216,29 @@ def grid_share(ids: np.ndarray, grid: int) -> dict:
     return res
 
 
+def weights(args: argparse.Namespace) -> dict:
+    import torch
+
+    from napari_pathoseg.events import run_to_end
+    from napari_pathoseg.methods.tissue.data import load_wsss4luad
+    from napari_pathoseg.methods.tissue.evaluate import confusion, miou
+    from napari_pathoseg.methods.tissue.segment import TissueResult, iter_tissue
+    from napari_pathoseg.models.registry import load_model
+
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model, task="tissue")
+    test = [t for t in load_wsss4luad(args.data, parts=("test",)).test if t.mask is not None]
+    n = len(model.classes)
+    out: dict = {"model": args.model, "images": len(test)}
+    for w in ("hann", "box"):
+        conf = np.zeros((n + 1, n + 1), np.int64)
+        for item in test:
+            ids = run_to_end(iter_tissue(item.image, model, mode="literal", mpp=model.mpp, weights=w), TissueResult).ids
+            conf += confusion(ids, item.mask, n)
+        out[w] = miou(conf, model.classes)
+    return out
+
+
 def ablation(args: argparse.Namespace) -> dict:
     root = Path(args.runs)
     rows = {}
@@ -272,6 +299,11 @@ def main() -> None:
     e.add_argument("--model", default="tissue-luad-supervised")
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--out", default=None)
+    w = sub.add_parser("weights")
+    w.add_argument("--data", required=True)
+    w.add_argument("--model", default="tissue-luad-supervised")
+    w.add_argument("--threads", type=int, default=1)
+    w.add_argument("--out", default=None)
     t = sub.add_parser("test")
     t.add_argument("checkpoints", nargs="+")
     t.add_argument("--data", required=True)
@@ -279,7 +311,8 @@ def main() -> None:
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--out", default=None)
     args = p.parse_args()
-    res = {"speed": speed, "ablation": ablation, "test": test, "memory": memory, "seams": seams}[args.what](args)
+    res = {"speed": speed, "ablation": ablation, "test": test, "memory": memory, "seams": seams,
+           "weights": weights}[args.what](args)
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:
