@@ -161,11 +161,13 @@ class LesionResult:
     Attributes
     ----------
     prob : (rows, cols) float32 array
-        Lesion probability on the model's grid over ``region`` (NaN-free, 0 where no tile ran).
+        Lesion probability on the model's grid over ``region`` (NaN-free, 0 where no tile ran);
+        a read-only memory map of the work folder's file when the run was streamed.
     mask : (rows, cols) bool array
-        The thresholded, cleaned mask.
+        The thresholded, cleaned mask (a memory map when streamed).
     tissue : (rows, cols) bool array
-        Tissue on the same grid (the slide's tissue mask), for the lesion fraction.
+        Tissue on the same grid (the slide's tissue mask), for the lesion fraction (a memory
+        map when streamed).
     regions : list of dict
         :func:`region_table` rows.
     region : (x, y, w, h)
