@@ -119,6 +119,8 @@ def release_run(run_dir: str | os.PathLike, *, data_root: str | os.PathLike, nam
     test = evaluate_model(model, table.part("test"))
     val = evaluate_model(model, table.part("val"))
     summary = run_summary(run_dir)
+    a_best = run_dir / "A" / "best.safetensors"
+    a_test = _classifier_scores(a_best, table.part("test")) if a_best.is_file() else None
     cfg = model.config
     card: dict[str, Any] = {
         "name": name,
@@ -135,6 +137,7 @@ def release_run(run_dir: str | os.PathLike, *, data_root: str | os.PathLike, nam
         "command": model.meta.get("command"),
         "seed": model.meta.get("seed"),
         "stages": summary,
+        "test_classifier_A": a_test,
         "val": val,
         "test": test,
         "scores": {k: test[k] for k in ("auc", "accuracy", "dice") if isinstance(test.get(k), float)},
@@ -148,6 +151,22 @@ def release_run(run_dir: str | os.PathLike, *, data_root: str | os.PathLike, nam
     write_pair(out / f"{name}.safetensors", classifier=tensors["classifier"], segmenter=tensors["segmenter"],
                config=cfg, card=card, meta={k: v for k, v in meta.items() if k != "card"}, inputs=[pair])
     return card
+
+
+def _classifier_scores(best: Path, items: list) -> dict[str, Any]:
+    """Test scores of a stage checkpoint's classifier (A: the image-labels-only model, for comparison)."""
+    from napari_pathoseg.methods.malignancy.data import load_samples
+    from napari_pathoseg.methods.malignancy.evaluate import classify_scores, net_classifier
+    from napari_pathoseg.methods.malignancy.model import WHOLE_IMAGE_FACTOR, validate_m1_config
+    from napari_pathoseg.models.checkpoint import load_checkpoint, load_state_strict
+
+    tensors, config, _ = load_checkpoint(best, expected_kind="m1")
+    cfg = validate_m1_config(config, where=str(best))
+    net = MalignancyClassifier(cfg)
+    load_state_strict(net, tensors["classifier"], what="classifier", path=best)
+    samples = load_samples(items, mpp=cfg.mpp, masks=False)
+    return classify_scores(net_classifier(net), samples, side=WHOLE_IMAGE_FACTOR * cfg.tile_size,
+                           threshold=cfg.threshold, min_size=cfg.min_size)
 
 
 def main(argv: list[str] | None = None) -> int:
