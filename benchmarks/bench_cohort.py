@@ -94,7 +94,7 @@ def runner_main(folder: str, out: str, workers: str, threads: str) -> None:
     res = run_cohort(read_manifest(folder), task="nuclei", out_dir=out, workers=int(workers),
                      threads_per_worker=int(threads), processes=True, force=True, dashboard=None)
     rows = [{k: r.get(k) for k in ("status", "error", "seconds", "peak_rss_mb", "n_nuclei")} for r in res.rows]
-    print(json.dumps({"rows": rows, "timings": res.timings}))
+    print(json.dumps({"rows": rows, "timings": getattr(res, "timings", {})}))
 
 
 def _fresh(args: list[str]) -> tuple[float, dict]:

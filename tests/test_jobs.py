@@ -249,6 +249,30 @@ def test_shutdown_stops_the_job_and_drops_its_result(dock, qtbot):
 
 
 @pytest.mark.gui
+def test_a_prepared_layer_is_added_hidden_then_shown_then_the_slide_selected(make_napari_viewer, qtbot, monkeypatch):
+    import numpy as np
+    from napari.layers import Labels
+
+    from napari_pathoseg._widgets import _jobs
+
+    monkeypatch.setattr(_jobs, "SYNC", False)
+    viewer = make_napari_viewer()
+    slide = viewer.add_image(np.zeros((64, 64), np.uint8), name="slide")
+    mask = Labels(np.ones((8, 8), np.uint8), name="mask", scale=(8, 8))
+    ended = []
+    _jobs.add_layer_in_turns(viewer, mask, select=slide, then=lambda: ended.append(mask.visible))
+    # first turn: the layer is there but hidden (napari builds its visual and controls, draws nothing)
+    assert "mask" in viewer.layers and not mask.visible and not ended
+    qtbot.waitUntil(lambda: ended == [True], timeout=5_000)
+    assert viewer.layers.selection.active is slide
+    # a layer the user asked hidden stays hidden
+    hidden = Labels(np.ones((8, 8), np.uint8), name="hidden", visible=False)
+    monkeypatch.setattr(_jobs, "SYNC", True)
+    _jobs.add_layer_in_turns(viewer, hidden)
+    assert "hidden" in viewer.layers and not hidden.visible
+
+
+@pytest.mark.gui
 def test_in_turns_adds_one_step_per_event_loop_turn(dock, qtbot, monkeypatch):
     from napari_pathoseg._widgets import _jobs
 

@@ -81,7 +81,7 @@ from napari_pathoseg._widgets._common import report_error
 from napari_pathoseg.errors import CancelledError
 from napari_pathoseg.events import CancelToken
 
-__all__ = ["Job", "JobController", "SYNC", "sync_mode", "in_turns"]
+__all__ = ["Job", "JobController", "SYNC", "sync_mode", "in_turns", "add_layer_in_turns"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,47 @@ def in_turns(*steps: Callable[[], Any], action: str = "Adding the layers") -> No
                 QTimer.singleShot(0, next_step)
 
     next_step()
+
+
+def add_layer_in_turns(
+    viewer: Any, layer: Any, *, select: Any = None, then: Callable[[], Any] | None = None,
+    action: str = "Adding the layers",
+) -> None:
+    """Add a prepared napari layer in short GUI-thread steps, one per turn of the event loop.
+
+    napari does three costly things when a layer is added: it builds the layer's visual and its
+    controls, draws the canvas (a new layer becomes the selected one, whose controls are shown,
+    which repaints), and uploads the texture of what is on screen. Together they take 0.2-0.6 s.
+    Here the layer is first added hidden (visual and controls, nothing to draw), then shown (its
+    data is uploaded at the next repaint, a turn of its own), then ``select`` (a layer) becomes
+    the selected layer again, then ``then()`` runs. In synchronous mode (tests) all of it runs now.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+    layer : napari layer
+        Built on the GUI thread from data prepared in the job (a pyramid, contrast limits).
+    select : napari layer, optional
+        The layer to select afterwards (e.g. the slide under a result).
+    then : callable, optional
+        Runs in the last turn (status, combos).
+    """
+    visible = bool(layer.visible)
+
+    def add() -> None:
+        layer.visible = False
+        viewer.add_layer(layer)
+
+    def show() -> None:
+        if layer in viewer.layers:
+            layer.visible = visible
+
+    steps: list[Callable[[], Any]] = [add, show]
+    if select is not None:
+        steps.append(lambda: setattr(viewer.layers.selection, "active", select) if select in viewer.layers else None)
+    if then is not None:
+        steps.append(then)
+    in_turns(*steps, action=action)
 
 
 class Job:
@@ -170,17 +211,30 @@ class _Poster(QObject):
     posted = Signal(object)
 
 
+_WARM = {"done": False}
+
+
 def _warm_imports() -> None:
-    """Import in the worker what napari imports lazily on the GUI thread when a result layer is made.
+    """Prepare in the worker what napari sets up lazily on the GUI thread when a layer is made.
 
     napari imports pandas the first time a Labels, Points or Shapes layer is created
-    (0.3-0.7 s on the GUI thread); a job imports it first, off the GUI thread (once).
+    (0.3-0.7 s on the GUI thread), and the first layer with units builds pint's unit registry
+    (parsing its definition files: 0.2-0.5 s); a job does both first, off the GUI thread (once).
     """
+    if _WARM["done"]:
+        return
+    _WARM["done"] = True
     if "pandas" not in sys.modules:
         try:
             importlib.import_module("pandas")
         except ImportError:  # pragma: no cover - napari depends on pandas
             pass
+    try:
+        import pint
+
+        pint.get_application_registry().pixel  # noqa: B018 - the attribute access builds the registry
+    except Exception:  # noqa: BLE001 - only a speed-up  # pragma: no cover
+        logger.debug("could not prepare the unit registry", exc_info=True)
 
 
 def _run(job: Callable[[CancelToken], Any], token: CancelToken, done_type: type | None):

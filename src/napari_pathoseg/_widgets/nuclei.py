@@ -34,7 +34,7 @@ from napari_pathoseg._widgets._common import (
     view_rect,
     watch_layer_list,
 )
-from napari_pathoseg._widgets._jobs import JobController, in_turns
+from napari_pathoseg._widgets._jobs import JobController, add_layer_in_turns
 from napari_pathoseg._widgets.slide import slide_layers, slide_of_layer
 from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.events import Progress
@@ -297,42 +297,43 @@ class NucleiWidget(QWidget):
             if n in self.viewer.layers:
                 self.viewer.layers.remove(n)
 
-        def add_labels() -> None:
-            levels = prepared.labels
-            self.viewer.add_labels(
-                levels if len(levels) > 1 else levels[0],
-                multiscale=len(levels) > 1,
-                name=name,
-                opacity=0.6,
-                metadata={
-                    "model": result.model,
-                    "region_xywh": list(result.region),
-                    "table": result.table,
-                    "mpp": result.mpp,
-                    "cancelled": prepared.cancelled,
-                    # the slide under the labels: the Export dock and the GeoJSON writer read it
-                    "slide": slide_layer.metadata.get("slide"),
-                    "pathoseg_slide": slide_of_layer(slide_layer),
-                    "object_type": "detection",
-                    "class_name": "Nucleus",
-                },
-                **place,
-            )
-            self.viewer.layers.selection.active = slide_layer
+        metadata = {
+            "model": result.model,
+            "region_xywh": list(result.region),
+            "table": result.table,
+            "mpp": result.mpp,
+            "cancelled": prepared.cancelled,
+            # the slide under the labels: the Export dock and the GeoJSON writer read it
+            "slide": slide_layer.metadata.get("slide"),
+            "pathoseg_slide": slide_of_layer(slide_layer),
+            "object_type": "detection",
+            "class_name": "Nucleus",
+        }
 
         def add_normalized() -> None:
+            from napari.layers import Image
+
             levels = prepared.normalized
-            self.viewer.add_image(
+            image = Image(
                 levels if len(levels) > 1 else levels[0], multiscale=len(levels) > 1, name=norm_name, rgb=True,
                 contrast_limits=(0, 255), visible=False, **place,
             )
+            self.viewer.add_layer(image)  # hidden: nothing to draw yet
             # below the labels, like before
             if name in self.viewer.layers:
                 self.viewer.layers.move(self.viewer.layers.index(norm_name), self.viewer.layers.index(name))
             self.viewer.layers.selection.active = slide_layer
 
-        # one layer per turn of the event loop: napari stays responsive between them
-        in_turns(add_labels, *([add_normalized] if prepared.normalized is not None else []))
+        # the labels layer in short steps (added hidden, shown, the slide selected again), then the
+        # normalised image in a turn of its own: napari stays responsive between them
+        from napari.layers import Labels
+
+        levels = prepared.labels
+        labels = Labels(levels if len(levels) > 1 else levels[0], multiscale=len(levels) > 1, name=name,
+                        opacity=0.6, metadata=metadata, **place)
+        add_layer_in_turns(self.viewer, labels, select=slide_layer,
+                           then=add_normalized if prepared.normalized is not None else None,
+                           action="Adding the nuclei")
         if prepared.cancelled:
             total = getattr(result, "tiles_total", 0) or result.tiles
             self.status.setText(f"stopped: {result.n_nuclei} nuclei in the {result.tiles} of {total} tiles finished are kept")

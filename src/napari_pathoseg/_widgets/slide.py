@@ -38,7 +38,7 @@ from napari_pathoseg._widgets._common import (
     vbox,
     watch_layer_list,
 )
-from napari_pathoseg._widgets._jobs import JobController
+from napari_pathoseg._widgets._jobs import JobController, add_layer_in_turns
 from napari_pathoseg._reader import slide_layer_data
 from napari_pathoseg.wsi.slide import SLIDE_EXTENSIONS, Slide, open_slide
 from napari_pathoseg.tiling import tissue_mask
@@ -158,12 +158,19 @@ class SlideWidget(QWidget):
         )
 
     def _on_opened(self, result: tuple[Slide, np.ndarray, tuple]) -> None:
+        from napari.layers import Image
+
         slide, thumb, (data, kwargs, _) = result
         self._thumbs[slide] = thumb
-        layer = self.viewer.add_image(data, **kwargs)
-        self._refresh_layers()
-        self.layer_combo.setCurrentText(layer.name)
-        show_info(f"Opened {layer.name}")
+        layer = Image(data, **kwargs)
+
+        def opened() -> None:
+            self._refresh_layers()
+            self.layer_combo.setCurrentText(layer.name)
+            show_info(f"Opened {layer.name}")
+
+        # hidden first, shown in the next turn of the event loop, then the dock: each step < ~200 ms
+        add_layer_in_turns(self.viewer, layer, then=opened, action="Opening the slide")
 
     def _on_layer_changed(self, *args: Any) -> None:
         layer = self.current_layer()
@@ -218,12 +225,16 @@ class SlideWidget(QWidget):
             return
 
         def add_mask(result: tuple[np.ndarray, float]) -> None:
+            from napari.layers import Labels
+
             mask, ds = result
             if name in self.viewer.layers:
                 return
             # a mask pixel covers ds level-0 pixels: centred on them
-            self.viewer.add_labels(mask, name=name, opacity=0.35, **grid_placement(layer, downsample=ds))
-            self.viewer.layers.selection.active = layer
+            mask_layer = Labels(mask, name=name, opacity=0.35, **grid_placement(layer, downsample=ds))
+            # the check box follows the mask once it is shown (it is added hidden)
+            add_layer_in_turns(self.viewer, mask_layer, select=layer, then=self._on_layer_changed,
+                               action="The tissue mask")
 
         def failed(exc: BaseException) -> None:
             self.mask_check.blockSignals(True)
