@@ -30,8 +30,9 @@ with the slide). ``peak_rss_ratio`` is the largest slide's peak over the smalles
 default) and M5's plain mean, and reports the share of class changes between neighbouring
 pixels that fall on the 112 px window grid lines (about 1 in 112 when boundaries do not care
 about the grid; far more when the map has straight edges there). ``weights --data DIR`` scores
-both weightings on the held-out WSSS4LUAD test patches through the engine (each patch an image at
-1 µm/px, literal mode; mIoU over tumour, stroma, normal on the masks' tissue pixels)::
+both weightings, with the edge mirrored or white, on the held-out WSSS4LUAD test patches through
+the engine (each patch an image at 1 µm/px, literal mode; mIoU over tumour, stroma, normal on the
+masks' tissue pixels)::
 
     python benchmarks/bench_tissue.py weights --data /work/shared/data --out weights.json
 """
@@ -231,11 +232,13 @@ def weights(args: argparse.Namespace) -> dict:
     n = len(model.classes)
     out: dict = {"model": args.model, "images": len(test)}
     for w in ("hann", "box"):
-        conf = np.zeros((n + 1, n + 1), np.int64)
-        for item in test:
-            ids = run_to_end(iter_tissue(item.image, model, mode="literal", mpp=model.mpp, weights=w), TissueResult).ids
-            conf += confusion(ids, item.mask, n)
-        out[w] = miou(conf, model.classes)
+        for edge in ("reflect", "white"):
+            conf = np.zeros((n + 1, n + 1), np.int64)
+            for item in test:
+                ids = run_to_end(iter_tissue(item.image, model, mode="literal", mpp=model.mpp, weights=w, edge=edge),
+                                 TissueResult).ids
+                conf += confusion(ids, item.mask, n)
+            out[f"{w}_{edge}"] = miou(conf, model.classes)
     return out
 
 

@@ -126,6 +126,7 @@ def _areas(counts: np.ndarray, classes: tuple[str, ...] | list[str], mpp: float)
 
 def iter_tissue(source: Any, model: Any, *, mode: str = "literal", region: tuple[int, int, int, int] | None = None,
                 mpp: float | None = None, batch_size: int = 2, tissue_only: bool | None = None, weights: str = "hann",
+                edge: str = "reflect",
                 work_dir: str | os.PathLike | None = None, cancel: Cancellable | None = None,
                 ) -> Iterator[Progress | TissueResult]:
     """Segment the tissue of a slide region or image; yields progress, finally a :class:`TissueResult`.
@@ -145,6 +146,11 @@ def iter_tissue(source: Any, model: Any, *, mode: str = "literal", region: tuple
     weights : {"hann", "box"}
         Literal mode's window average: raised-cosine weighted (default; no straight edges on
         the 112 px window grid) or M5's plain mean (see :mod:`.predictor`).
+    edge : {"reflect", "white"}
+        What windows that hang over the slide's (or image's) edge see beyond it: the mirror image
+        (default) or white glass. With white, every window past the edge of a patch or slide sees
+        glass and pulls its pixels towards the classes of sparse tissue (held-out WSSS4LUAD
+        patches through the engine: mIoU 0.42 instead of 0.74, see ``docs/inference.md``).
     tissue_only : bool, optional
         Skip tiles without tissue (default: slides yes, arrays no).
     work_dir : path, optional
@@ -157,7 +163,7 @@ def iter_tissue(source: Any, model: Any, *, mode: str = "literal", region: tuple
     pred = TissuePredictor(model, mode=mode, weights=weights)
     res = None
     for ev in iter_predict(source, pred, pred.sinks(), mpp=mpp, region=region, tile=pred.tile_size,
-                           overlap=pred.overlap, batch_size=batch_size, tissue_only=tissue_only, edge="white",
+                           overlap=pred.overlap, batch_size=batch_size, tissue_only=tissue_only, edge=edge,
                            work_dir=work_dir, cancel=cancel):
         if isinstance(ev, InferenceResult):
             res = ev
