@@ -51,13 +51,14 @@ def test_dock_rectangle_layers_threshold_stop(make_napari_viewer, sample_svs, un
     assert res is not None and not res.cancelled and res.tiles == res.tiles_total > 0
     heat_name, region_name = w.layer_names()
     heat, region = viewer.layers[heat_name], viewer.layers[region_name]
-    assert heat.data.shape == res.heatmap.shape and region.data.shape == res.region_prob.shape
+    assert region.data.shape == res.region_prob.shape and heat.data.shape[0] <= res.heatmap.shape[0] * 8
     assert str(heat.units[0]) == str(region.units[0]) == "micrometer"
     sy, sx = slide_layer.scale
     ext = region.extent.world  # the region layer sits over the rectangle
     assert ext[0][0] == pytest.approx(r0 * sy, abs=2 * res.scale * sy) and ext[1][1] == pytest.approx(c1 * sx, abs=2 * res.scale * sx)
-    hext = heat.extent.world  # the heat map cells lie over the tiles that ran
-    assert hext[0][1] >= c0 * sx - 1 and hext[1][1] <= (c1 + res.cell) * sx + 1
+    hext = heat.extent.world  # the heat map lies over the rectangle, cut at its edge
+    assert hext[0][1] >= c0 * sx - 1 and hext[1][1] <= c1 * sx + res.cell / 8 * sx + 1
+    assert np.nanmax(heat.data) == pytest.approx(np.nanmax(res.heatmap))
     assert heat.opacity == pytest.approx(0.5) and heat.colormap.name == "inferno"
     assert f"{res.probability:.3f}" in w.call_label.text() and res.label.capitalize() in w.call_label.text()
     # the region threshold re-makes the mask from the stored probabilities (no network)
@@ -81,7 +82,7 @@ def test_dock_rectangle_layers_threshold_stop(make_napari_viewer, sample_svs, un
     part = w.result
     assert seen and part.cancelled and 0 < part.tiles < part.tiles_total
     assert "stopped" in w.call_label.text()
-    assert np.count_nonzero(~np.isnan(viewer.layers[heat_name].data)) == part.tiles
+    assert np.count_nonzero(~np.isnan(part.heatmap)) == part.tiles and np.isnan(viewer.layers[heat_name].data).any()
 
 
 def test_training_panel_stop_resume_register(make_napari_viewer, shared_data, tmp_path, monkeypatch, sync_jobs,

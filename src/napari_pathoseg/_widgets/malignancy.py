@@ -17,6 +17,7 @@ is registered under the given name and offered in the model list.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,10 @@ logger = logging.getLogger(__name__)
 TASK = "malignancy"
 REGIONS = ("Current view", "Drawn rectangle", "Whole slide")
 PRESETS = ("lite", "m1")
+#: Display pixels per heat-map square side.
+HEAT_SUB = 8
+#: The region's outline colour.
+REGION_COLOR = "cyan"
 #: Region masks up to this many pixels are re-thresholded on the GUI thread; larger ones in the background.
 SYNC_PIXELS = 1 << 20
 
@@ -82,6 +87,23 @@ def malignancy_models() -> list[Any]:
     return list(list_models(task=TASK))
 
 
+def heat_display(result: MalignancyResult, *, sub: int = HEAT_SUB) -> np.ndarray:
+    """C's heat map with each tile square as ``sub`` x ``sub`` display pixels, cut at the region's edge.
+
+    The last row and column of tiles reach past the slide (read as glass); whole squares would
+    overhang it, so the display stops where the region does. Pixels are ``cell / sub`` level-0
+    pixels (placed at ``result.origin``).
+    """
+    hm = result.heatmap
+    big = np.repeat(np.repeat(hm, sub, axis=0), sub, axis=1)
+    px = result.cell / sub
+    x, y, w, h = result.region
+    ox, oy = result.origin
+    rows = max(1, math.ceil((y + h - oy) / px))
+    cols = max(1, math.ceil((x + w - ox) / px))
+    return big[:rows, :cols]
+
+
 @dataclass
 class MalignancyLayers:
     """A run's result with its layer data, prepared off the GUI thread."""
@@ -89,11 +111,12 @@ class MalignancyLayers:
     result: MalignancyResult
     labels: list[np.ndarray]
     summary: dict[str, Any]
+    heat: np.ndarray | None = None
 
     @classmethod
     def prepare(cls, result: MalignancyResult) -> MalignancyLayers:
         """Layer data and figures of ``result`` (worker thread: the mask and areas cost O(pixels))."""
-        return cls(result, display_levels(result.mask.astype(np.uint8)), result.summary())
+        return cls(result, display_levels(result.mask.astype(np.uint8)), result.summary(), heat_display(result))
 
     @property
     def cancelled(self) -> bool:
@@ -384,18 +407,22 @@ class MalignancyWidget(QWidget):
         meta = {"model": res.model, "region_xywh": list(res.region), "mpp": res.mpp, "slide": slide_layer.metadata.get("slide"),
                 "pathoseg_slide": slide_of_layer(slide_layer), "probability": res.probability, "call": res.label}
         ox, oy = res.origin
-        heat_place = grid_placement(slide_layer, row=oy, col=ox, downsample=res.cell)
+        heat_place = grid_placement(slide_layer, row=oy, col=ox, downsample=res.cell / HEAT_SUB)
         mask_place = grid_placement(slide_layer, row=res.region[1], col=res.region[0], downsample=res.scale)
 
         def add_heat() -> None:
-            self.viewer.add_image(res.heatmap, name=heat, colormap="inferno", contrast_limits=(0.0, 1.0),
+            self.viewer.add_image(prepared.heat, name=heat, colormap="inferno", contrast_limits=(0.0, 1.0),
                                   opacity=self.opacity.value() / 100, interpolation2d="nearest",
                                   metadata=dict(meta, what="classifier C's malignant probability per tile"), **heat_place)
 
         def add_labels() -> None:
             data = prepared.labels if len(prepared.labels) > 1 else prepared.labels[0]
-            self.viewer.add_labels(data, name=lab, opacity=0.5, multiscale=len(prepared.labels) > 1,
-                                   metadata=dict(meta, what="segmenter B's malignant region"), **mask_place)
+            from napari.utils.colormaps import DirectLabelColormap
+
+            layer = self.viewer.add_labels(data, name=lab, opacity=0.9, multiscale=len(prepared.labels) > 1,
+                                           colormap=DirectLabelColormap(color_dict={None: "transparent", 1: REGION_COLOR}),
+                                           metadata=dict(meta, what="segmenter B's malignant region"), **mask_place)
+            layer.contour = 2  # the outline: the heat map stays visible inside
             self.viewer.layers.selection.active = slide_layer
 
         in_turns(add_heat, add_labels)
