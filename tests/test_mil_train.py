@@ -195,3 +195,20 @@ def test_each_variant_takes_a_step(variant, one_torch_thread):
     if variant == "negguide":
         assert "neg" in losses and losses["pseudo_pos"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     assert (task.teacher is None) == (variant == "meanpool")
+
+
+def test_mil_train_cli_refuses_bad_cohorts_before_training(tmp_path, make_pyramid_tiff, capsys):
+    from napari_pathoseg.cli.main import main
+
+    img = np.full((64, 64, 3), 200, np.uint8)
+    make_pyramid_tiff(tmp_path / "a.tif", img, levels=1, tile=64, mpp=0.5)
+    cases = {
+        "gone.csv": ([("a.tif", "positive"), ("gone.tif", "negative")], "does not exist"),
+        "one.csv": ([("a.tif", "positive"), ("a.tif", "positive")], "both positive and negative"),
+        "label.csv": ([("a.tif", "positive"), ("a.tif", "benign?")], "unknown label"),
+    }
+    for name, (rows, message) in cases.items():
+        code = main(["mil-train", str(_write_csv(tmp_path / name, rows)), "--out", str(tmp_path / "run")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err
+        assert not (tmp_path / "run").exists()
