@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(f"{variant} seed {seed}: slide AUC {res['slide_auc']}, tile AUC {res['tile_auc']}", file=sys.stderr,
                   flush=True)
+            if args.out:  # the runs so far, in case the bench is stopped
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).with_suffix(".partial.json").write_text(json.dumps(table, indent=1) + "\n")
     for variant, t in table.items():
         s = list(t["seeds"].values())
         for key in ("slide_auc", "slide_accuracy", "slide_accuracy_best_threshold", "tile_auc", "tile_auc_in_positive"):
