@@ -7,13 +7,13 @@ and the JSON says which was used):
 * ``network``: ``SlideClassifier.predict_tiles`` alone on real H&E tiles of the bundled sample
   (``model.tile_size`` px), batches of ``--batch``, best of 3 passes: tiles/s of the network;
 * ``slides``: :func:`~napari_pathoseg.methods.mil.classify.run_classify` over each whole slide
-  given (default: the bundled sample), i.e. tissue mask, reading and resampling, entropy filter,
+  given (default: the bundled sample), i.e. reading and resampling, entropy filter (tissue mask with ``--tissue-mask``),
   network and pooling: wall s, tiles, tiles/s, and the engine's read / network split;
 * ``large``: with ``--large SLIDE`` (e.g. the 50,000² synthetic slide of ``bench_inference.py``,
-  ``wsi.synth.make_large_slide``: real H&E mirrored, all tissue, 0.5 µm/px), a ``--large-side``
+  ``wsi.synth.make_large_slide``: real H&E mirrored, 0.5 µm/px), a ``--large-side``
   square region at its centre is classified and the time per tile **extrapolated** linearly to
-  the whole slide's tissue tiles (all of them on that slide, so an upper bound; a slide with
-  30 % tissue takes about 30 % of it). The JSON marks this as extrapolated, with the measured
+  every tile the whole slide reads (all grid tiles by default; those on the tissue mask with
+  ``--tissue-mask``). The JSON marks this as extrapolated, with the measured
   region.
 
 * ``cohort``: with ``--cohort TEST.csv`` (mosaic slides of ``scripts/make_mil_cohort.py``, each
@@ -77,42 +77,43 @@ def _network(model, *, batch: int, n: int = 512) -> dict:
     return {"tiles": n, "tile_px": t, "batch": batch, "seconds": round(best, 3), "tiles_per_s": round(n / best, 1)}
 
 
-def _slide(model, path: str, *, batch: int, region=None) -> dict:
+def _slide(model, path: str, *, batch: int, region=None, tissue_mask: bool = False) -> dict:
     from napari_pathoseg.methods.mil.classify import run_classify
     from napari_pathoseg.wsi.slide import open_slide
 
     with open_slide(path) as slide:
         w, h = slide.metadata.level_dimensions[0]
         t0 = time.perf_counter()
-        res = run_classify(slide, model=model, region=region, batch_size=batch)
+        res = run_classify(slide, model=model, region=region, batch_size=batch, tissue_mask=tissue_mask)
         wall = time.perf_counter() - t0
         mpp = slide.mpp
     tm = res.timings
     return {
         "slide": Path(path).name, "level0": [w, h], "slide_mpp": mpp, "region_xywh": list(res.region),
         "tiles_run": res.tiles_run, "tiles_kept": res.n_tiles, "dropped_entropy": res.n_dropped,
-        "wall_s": round(wall, 2), "tiles_per_s": round(res.tiles_run / wall, 1),
+        "tissue_mask": tissue_mask, "wall_s": round(wall, 2), "tiles_per_s": round(res.tiles_run / wall, 1),
         "read_s": tm.get("read_s"), "read_wait_s": tm.get("read_wait_s"), "network_s": tm.get("network_s"),
         "engine_total_s": tm.get("total_s"), "label": res.label, "probability": round(res.probability, 4),
     }
 
 
-def _large(model, path: str, *, side: int, batch: int) -> dict:
+def _large(model, path: str, *, side: int, batch: int, tissue_mask: bool = False) -> dict:
     from napari_pathoseg.inference.engine import plan_tiles
     from napari_pathoseg.wsi.slide import open_slide
 
     with open_slide(path) as slide:
         w, h = slide.metadata.level_dimensions[0]
         t0 = time.perf_counter()
-        plan = plan_tiles(slide, mpp=model.mpp, slide_mpp=slide.mpp, tile=model.tile_size, overlap=0, tissue_only=True)
+        plan = plan_tiles(slide, mpp=model.mpp, slide_mpp=slide.mpp, tile=model.tile_size, overlap=0,
+                          tissue_only=tissue_mask)
         plan_s = time.perf_counter() - t0
     x, y = (w - side) // 2, (h - side) // 2
-    part = _slide(model, path, batch=batch, region=(x, y, side, side))
+    part = _slide(model, path, batch=batch, region=(x, y, side, side), tissue_mask=tissue_mask)
     per_tile = part["wall_s"] / max(1, part["tiles_run"])
     whole = len(plan.tiles)
     return {
         "slide": Path(path).name, "level0": [w, h], "measured_region": part, "plan_s": round(plan_s, 2),
-        "tissue_tiles_whole_slide": whole, "grid_tiles_whole_slide": plan.grid_size,
+        "tiles_read_whole_slide": whole, "grid_tiles_whole_slide": plan.grid_size,
         "seconds_per_tile_measured": round(per_tile, 5),
         "whole_slide_s_extrapolated": round(plan_s + per_tile * whole, 1),
         "whole_slide_min_extrapolated": round((plan_s + per_tile * whole) / 60, 1),
@@ -129,7 +130,7 @@ def _cell_truth(slide: Path) -> dict[tuple[int, int], int]:
         return {(int(r["x"]), int(r["y"])): int(r["tumour"]) for r in csv.DictReader(fh) if r["class"] != "background"}
 
 
-def _cohort_scores(model, cohort: str, *, batch: int) -> dict:
+def _cohort_scores(model, cohort: str, *, batch: int, tissue_mask: bool = False) -> dict:
     from napari_pathoseg.methods.mil.classify import run_classify
     from napari_pathoseg.methods.mil.cohort_csv import read_cohort
     from napari_pathoseg.methods.mil.train import roc_auc
@@ -137,7 +138,7 @@ def _cohort_scores(model, cohort: str, *, batch: int) -> dict:
     slides, tile_p, tile_t, unmatched = [], [], [], 0
     t0 = time.perf_counter()
     for cs in read_cohort(cohort):
-        res = run_classify(cs.slide, model=model, mpp=cs.mpp, batch_size=batch)
+        res = run_classify(cs.slide, model=model, mpp=cs.mpp, batch_size=batch, tissue_mask=tissue_mask)
         truth = _cell_truth(Path(cs.slide))
         for tl in res.tiles:
             if (tl["x"], tl["y"]) in truth:
@@ -166,6 +167,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--large", default=None, help="a large slide (e.g. 50,000²) to extrapolate to")
     ap.add_argument("--large-side", type=int, default=6400, help="side of the measured centre region (level-0 px)")
+    ap.add_argument("--tissue-mask", action="store_true", help="skip tiles off the tissue mask (pathoseg mil --tissue-mask)")
     ap.add_argument("--cohort", default=None, help="score held-out mosaic slides (CSV with .cells.csv truth beside them)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
@@ -183,12 +185,12 @@ def main() -> None:
         print(json.dumps(doc["network"]), file=sys.stderr)
         doc["slides"] = []
         for s in args.slides or ([] if args.cohort else [str(sample_slide_path())]):
-            doc["slides"].append(_slide(model, s, batch=args.batch))
+            doc["slides"].append(_slide(model, s, batch=args.batch, tissue_mask=args.tissue_mask))
             print(json.dumps(doc["slides"][-1]), file=sys.stderr)
         if args.large:
-            doc["large"] = _large(model, args.large, side=args.large_side, batch=args.batch)
+            doc["large"] = _large(model, args.large, side=args.large_side, batch=args.batch, tissue_mask=args.tissue_mask)
         if args.cohort:
-            doc["cohort"] = _cohort_scores(model, args.cohort, batch=args.batch)
+            doc["cohort"] = _cohort_scores(model, args.cohort, batch=args.batch, tissue_mask=args.tissue_mask)
     text = json.dumps(doc, indent=1)
     print(text)
     if args.out:

@@ -70,6 +70,13 @@ def test_cli_slide_call_tiles_and_heatmap(tissue_slide, untrained, model, tmp_pa
         assert hm[tl["y"] // t, tl["x"] // t] == pytest.approx(tl["probability"], abs=1e-4)
     assert np.isnan(hm[:, 512 // t:]).all() and np.isfinite(hm).sum() == len(tiles)
     assert meta["level0_pixels_per_pixel"] == pytest.approx(t) and meta["origin_xy"] == [0.0, 0.0]
+    # --tissue-mask: fewer tiles read (none over the glass), the same probabilities where both ran
+    masked = tmp_path / "masked.json"
+    assert main(["mil", str(path), "--json", str(masked), "--model", str(untrained), "--tissue-mask"]) == 0
+    mdoc = json.loads(masked.read_text())
+    assert mdoc["tiles_run"] < doc["tiles_run"] == (512 // t) * (768 // t)
+    by_xy = {(tl["x"], tl["y"]): tl["probability"] for tl in tiles}
+    assert mdoc["tiles"] and all(by_xy[(tl["x"], tl["y"])] == tl["probability"] for tl in mdoc["tiles"])
     import tifffile
 
     with tifffile.TiffFile(heat) as tif:
@@ -161,3 +168,47 @@ def test_batch_task_mil_on_two_slides(tmp_path, he_image, make_pyramid_tiff, unt
     opened = slide_results(tmp_path / "o", "s0")
     (layer,) = opened.layers
     assert layer.kind == "image" and layer.downsample == pytest.approx(64.0) and layer.levels[0].shape == (4, 6)
+
+
+def _held_out_kather_mosaics(shared_data, out):
+    """A positive and a negative 640² mosaic from the Kather tiles the shipped model never saw.
+
+    ``scripts/make_mil_cohort.py`` splits the source tiles (seed 0, 30 % held out) before any
+    training; the same split is rebuilt here and only its test copy is tiled.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    from napari_pathoseg.wsi.mosaic import make_mosaic
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_mil_cohort.py"
+    spec = importlib.util.spec_from_file_location("make_mil_cohort", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.split_sources(shared_data, out, test_share=0.3, seed=0)
+    src = out / "sources" / "test" / "kather2016_texture_tiles"
+    res = {label: make_mosaic(src, out / f"{label}.tif", size=640, mpp=1.0, seed=seed, tumour_fraction=share,
+                              cell_um=64.0)
+           for label, share, seed in (("positive", 0.3, 7), ("negative", 0.0, 8))}
+    assert res["positive"].slide_label == "tumour" and res["negative"].slide_label == "normal"
+    return out / "positive.tif", out / "negative.tif"
+
+
+@pytest.mark.slow
+def test_shipped_model_on_held_out_mosaic_slides(shared_data, tmp_path, capsys, one_torch_thread):
+    """The shipped slidecls-crc-lite through ``pathoseg mil`` on held-out mosaics: calls and where the tumour is."""
+    import csv
+
+    pos, neg = _held_out_kather_mosaics(shared_data, tmp_path)
+    docs = {}
+    for slide in (pos, neg):
+        out = tmp_path / f"{slide.stem}.json"
+        assert main(["mil", str(slide), "--json", str(out), "--model", "slidecls-crc-lite"]) == 0
+        docs[slide.stem] = json.loads(out.read_text())
+    assert docs["positive"]["label"] == "positive" and docs["negative"]["label"] == "negative"
+    assert docs["positive"]["probability"] > docs["negative"]["probability"] + 0.2
+    # the strongest tiles of the positive slide lie on its hidden tumour cells
+    with open(pos.with_name("positive.cells.csv"), newline="") as fh:
+        truth = {(int(r["x"]), int(r["y"])): int(r["tumour"]) for r in csv.DictReader(fh)}
+    top = sorted(docs["positive"]["tiles"], key=lambda t: -t["probability"])[:5]
+    assert sum(truth[(t["x"], t["y"])] for t in top) >= 4

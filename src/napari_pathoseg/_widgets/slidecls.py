@@ -112,13 +112,13 @@ def heat_display(heatmap: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(heatmap), heatmap, OFF).astype(np.float32)
 
 
-def classify_job(slide: Any, model_ref: str, *, region: Any, mpp: float | None, cancel: Any):
+def classify_job(slide: Any, model_ref: str, *, region: Any, mpp: float | None, tissue_mask: bool, cancel: Any):
     """The dock's job: load the model, classify (worker thread)."""
     from napari_pathoseg.models.registry import load_model
 
     yield Progress(0, 0, "loading the model…", stage="model")
     model = load_model(model_ref, task=TASK)
-    yield from iter_classify(slide, model=model, mpp=mpp, region=region, cancel=cancel)
+    yield from iter_classify(slide, model=model, mpp=mpp, region=region, tissue_mask=tissue_mask, cancel=cancel)
 
 
 @dataclass
@@ -189,6 +189,8 @@ class SlideClassificationWidget(QWidget):
         self.mpp_spin.setRange(0.0, 100.0)
         self.mpp_spin.setSpecialValueText("from slide")
         self.mpp_spin.setToolTip("µm per pixel of the image; 'from slide' uses the slide's own")
+        self.mask_check = QCheckBox("skip tiles off the tissue mask (faster; may drop pale tissue)")
+        self.mask_check.setToolTip("Off: every tile is read and M4's entropy filter drops the glass, as in training")
         self.run_btn = QPushButton("Classify slide")
         self.stop_btn = stop_button()
         self.progress = QProgressBar()
@@ -216,6 +218,7 @@ class SlideClassificationWidget(QWidget):
                 ("Region", self.region_combo),
                 ("Rectangle layer", hbox((self.shapes_combo, 1), self.draw_btn)),
                 ("µm/px", self.mpp_spin),
+                ("", self.mask_check),
             ),
             hbox(self.run_btn, self.stop_btn),
             self.progress,
@@ -365,8 +368,9 @@ class SlideClassificationWidget(QWidget):
             show_error(str(exc))
             return
         model_ref = self._models.get(self.model_combo.currentText(), self.model_combo.currentText())
-        mpp = self.mpp_spin.value() or None
-        self.jobs.start(lambda token: classify_job(slide, model_ref, region=region, mpp=mpp, cancel=token),
+        mpp, mask = self.mpp_spin.value() or None, self.mask_check.isChecked()
+        self.jobs.start(lambda token: classify_job(slide, model_ref, region=region, mpp=mpp, tissue_mask=mask,
+                                                   cancel=token),
                         done_type=ClassifyResult, on_event=self._on_progress,
                         on_done=lambda res, _l=layer: self._on_done(_l, res), message="loading the model…")
 
