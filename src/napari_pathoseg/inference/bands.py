@@ -68,6 +68,8 @@ class BandLabels:
     shape : (rows, cols)
     rows : int, optional
         Rows per band (default :func:`band_rows`).
+    stats : bool
+        Also sum the row / column indices and boxes (``False``: only counts and :attr:`border`).
 
     Attributes
     ----------
@@ -81,7 +83,7 @@ class BandLabels:
         The component touches the map's edge.
     """
 
-    def __init__(self, read: Reader, shape: tuple[int, int], *, rows: int | None = None) -> None:
+    def __init__(self, read: Reader, shape: tuple[int, int], *, rows: int | None = None, stats: bool = True) -> None:
         from scipy import ndimage as ndi
 
         self.read = read
@@ -101,16 +103,20 @@ class BandLabels:
             self._bases.append(total)
             flat = lab.ravel()
             cnt = np.bincount(flat, minlength=n + 1)[1:]
-            per_row = np.repeat(np.arange(r0, r1, dtype=np.float64), self.shape[1])
-            srow = np.bincount(flat, weights=per_row, minlength=n + 1)[1:]
-            del per_row
-            per_col = np.tile(np.arange(self.shape[1], dtype=np.float64), r1 - r0)
-            scol = np.bincount(flat, weights=per_col, minlength=n + 1)[1:]
-            del per_col
-            box = np.zeros((n, 4), np.int64)
-            for i, sl in enumerate(ndi.find_objects(lab)):
-                if sl is not None:
-                    box[i] = (sl[0].start + r0, sl[1].start, sl[0].stop + r0, sl[1].stop)
+            if stats and n:
+                per_row = np.repeat(np.arange(r0, r1, dtype=np.float64), self.shape[1])
+                srow = np.bincount(flat, weights=per_row, minlength=n + 1)[1:]
+                del per_row
+                per_col = np.tile(np.arange(self.shape[1], dtype=np.float64), r1 - r0)
+                scol = np.bincount(flat, weights=per_col, minlength=n + 1)[1:]
+                del per_col
+                box = np.array([(sl[0].start, sl[1].start, sl[0].stop, sl[1].stop) for sl in ndi.find_objects(lab)],
+                               np.int64).reshape(n, 4)  # every label 1..n exists
+                box[:, 0] += r0
+                box[:, 2] += r0
+            else:
+                srow = scol = np.zeros(n)
+                box = np.zeros((n, 4), np.int64)
             edge = np.zeros(n + 1, bool)
             edge[lab[:, 0]] = True
             edge[lab[:, last_col]] = True
@@ -221,7 +227,7 @@ def clean_mask(
     """
     src = read
     if fill_holes:
-        bg = BandLabels(lambda r0, r1: ~np.asarray(read(r0, r1), bool), shape, rows=rows)
+        bg = BandLabels(lambda r0, r1: ~np.asarray(read(r0, r1), bool), shape, rows=rows, stats=False)
         hole = np.concatenate([[False], ~bg.border])  # background components away from the edge
 
         def src(r0: int, r1: int) -> np.ndarray:
