@@ -47,7 +47,12 @@ def _mean(values: list) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from napari_pathoseg.methods.mil.evaluate import compare_poolings, evaluate_checkpoint, pick_threshold, scores_by_group
+    from napari_pathoseg.methods.mil.evaluate import (
+        compare_poolings,
+        evaluate_checkpoint,
+        pick_threshold,
+        scores_by_group,
+    )
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cohort", required=True, help="folder made by scripts/make_mil_cohort.py")

@@ -51,7 +51,8 @@ def _tile(path: Path, mpp: float) -> np.ndarray:
 
 def test_entropy_drops_glass_keeps_tissue(shared_data):
     kather = shared_data / "kather2016_texture_tiles"
-    rows = list(csv.DictReader(open(kather / "index.csv")))
+    with open(kather / "index.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
     glass = [_tile(kather / r["file"], 0.495) for r in rows if r["class"] == "08_empty"][:10]
     tissue = [_tile(kather / r["file"], 0.495) for r in rows if r["class"] in ("01_tumor", "02_stroma", "04_lympho")][:15]
     assert sum(tile_entropy(t) < DEFAULT_ENTROPY_THRESHOLD for t in glass) >= 9

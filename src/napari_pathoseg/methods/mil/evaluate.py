@@ -32,8 +32,15 @@ from napari_pathoseg.methods.mil.data import slide_tiles
 from napari_pathoseg.methods.mil.pooling import pool
 from napari_pathoseg.methods.mil.train import roc_auc
 
-__all__ = ["tile_truth", "evaluate_checkpoint", "compare_poolings", "POOLING_GRID", "pick_threshold",
-           "scores_by_group", "source_of"]
+__all__ = [
+    "POOLING_GRID",
+    "compare_poolings",
+    "evaluate_checkpoint",
+    "pick_threshold",
+    "scores_by_group",
+    "source_of",
+    "tile_truth",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -115,11 +122,11 @@ def evaluate_checkpoint(model_or_path: Any, cohort_csv: str | os.PathLike, *, th
         "threshold": thr,
         "pooling": model.pooling, "pooling_k": model.pooling_k,
         "tile_auc": tile_auc, "tile_auc_in_positive": tile_auc_pos,
-        "n_slides": int(len(slides)), "n_positive": int(labels.sum()),
+        "n_slides": len(slides), "n_positive": int(labels.sum()),
         "n_tiles": int(sum(len(d["probs"]) for d in slides)),
         "n_tumour_tiles": int(sum(int(d["truth"].sum()) for d in have)),
         "per_slide": [{"slide": d["slide"], "label": d["label"], "probability": round(d["probability"], 4),
-                       "tiles": int(len(d["probs"]))} for d in slides],
+                       "tiles": len(d["probs"])} for d in slides],
         "slides": slides,
     }
 

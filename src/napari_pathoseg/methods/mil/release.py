@@ -28,7 +28,7 @@ from napari_pathoseg._atomic import check_output, write_json
 from napari_pathoseg.methods.mil.network import MilNet, get_preset
 from napari_pathoseg.models.checkpoint import load_checkpoint, save_checkpoint
 
-__all__ = ["build_untrained", "release_model", "WEIGHTS_DIR", "card_for"]
+__all__ = ["WEIGHTS_DIR", "build_untrained", "card_for", "release_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,11 @@ def release_model(run_dir: str | os.PathLike, *, test_csv: str | os.PathLike, va
     validation accuracy), unless ``pooling`` / ``pooling_k`` are given; then the model is scored
     on the **test** slides with that pooling and threshold. Returns the card.
     """
-    from napari_pathoseg.methods.mil.evaluate import compare_poolings, evaluate_checkpoint, scores_by_group
+    from napari_pathoseg.methods.mil.evaluate import (
+        compare_poolings,
+        evaluate_checkpoint,
+        scores_by_group,
+    )
 
     run_dir = Path(run_dir)
     best = run_dir / "best.safetensors"
