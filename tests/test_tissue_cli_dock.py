@@ -61,6 +61,14 @@ def test_cli_tissue_map_and_bad_input(tmp_path, shared_data, tiny_tissue_model, 
     csv.write_text(f"image,labels\n{img},\"[1, 2]\"\n")
     assert main(["tissue-train", "--labels", str(csv), "--classes", "tumour,stroma", "--out", str(tmp_path / "r")]) == 2
     assert "zeros/ones" in capsys.readouterr().err and not (tmp_path / "r" / "stage1").exists()
+    # tiles need WSSS4LUAD's masks; corrections need another run's pseudo masks
+    assert main(["tissue-train", "--labels", str(csv), "--classes", "tumour,stroma", "--tiles", "96",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "used whole" in capsys.readouterr().err
+    assert main(["tissue-train", "--tiles", "96", "--correct", "5", "--out", str(tmp_path / "r")]) == 2
+    assert "--pseudo-from" in capsys.readouterr().err
+    assert main(["tissue-train", "--tiles", "8", "--out", str(tmp_path / "r")]) == 2
+    assert "from 32 to 1024" in capsys.readouterr().err and not (tmp_path / "r" / "stage1").exists()
 
 
 @pytest.mark.gui
