@@ -237,3 +237,17 @@ def test_nuclei_layer_exports_to_geojson_at_level0(viewer_with_slide, sync_jobs,
     xs = [p[0] for f in fc["features"] for p in f["geometry"]["coordinates"][0]]
     ys = [p[1] for f in fc["features"] for p in f["geometry"]["coordinates"][0]]
     assert 767 <= min(xs) and max(xs) <= 897 and 1919 <= min(ys) and max(ys) <= 2049
+
+
+def test_small_labels_keep_their_ids_in_uint16_and_large_or_wide_ids_stay():
+    from napari_pathoseg._widgets import nuclei
+
+    lab = np.zeros((64, 48), np.uint32)
+    lab[3:9, 4:10], lab[20:30, 5:9] = 7, 65535
+    small = nuclei.small_labels(lab)
+    assert small.dtype == np.uint16 and np.array_equal(small, lab)  # napari draws uint16 ids as they are
+    lab[0, 0] = 70_000  # an id beyond uint16: unchanged
+    assert nuclei.small_labels(lab) is lab
+    assert nuclei.small_labels(np.zeros((4, 4), np.uint8)).dtype == np.uint8
+    big = np.lib.stride_tricks.as_strided(np.zeros(1, np.uint32), shape=(nuclei.SMALL_LABELS_PIXELS + 1, 1), strides=(0, 0))
+    assert nuclei.small_labels(big) is big  # a slide-sized result is not copied

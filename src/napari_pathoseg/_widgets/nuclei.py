@@ -43,7 +43,7 @@ from napari_pathoseg.methods.nuclei.segment import NucleiResult, iter_segment_nu
 if TYPE_CHECKING:
     import napari
 
-__all__ = ["NucleiWidget", "view_region", "shape_region", "place_result", "nucleus_models"]
+__all__ = ["NucleiWidget", "view_region", "shape_region", "place_result", "nucleus_models", "small_labels"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +117,29 @@ def segment_job(slide: Any, model_ref: str, *, region: Any, mpp: float | None, w
             norm = ev.normalized
             # no tissue tile: nothing was normalised (the engine may give a blank 2-D array)
             normalized = display_levels(norm) if norm is not None and norm.ndim == 3 and ev.tiles else None
-            yield NucleiLayers(ev, display_levels(ev.labels), normalized)
+            yield NucleiLayers(ev, display_levels(small_labels(ev.labels)), normalized)
         else:
             yield ev
+
+
+#: Results up to this many pixels become uint16 in the job when their ids fit (see :func:`small_labels`).
+SMALL_LABELS_PIXELS = 64 << 20
+
+
+def small_labels(labels: Any) -> Any:
+    """``labels`` as uint16 when every id fits and it holds at most :data:`SMALL_LABELS_PIXELS` (call in the job).
+
+    napari hashes uint32 label ids into texture values on the GUI thread every time it draws a new
+    part (0.1-0.3 s for a slide-sized level); uint8/uint16 ids go to the texture as they are. The
+    ids stay the same. Larger results (memory-mapped) stay as they are.
+    """
+    arr = labels
+    if getattr(arr, "dtype", None) is None or arr.dtype.itemsize <= 2 or int(np.prod(arr.shape)) > SMALL_LABELS_PIXELS:
+        return labels
+    arr = np.asarray(arr)
+    if arr.size == 0 or (arr.min() >= 0 and arr.max() <= np.iinfo(np.uint16).max):
+        return arr.astype(np.uint16)
+    return labels
 
 
 class NucleiWidget(QWidget):
