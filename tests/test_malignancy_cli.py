@@ -118,6 +118,8 @@ def test_bad_input_is_one_line(tmp_path, he_image, make_pyramid_tiff, untrained,
 
 
 def test_stop_keeps_the_finished_tiles(he_image, model, one_torch_thread):
+    from dataclasses import replace
+
     from napari_pathoseg.events import CancelToken, Progress
     from napari_pathoseg.methods.malignancy.slide import (
         MalignancyResult,
@@ -135,6 +137,12 @@ def test_stop_keeps_the_finished_tiles(he_image, model, one_torch_thread):
             result = ev
     assert result.cancelled and 0 < result.tiles < result.tiles_total
     assert len(result.tile_table()) == result.tiles and np.count_nonzero(~np.isnan(result.heatmap)) == result.tiles
+    # gating: B's region only inside the squares whose tile C calls malignant (no network)
+    for t in (0.0, float(np.nanmedian(result.heatmap)), 1.01):
+        res_t = replace(result, threshold=t, gate=True, mask_threshold=0.3)
+        called = res_t.called_rows(0, res_t.shape[0])
+        np.testing.assert_array_equal(res_t.mask, replace(res_t, gate=False).mask & called)
+        assert called.any() == bool((np.nan_to_num(result.heatmap) >= t).any())
     with pytest.raises(PathosegError, match="not a malignancy model"):
         next(iter_malignancy(slide, model=type("M", (), {"task": "lesion", "name": "x"})()))
 

@@ -66,6 +66,10 @@ def test_dock_rectangle_layers_threshold_stop(make_napari_viewer, sample_svs, un
     expect = (res.region_prob >= round(0.3 * 255)) & res.tissue
     np.testing.assert_array_equal(region.data.astype(bool), expect)
     assert w.result.mask_threshold == pytest.approx(0.3) and "region threshold 0.30" in w.call_label.text()
+    w.gate_check.setChecked(True)  # B's region only in the tiles C calls malignant
+    np.testing.assert_array_equal(region.data.astype(bool), expect & w.result.called_rows(0, res.shape[0]))
+    assert "only in tiles C calls malignant" in w.call_label.text()
+    w.gate_check.setChecked(False)
     w.opacity.setValue(80)
     assert heat.opacity == pytest.approx(0.8)
 

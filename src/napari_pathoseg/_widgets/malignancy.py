@@ -124,14 +124,14 @@ class MalignancyLayers:
 
 
 def run_job(slide: Any, model_ref: str, *, region: Any, mpp: float | None, mask_threshold: float,
-            cancel: Any) -> Iterator[Any]:
+            gate: bool = False, cancel: Any) -> Iterator[Any]:
     """The dock's job: load the model, run C and B over the tissue tiles, make the mask (worker thread)."""
     from napari_pathoseg.models.registry import load_model
 
     yield Progress(0, 0, "loading the model…", stage="model")
     model = load_model(model_ref, task=TASK)
     for ev in iter_malignancy(slide, model=model, region=region, mpp=mpp, mask_threshold=mask_threshold,
-                              whole_image=False, cancel=cancel):
+                              gate=gate, whole_image=False, cancel=cancel):
         if isinstance(ev, MalignancyResult):
             yield MalignancyLayers.prepare(ev)
         else:
@@ -210,6 +210,9 @@ class MalignancyWidget(QWidget):
         self.mask_threshold.setRange(1, 99)
         self.mask_threshold.setValue(50)
         self.mask_threshold_label = QLabel("0.50")
+        self.gate_check = QCheckBox("only in tiles C calls malignant")
+        self.gate_check.setToolTip("B alone also outlines benign glands; keep its region only where the heat map "
+                                   "reaches the call threshold")
         self.opacity = QSlider(Qt.Orientation.Horizontal)
         self.opacity.setRange(0, 100)
         self.opacity.setValue(50)
@@ -231,6 +234,7 @@ class MalignancyWidget(QWidget):
                 ("Rectangle layer", hbox((self.shapes_combo, 1), self.draw_btn)),
                 ("µm/px", self.mpp_spin),
                 ("Region threshold", hbox((self.mask_threshold, 1), self.mask_threshold_label)),
+                ("", self.gate_check),
                 ("Heat map opacity", self.opacity),
             ),
             hbox(self.run_btn, self.stop_btn),
@@ -248,6 +252,7 @@ class MalignancyWidget(QWidget):
         self.run_btn.clicked.connect(self._on_run)
         self.draw_btn.clicked.connect(self._on_draw)
         self.mask_threshold.valueChanged.connect(self._on_mask_threshold)
+        self.gate_check.toggled.connect(lambda *_: self.apply_mask_threshold())
         self.opacity.valueChanged.connect(self._on_opacity)
         self.train_btn.clicked.connect(self._on_train)
         for combo in (self.layer_combo, self.region_combo, self.shapes_combo, self.model_combo):
@@ -388,7 +393,8 @@ class MalignancyWidget(QWidget):
             show_error(str(exc))
             return
         model_ref = self._models.get(self.model_combo.currentText(), self.model_combo.currentText())
-        args = {"region": region, "mpp": self.mpp_spin.value() or None, "mask_threshold": self.mask_threshold.value() / 100}
+        args = {"region": region, "mpp": self.mpp_spin.value() or None, "mask_threshold": self.mask_threshold.value() / 100,
+                "gate": self.gate_check.isChecked()}
         self.jobs.start(lambda token: run_job(slide, model_ref, cancel=token, **args), done_type=MalignancyLayers,
                         on_event=self._on_progress, on_done=lambda prepared, _l=layer: self._on_done(_l, prepared),
                         message="loading the model…")
@@ -440,7 +446,7 @@ class MalignancyWidget(QWidget):
             f"<b>{res.label.capitalize()}</b>: probability {s['probability']:.3f} ({s['probability_from']}, "
             f"{res.tiles} tiles; call at {res.threshold:.2f}){stopped}<br>"
             f"malignant region {s['malignant_area_um2'] / 1e6:.3f} mm² · {100 * s['malignant_fraction']:.1f} % of the "
-            f"tissue · region threshold {res.mask_threshold:.2f}")
+            f"tissue · region threshold {res.mask_threshold:.2f}{' · only in tiles C calls malignant' if res.gate else ''}")
 
     def _on_mask_threshold(self, value: int) -> None:
         self.mask_threshold_label.setText(f"{value / 100:.2f}")
@@ -450,7 +456,7 @@ class MalignancyWidget(QWidget):
         """Re-make the region mask from the stored probabilities (no network; a comparison per pixel)."""
         if self.result is None or self.jobs.running:
             return
-        res = self.result.with_mask_threshold(self.mask_threshold.value() / 100)
+        res = self.result.with_mask_threshold(self.mask_threshold.value() / 100, gate=self.gate_check.isChecked())
 
         def job(token: Any) -> MalignancyLayers:
             return MalignancyLayers.prepare(res)

@@ -93,7 +93,7 @@ def _cmd_malignancy(args: argparse.Namespace) -> int:
         result = drive(
             lambda token: iter_malignancy(
                 slide, model=model, region=region, mpp=args.mpp, whole_image=plain, threshold=args.threshold,
-                mask_threshold=args.mask_threshold, pooling=args.pooling, tissue_only=False if (plain or args.all_tiles) else None,
+                mask_threshold=args.mask_threshold, gate=args.gate, pooling=args.pooling, tissue_only=False if (plain or args.all_tiles) else None,
                 with_mask="mask" in outs or not args.no_mask, batch_size=args.batch, work_dir=wd, cancel=token,
             ),
             MalignancyResult,
@@ -118,6 +118,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--region", default=None, help="x,y,w,h in level-0 pixels (default: the whole input)")
     p.add_argument("--threshold", type=fraction, default=None, help="call threshold on the probability, 0-1 (the model's, 0.5)")
     p.add_argument("--mask-threshold", type=fraction, default=None, help="threshold on B's probability, 0-1 (the model's, 0.5)")
+    p.add_argument("--gate", action="store_true",
+                   help="keep B's region only inside tiles C calls malignant (B alone outlines benign glands too)")
     p.add_argument("--pooling", choices=("topk", "max", "mean"), default="topk",
                    help="slide probability from the tile probabilities: mean of the top 10 %% (default), max or mean")
     p.add_argument("--no-mask", action="store_true", help="skip segmenter B when no --mask is asked (heat map and call only)")

@@ -151,6 +151,8 @@ class MalignancyResult:
         is cut to it); ``None``: everything counts as tissue (plain images).
     mask_threshold : float
         The region mask is ``region_prob >= mask_threshold``, cut to the tissue.
+    gate : bool
+        The mask is also cut to the heat-map squares C calls malignant (``heatmap >= threshold``).
     region : (x, y, w, h)
         Level-0 rectangle covered. ``scale``: level-0 pixels per model pixel; ``mpp``: µm per
         model pixel.
@@ -179,6 +181,7 @@ class MalignancyResult:
     pooling: str
     pooled: dict[str, float] = field(default_factory=dict)
     top_fraction: float = TOP_FRACTION
+    gate: bool = False
     model: str = ""
     tiles: int = 0
     tiles_total: int = 0
@@ -201,11 +204,22 @@ class MalignancyResult:
         cc = ((x + (np.arange(cols) + 0.5) * self.scale) / down).astype(np.int64).clip(0, tm.shape[1] - 1)
         return tm[rr[:, None], cc[None, :]]
 
+    def called_rows(self, r0: int, r1: int) -> np.ndarray:
+        """Grid rows ``r0 .. r1``: True inside a heat-map square whose tile C calls malignant."""
+        x, y = self.region[:2]
+        ox, oy = self.origin
+        hm = np.nan_to_num(self.heatmap, nan=0.0) >= self.threshold
+        rr = np.floor((y + (np.arange(r0, r1) + 0.5) * self.scale - oy) / self.cell).astype(np.int64).clip(0, hm.shape[0] - 1)
+        cc = np.floor((x + (np.arange(self.shape[1]) + 0.5) * self.scale - ox) / self.cell).astype(np.int64)
+        return hm[rr[:, None], cc.clip(0, hm.shape[1] - 1)[None, :]]
+
     def mask_rows(self, r0: int, r1: int) -> np.ndarray:
-        """The malignant-region mask (bool) of grid rows ``r0 .. r1``, cut to the tissue."""
+        """The malignant-region mask (bool) of grid rows ``r0 .. r1``, cut to the tissue (and gated)."""
         m = np.asarray(self.region_prob[r0:r1]) >= np.uint8(min(255, round(self.mask_threshold * 255)))
         if self.tissue_lowres is not None:
             m &= self.tissue_rows(r0, r1)
+        if self.gate:
+            m &= self.called_rows(r0, r1)
         return m
 
     @property
@@ -227,11 +241,12 @@ class MalignancyResult:
             tis += int(np.count_nonzero(self.tissue_rows(r0, r1))) if self.tissue_lowres is not None else (r1 - r0) * self.shape[1]
         return mal, tis
 
-    def with_mask_threshold(self, threshold: float) -> MalignancyResult:
-        """The same run with another region threshold (no network)."""
+    def with_mask_threshold(self, threshold: float, *, gate: bool | None = None) -> MalignancyResult:
+        """The same run with another region threshold (and gating, when given); no network."""
         from dataclasses import replace
 
-        return replace(self, mask_threshold=check_fraction(threshold, what="the mask threshold"))
+        return replace(self, mask_threshold=check_fraction(threshold, what="the mask threshold"),
+                       gate=self.gate if gate is None else bool(gate))
 
     def tile_table(self) -> list[dict[str, Any]]:
         """One row per tile: level-0 ``x``, ``y``, ``w``, ``h`` and its ``probability``."""
@@ -255,6 +270,7 @@ class MalignancyResult:
             "mpp": self.mpp,
             "scale": self.scale,
             "mask_threshold": self.mask_threshold,
+            "mask_gated_by_c": self.gate,
             "malignant_area_um2": round(mal_px * px_um2, 1),
             "tissue_area_um2": round(tissue_px * px_um2, 1),
             "malignant_fraction": round(mal_px / max(1, tissue_px), 4),
@@ -290,6 +306,7 @@ def iter_malignancy(
     whole_image: bool | None = None,
     threshold: float | None = None,
     mask_threshold: float | None = None,
+    gate: bool = False,
     pooling: str = "topk",
     top_fraction: float = TOP_FRACTION,
     tissue_only: bool | None = None,
@@ -315,6 +332,10 @@ def iter_malignancy(
     threshold, mask_threshold : float, optional
         Call threshold on the probability and region threshold on B's map (default the
         model's, 0.5).
+    gate : bool
+        Keep B's region only inside tiles C calls malignant (heat map >= ``threshold``). Off by
+        default (M1 as described: B's region alone); B trained on malignant images only also
+        outlines benign glands, and the gate removes those outside C's malignant tiles.
     pooling, top_fraction
         See :func:`pool_tile_probabilities`.
     tissue_only : bool, optional
@@ -404,7 +425,8 @@ def iter_malignancy(
     yield MalignancyResult(
         probability=float(probability), label=label, threshold=threshold, tile_probs=probs.astype(np.float32),
         boxes=scores.boxes, heatmap=scores.heatmap[..., 0], cell=float(scores.cell), origin=scores.origin,
-        region_prob=region_prob, tissue_lowres=tissue_lowres, mask_threshold=mask_threshold, region=res.region, scale=res.scale,
+        region_prob=region_prob, tissue_lowres=tissue_lowres, mask_threshold=mask_threshold, gate=bool(gate),
+        region=res.region, scale=res.scale,
         mpp=res.mpp, whole_image=whole_image, pooling=pooling, pooled=pooled, top_fraction=float(top_fraction), model=res.name, tiles=res.tiles,
         tiles_total=res.tiles_total, cancelled=res.cancelled, timings=res.timings,
     )
@@ -464,6 +486,7 @@ def write_mask_tiff(result: MalignancyResult, path: str | os.PathLike, *, grid: 
     import tifffile
 
     meta = {"region_xywh": list(result.region), "model": result.model, "mask_threshold": result.mask_threshold,
+            "gated_by_classifier": result.gate,
             "encoding": "1 = malignant region (segmenter B), 0 = not"}
     if grid is not None:
         from skimage.transform import resize
@@ -472,6 +495,8 @@ def write_mask_tiff(result: MalignancyResult, path: str | os.PathLike, *, grid: 
         mask = (prob >= result.mask_threshold * 255 - 1e-3).astype(np.uint8)
         if result.tissue_lowres is not None:
             mask &= _resample_nearest(result.tissue, grid).astype(np.uint8)
+        if result.gate:
+            mask &= _resample_nearest(result.called_rows(0, result.shape[0]), grid).astype(np.uint8)
         mpp = result.mpp * result.shape[1] / max(1, grid[1])
         return _write_tiff(path, mask, mpp=mpp, metadata={**meta, "mpp": mpp, "scale": result.region[2] / max(1, grid[1])})
     path = Path(path)
