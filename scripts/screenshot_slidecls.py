@@ -1,4 +1,4 @@
-"""Take the Slide classification dock screenshot on the bundled sample slide (headless, Xvfb).
+"""Take the Slide classification dock screenshot on the bundled sample (or ``--slide``), headless under Xvfb.
 
 The dock classifies the whole sample slide with ``--model`` (default the shipped
 ``slidecls-crc-lite``) exactly as a user would (Classify slide, whole slide), shows the call,
@@ -6,7 +6,7 @@ the heat map over the slide and the tile table, selects the strongest tile row, 
 is saved as a JPEG. Run from the repository root::
 
     xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/screenshot_slidecls.py \
-        [--model NAME_OR_CHECKPOINT] [--out docs/images/slidecls_dock.jpg]
+        [--model NAME_OR_CHECKPOINT] [--slide SLIDE] [--out docs/images/slidecls_dock.jpg]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def _settle(n: int = 30, pause: float = 0.02) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="slidecls-crc-lite")
+    ap.add_argument("--slide", default=None, help="slide to open (default: the bundled sample)")
     ap.add_argument("--out", default=str(REPO / "docs" / "images" / "slidecls_dock.jpg"))
     ap.add_argument("--width", type=int, default=1400)
     args = ap.parse_args()
@@ -53,7 +54,7 @@ def main() -> None:
     viewer.window._qt_window.resize(1600, 1000)
     dock = SlideClassificationWidget(viewer)
     viewer.window.add_dock_widget(dock, name="Slide classification", area="right")
-    viewer.open(str(sample_slide_path()), plugin="napari-pathoseg")
+    viewer.open(str(args.slide or sample_slide_path()), plugin="napari-pathoseg")
     if args.model not in dock._models:
         dock._models[Path(args.model).stem] = args.model
         dock.model_combo.addItem(Path(args.model).stem)

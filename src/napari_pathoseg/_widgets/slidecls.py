@@ -409,7 +409,7 @@ class SlideClassificationWidget(QWidget):
         p = "n/a" if not np.isfinite(res.probability) else f"{res.probability:.3f}"
         k = f" {res.pooling_k}" if res.pooling == "topk_mean" else ""
         self.call_label.setText(
-            f"<b>{res.label}</b> · probability {p} (pooling {res.pooling}{k}, threshold {res.threshold:g})"
+            f"<b>{res.label}</b> · probability {p} (pooling {res.pooling}{k}, threshold {res.threshold:.2f})"
             f"{' · stopped early' if res.cancelled else ''}<br>{res.n_tiles} tissue tiles of "
             f"{res.tile_size * res.mpp:g} µm, {res.n_dropped} dropped as background; strongest tile "
             f"{res.top_tile_probability:.3f}" if res.tiles else f"<b>{res.label}</b> · no tile finished")
