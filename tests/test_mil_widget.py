@@ -123,10 +123,14 @@ def test_training_panel_needs_a_cohort_and_a_folder(make_napari_viewer, tmp_path
 
 
 @pytest.mark.slow
-def test_training_panel_runs_train_mil_and_stop_keeps_a_resumable_checkpoint(make_napari_viewer, he_image, make_pyramid_tiff,
-                                                                             tmp_path, sync_jobs, one_torch_thread):
+def test_training_panel_stop_resume_and_register(make_napari_viewer, he_image, make_pyramid_tiff, tmp_path, monkeypatch,
+                                                 sync_jobs, one_torch_thread):
+    """Dock -> train_mil: Stop after one step keeps last.safetensors; resume finishes and registers the model."""
     from napari_pathoseg._widgets.slidecls import SlideClassificationWidget
+    from napari_pathoseg.methods.mil import train
 
+    monkeypatch.setenv("PATHOSEG_HOME", str(tmp_path / "home"))  # a private registry
+    monkeypatch.setitem(train.DEFAULT_BUDGET, "lite", (1, 2))  # one epoch of two steps: the test stays short
     rows = []
     for i, label in enumerate(("negative", "positive")):
         make_pyramid_tiff(tmp_path / f"s{i}.tif", he_image[i * 512:(i + 1) * 512, :512], levels=1, tile=256, mpp=1.0)
@@ -135,18 +139,28 @@ def test_training_panel_runs_train_mil_and_stop_keeps_a_resumable_checkpoint(mak
     w = SlideClassificationWidget(make_napari_viewer())
     w.cohort_edit.setText(str(tmp_path / "cohort.csv"))
     w.run_edit.setText(str(tmp_path / "run"))
-    seen = []
+    w.register_edit.setText("my-slide-model")
+    seen, stop_at_step = [], [True]
 
     def on_event(ev):
         seen.append(ev)
-        if getattr(ev, "stage", "") == "train":
+        if getattr(ev, "stage", "") == "train" and stop_at_step[0]:
             w.train_stop_btn.click()  # Stop after the first training step
 
     real_start = w.train_jobs.start
     w.train_jobs.start = lambda job, **kw: real_start(job, **{**kw, "on_event": on_event})
     w.train_btn.click()
     steps = [ev for ev in seen if getattr(ev, "stage", "") == "train"]
-    assert steps and steps[0].total >= steps[0].done >= 1 and "epoch 1" in steps[0].message
+    assert steps and steps[0].done == 1 and steps[0].total == 2 and "epoch 1" in steps[0].message
     assert "stopped" in w.train_status.text() and "resume" in w.train_status.text()
-    assert (tmp_path / "run" / "last.safetensors").is_file()
+    assert (tmp_path / "run" / "last.safetensors").is_file() and "my-slide-model" not in w._models
     assert w.train_btn.isEnabled() and not w.train_stop_btn.isEnabled()
+    # resume: the second step runs, then validation, best.safetensors and the registration
+    stop_at_step[0] = False
+    seen.clear()
+    w.resume_check.setChecked(True)
+    w.train_btn.click()
+    steps = [ev for ev in seen if getattr(ev, "stage", "") == "train"]
+    assert [ev.done for ev in steps] == [2]
+    assert "done" in w.train_status.text() and (tmp_path / "run" / "best.safetensors").is_file()
+    assert w.model_combo.currentText() == "my-slide-model" and "my-slide-model" in w._models
