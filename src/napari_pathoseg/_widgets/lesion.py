@@ -7,12 +7,22 @@ minimum area and "fill holes" re-make the mask from the stored probability map w
 the network again (in the background for large maps). The table lists the area of every
 region; "Export GeoJSON…" writes the regions of the (possibly corrected) Labels layer as QuPath
 annotations.
+
+A whole-slide run streams to a temporary work folder (:func:`iter_detect_lesions` with
+``work_dir``): the probability map, mask and region labels are files there, the layers get
+memory maps of them plus coarser display levels made in the worker, one band of rows at a time
+(:func:`streamed_levels`), so nothing slide-sized is held in memory. While the threshold slider
+is dragged the mask is previewed on a display level (at most 1024 px a side, GUI thread); when
+it is released the full-resolution mask is streamed again in the background. The folder is
+removed when the layers are replaced, when the dock closes, or when napari quits.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -48,12 +58,12 @@ from napari_pathoseg._widgets.nuclei import place_result, shape_region, view_reg
 from napari_pathoseg._widgets.slide import slide_layers, slide_of_layer
 from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.events import Progress
-from napari_pathoseg.methods.lesion.detect import LesionResult, iter_detect_lesions, region_table
+from napari_pathoseg.methods.lesion.detect import LesionResult, iter_detect_lesions, lesion_mask
 
 if TYPE_CHECKING:
     import napari
 
-__all__ = ["LesionWidget", "lesion_models", "LesionLayers"]
+__all__ = ["LesionWidget", "lesion_models", "LesionLayers", "prepare_layers", "streamed_levels"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +71,14 @@ TASK = "lesion"
 REGIONS = ("Current view", "Drawn rectangle", "Whole slide")
 #: Maps up to this many pixels are re-thresholded on the GUI thread; larger ones in the background.
 SYNC_PIXELS = 1 << 20
+#: A streamed map with a side above this gets coarser display levels (multiscale, view-only layers).
+DISPLAY_MAX_SIDE = 2048
+#: The coarsest display level has at most this side.
+DISPLAY_MIN_SIDE = 512
+#: The live threshold preview of a multiscale result runs on a display level of at most this side.
+PREVIEW_MAX_SIDE = 1024
+#: Rows read at a time when the display levels are made.
+BAND_ROWS = 256
 
 
 def lesion_models() -> list[Any]:
@@ -72,37 +90,125 @@ def lesion_models() -> list[Any]:
 
 @dataclass
 class LesionLayers:
-    """A run's result with its region labels, prepared off the GUI thread."""
+    """A run's result with its layer data, prepared off the GUI thread.
+
+    Attributes
+    ----------
+    result : LesionResult
+    labels : list of arrays
+        The region labels: one array, or the levels of a multiscale layer (full resolution first).
+    heat : list of arrays, optional
+        The probability map, likewise (``None`` after a re-threshold: the heat map is unchanged).
+    preview : (array, int), optional
+        A display level of the probability map in memory and its stride, for the live threshold
+        preview of a multiscale result.
+    files : list of Path
+        Work-folder files of this mask (mask, labels and their display levels), deleted when
+        a new threshold replaces them.
+    """
 
     result: LesionResult
-    labels: np.ndarray
+    labels: list[Any]
+    heat: list[Any] | None = None
+    preview: tuple[np.ndarray, int] | None = None
+    files: list[Path] = field(default_factory=list)
 
     @property
     def cancelled(self) -> bool:
         return bool(self.result.cancelled)
 
+    @property
+    def multiscale(self) -> bool:
+        return len(self.labels) > 1
+
+
+def streamed_levels(read: Any, shape: tuple[int, int], dtype: Any, folder: Path, tag: str, *,
+                    max_side: int | None = None, min_side: int | None = None) -> list[np.ndarray]:
+    """The coarser display levels of a map on disk, as read-only memory maps of files in ``folder``.
+
+    Level ``k`` is every ``2**k``-th pixel of the map (what
+    :func:`~napari_pathoseg._widgets._common.display_levels` makes from an array), for levels
+    down to a side of at most ``min_side``; none when the map's sides are at most ``max_side``.
+    All levels are made in one pass over the map, ``BAND_ROWS`` rows at a time (``read(row0,
+    row1)``), and written to ``folder/<tag>-level<k>.npy``.
+    """
+    from napari_pathoseg.inference._rows import RowStore
+
+    max_side = DISPLAY_MAX_SIDE if max_side is None else max_side
+    min_side = DISPLAY_MIN_SIDE if min_side is None else min_side
+    rows, cols = int(shape[0]), int(shape[1])
+    if max(rows, cols) <= max_side:
+        return []
+    strides, side = [], max(rows, cols)
+    while side > min_side:
+        strides.append(2 ** (len(strides) + 1))
+        side = -(-side // 2)
+    stores = [RowStore((-(-rows // st), -(-cols // st)), dtype, path=Path(folder) / f"{tag}-level{k}.npy")
+              for k, st in enumerate(strides, start=1)]
+    band = -(-max(BAND_ROWS, strides[-1]) // strides[-1]) * strides[-1]
+    for r0 in range(0, rows, band):
+        block = np.asarray(read(r0, min(rows, r0 + band)))
+        for st, store in zip(strides, stores):
+            store.write(r0 // st, block[::st, ::st])
+    for store in stores:
+        store.close()
+    return [np.load(store.path, mmap_mode="r") for store in stores]
+
+
+def prepare_layers(res: LesionResult, *, heat: bool = True) -> LesionLayers:
+    """The layer data of a result (worker thread): labels and heat map, levels for a large streamed map."""
+    if res.stores is None:  # arrays in memory (view, rectangle): one editable level, as always
+        return LesionLayers(res, [res.labels()], [res.prob] if heat else None)
+    labels_path = Path(res.stores["labels"].path)
+    files = [Path(res.stores["mask"].path), labels_path]
+    lab0 = res.labels()
+    shape = tuple(res.prob.shape[:2])
+    if max(shape) <= DISPLAY_MAX_SIDE:  # small: an editable copy of the labels, the memory-mapped map
+        return LesionLayers(res, [np.array(lab0)], [res.prob] if heat else None, files=files)
+    folder = labels_path.parent
+    lab_levels = streamed_levels(lambda a, b: res.rows("labels", a, b), shape, np.int32, folder, labels_path.stem)
+    files += [Path(str(lv.filename)) for lv in lab_levels]
+    out = LesionLayers(res, [lab0, *lab_levels], files=files)
+    if heat:
+        heat_levels = streamed_levels(lambda a, b: res.rows("prob", a, b), shape, np.float32, folder,
+                                      Path(res.stores["prob"].path).stem)
+        out.heat = [res.prob, *heat_levels]
+        stride, level = next((2 ** k, lv) for k, lv in enumerate(out.heat) if max(lv.shape[:2]) <= PREVIEW_MAX_SIDE)
+        out.preview = (np.array(level, np.float32), stride)
+    return out
+
 
 def detect_job(slide: Any, model_ref: str, *, region: Any, mpp: float | None, threshold: float,
-               fill_holes: bool, min_area: float, cancel: Any):
-    """The dock's job: load the model, detect, label the regions (worker thread)."""
+               fill_holes: bool, min_area: float, work_dir: str | None = None, cancel: Any):
+    """The dock's job: load the model, detect (streamed to ``work_dir`` if given), prepare the layers (worker thread)."""
     from napari_pathoseg.models.registry import load_model
 
     yield Progress(0, 0, "loading the model…", stage="model")
     model = load_model(model_ref, task=TASK)
     for ev in iter_detect_lesions(slide, model, mpp=mpp, region=region, threshold=threshold, fill_holes=fill_holes,
-                                  min_area_um2=min_area, tissue_only=True, cancel=cancel):
+                                  min_area_um2=min_area, tissue_only=True, work_dir=work_dir, cancel=cancel):
         if isinstance(ev, LesionResult):
-            yield LesionLayers(ev, region_table(ev.mask, mpp=ev.mpp)[0])
+            yield Progress(ev.tiles, max(ev.tiles, ev.tiles_total), "preparing the layers…", stage="layers")
+            yield prepare_layers(ev)
         else:
             yield ev
 
 
 def rethreshold_job(result: LesionResult, threshold: float, fill_holes: bool, min_area: float) -> LesionLayers:
-    """A new mask from the stored probabilities (no network)."""
+    """A new mask from the stored probabilities (no network; streamed again when the run was)."""
     from dataclasses import replace
 
     res = replace(result, fill_holes=fill_holes, min_area_um2=min_area).rethreshold(threshold)
-    return LesionLayers(res, region_table(res.mask, mpp=res.mpp)[0])
+    return prepare_layers(res, heat=False)
+
+
+@dataclass
+class ExportDone:
+    """A finished GeoJSON export: the file and the number of regions."""
+
+    path: str
+    n: int
+    cancelled: bool = False
 
 
 class LesionWidget(QWidget):
@@ -114,6 +220,10 @@ class LesionWidget(QWidget):
         self._models: dict[str, str] = {}
         self.result: LesionResult | None = None
         self._slide_layer: Any = None
+        self._work: tempfile.TemporaryDirectory | None = None  # the shown whole-slide result's folder
+        self._pending: tempfile.TemporaryDirectory | None = None  # the running whole-slide job's folder
+        self._files: list[Path] = []  # the shown mask's own files in the work folder
+        self._preview: tuple[np.ndarray, int] | None = None
 
         self.layer_combo = QComboBox()
         self.model_combo = QComboBox()
@@ -175,6 +285,7 @@ class LesionWidget(QWidget):
         self.draw_btn.clicked.connect(self._on_draw)
         self.export_btn.clicked.connect(self._on_export)
         self.threshold.valueChanged.connect(self._on_threshold_moved)
+        self.threshold.sliderReleased.connect(self._timer.start)
         self.min_area.valueChanged.connect(lambda *_: self._timer.start())
         self.fill_holes.toggled.connect(lambda *_: self._timer.start())
         for combo in (self.layer_combo, self.region_combo, self.shapes_combo, self.model_combo):
@@ -220,9 +331,21 @@ class LesionWidget(QWidget):
     def slide_layer(self) -> Any:
         return layer_named(self.viewer, self.layer_combo.currentText())
 
-    def _names(self) -> tuple[str, str]:
+    def _names(self) -> tuple[str, str, str]:
         base = self._slide_layer.name if self._slide_layer is not None else "slide"
-        return f"{base} lesion probability", f"{base} lesions"
+        return f"{base} lesion probability", f"{base} lesions", f"{base} lesions (preview)"
+
+    @property
+    def work_dir(self) -> str | None:
+        """The work folder of the shown whole-slide result (``None``: arrays in memory)."""
+        return self._work.name if self._work is not None else None
+
+    def _release(self, attr: str) -> None:
+        """Remove a work folder (``_work`` or ``_pending``) and forget it."""
+        tmp = getattr(self, attr)
+        setattr(self, attr, None)
+        if tmp is not None:
+            tmp.cleanup()
 
     def labels_layer(self) -> Any:
         return layer_named(self.viewer, self._names()[1]) if self.result is not None else None
@@ -262,33 +385,51 @@ class LesionWidget(QWidget):
             show_error(str(exc))
             return
         model_ref = self._models.get(self.model_combo.currentText(), self.model_combo.currentText())
+        if region is None and not self.jobs.running:  # whole slide: the maps go to files, not memory
+            self._release("_pending")
+            self._pending = tempfile.TemporaryDirectory(prefix="pathoseg-lesion-")
+        work_dir = self._pending.name if region is None and self._pending is not None else None
         args = dict(region=region, mpp=self.mpp_spin.value() or None, threshold=self.threshold_value,
-                    fill_holes=self.fill_holes.isChecked(), min_area=self.min_area.value())
+                    fill_holes=self.fill_holes.isChecked(), min_area=self.min_area.value(), work_dir=work_dir)
         self.jobs.start(lambda token: detect_job(slide, model_ref, cancel=token, **args), done_type=LesionLayers,
                         on_event=self._on_progress, on_done=lambda prepared, _l=layer: self._on_done(_l, prepared),
-                        message="loading the model…")
+                        on_error=lambda _exc: self._release("_pending"), message="loading the model…")
 
     def _on_progress(self, ev: Any) -> None:
         if isinstance(ev, Progress) and ev.total and ev.stage == "inference":
             self.status.setText(f"{ev.done}/{ev.total} tiles")
 
-    def _on_done(self, slide_layer: Any, prepared: LesionLayers) -> None:
-        self.result, self._slide_layer = prepared.result, slide_layer
-        res = prepared.result
-        place = place_result(slide_layer, res)
-        heat, lab = self._names()
-        for n in (heat, lab):
+    def _on_done(self, slide_layer: Any, prepared: LesionLayers | None) -> None:
+        if prepared is None:  # stopped before any result
+            self._release("_pending")
+            return
+        for n in self._names():  # the previous result's layers, then its work folder
             if n in self.viewer.layers:
                 self.viewer.layers.remove(n)
+        self._release("_work")
+        self._work = self._pending if prepared.result.stores is not None else None
+        if self._work is None:
+            self._release("_pending")
+        self._pending = None
+        self.result, self._slide_layer = prepared.result, slide_layer
+        self._files, self._preview = list(prepared.files), prepared.preview
+        res = prepared.result
+        place = place_result(slide_layer, res)
+        heat, lab, _ = self._names()
         meta = {"model": res.model, "region_xywh": list(res.region), "mpp": res.mpp, "slide": slide_layer.metadata.get("slide"),
                 "pathoseg_slide": slide_of_layer(slide_layer), "object_type": "annotation", "class_name": "Tumor"}
+        multi = prepared.multiscale
 
         def add_heat() -> None:
-            self.viewer.add_image(res.prob, name=heat, colormap="inferno", contrast_limits=(0.0, 1.0), opacity=0.5,
-                                  blending="additive", metadata=dict(meta), **place)
+            levels = prepared.heat or [res.prob]
+            self.viewer.add_image(levels if multi else levels[0], multiscale=multi, name=heat, colormap="inferno",
+                                  contrast_limits=(0.0, 1.0), opacity=0.5, blending="additive", metadata=dict(meta),
+                                  **place)
 
         def add_labels() -> None:
-            self.viewer.add_labels(prepared.labels, name=lab, opacity=0.5, metadata=dict(meta), **place)
+            levels = prepared.labels
+            self.viewer.add_labels(levels if multi else levels[0], multiscale=multi, name=lab, opacity=0.5,
+                                   metadata=dict(meta), **place)
             self.viewer.layers.selection.active = slide_layer
 
         in_turns(add_heat, add_labels)
@@ -309,18 +450,55 @@ class LesionWidget(QWidget):
         if self.jobs.running:
             self._timer.start()
             return
+        if self._preview is not None:  # a multiscale result: preview now, full resolution when released
+            self.preview_threshold()
+            if self.threshold.isSliderDown():
+                return
+        if self.jobs.running:
+            self._timer.start()
+            return
         args = (self.result, self.threshold_value, self.fill_holes.isChecked(), self.min_area.value())
-        if self.result.prob.size <= SYNC_PIXELS:
+        if self.result.stores is None and self.result.prob.size <= SYNC_PIXELS:
             self._on_rethreshold(rethreshold_job(*args))
         else:
             self.jobs.start(lambda token: rethreshold_job(*args), on_done=self._on_rethreshold,
                             message="new threshold…", action="Re-thresholding", abandon_on_stop=True)
 
+    def preview_threshold(self) -> Any:
+        """Show the mask of the current options on a display level of the map (GUI thread, <= 1024 px a side)."""
+        from scipy import ndimage as ndi
+
+        if self._preview is None or self.result is None:
+            return None
+        prob, stride = self._preview
+        px_um2 = (self.result.mpp * stride) ** 2
+        mask = lesion_mask(prob, threshold=self.threshold_value, fill_holes=self.fill_holes.isChecked(),
+                           min_area_px=int(np.ceil(self.min_area.value() / px_um2)))
+        labels = ndi.label(mask)[0].astype(np.int32)
+        name = self._names()[2]
+        layer = layer_named(self.viewer, name)
+        if layer is None:
+            place = place_result(self._slide_layer, self.result)
+            place["scale"] = tuple(float(v) * stride for v in place["scale"])
+            layer = self.viewer.add_labels(labels, name=name, opacity=0.5, **place)
+            self.viewer.layers.selection.active = self._slide_layer
+        else:
+            layer.data = labels
+            layer.visible = True
+        return layer
+
     def _on_rethreshold(self, prepared: LesionLayers) -> None:
         self.result = prepared.result
         layer = self.labels_layer()
         if layer is not None:
-            layer.data = prepared.labels
+            layer.data = prepared.labels if layer.multiscale else prepared.labels[0]
+        preview = layer_named(self.viewer, self._names()[2])
+        if preview is not None:
+            preview.visible = False
+        for old in self._files:  # the replaced mask's files in the work folder
+            if old not in prepared.files:
+                old.unlink(missing_ok=True)
+        self._files = list(prepared.files)
         self._show_regions(prepared.result)
 
     def _show_regions(self, res: LesionResult) -> None:
@@ -334,8 +512,8 @@ class LesionWidget(QWidget):
                             f"{100 * s['lesion_fraction_of_tissue']:.1f} % of the tissue · threshold {res.threshold:.2f}")
 
     # ------------------------------------------------------------------ export
-    def export_geojson(self, path: str) -> int:
-        """Write the regions of the Labels layer (with the user's corrections) as QuPath annotations."""
+    def _export_work(self, path: str) -> Any:
+        """``work()`` writing the regions to ``path``; what to export is taken now, on the GUI thread."""
         from dataclasses import replace
 
         from napari_pathoseg.methods.lesion.detect import export_regions_geojson
@@ -343,20 +521,43 @@ class LesionWidget(QWidget):
         layer = self.labels_layer()
         if layer is None or self.result is None:
             raise PathosegError("Detect lesions first: there is no lesion layer to export.")
-        edited = replace(self.result, mask=np.asarray(layer.data) > 0)
-        return export_regions_geojson(edited, slide_of_layer(self._slide_layer), path)
+        slide = slide_of_layer(self._slide_layer)
+        if layer.multiscale:  # a whole-slide outline (view-only): the result's labels, read from the work folder
+            result = self.result
+        else:  # the Labels layer as the user corrected it
+            result = replace(self.result, mask=np.asarray(layer.data) > 0, stores=None, counts=None)
+        return lambda: export_regions_geojson(result, slide, path)
+
+    def export_geojson(self, path: str) -> int:
+        """Write the regions of the Labels layer (with the user's corrections) as QuPath annotations, now."""
+        return self._export_work(path)()
+
+    def start_export(self, path: str) -> Any:
+        """Export the regions to ``path`` in the background (the dock's Export GeoJSON… button)."""
+        work = self._export_work(path)
+
+        def job(token: Any):
+            yield Progress(0, 0, "tracing the lesion regions…", stage="export")
+            yield ExportDone(path, work())
+
+        return self.jobs.start(job, done_type=ExportDone, on_done=self._on_exported, message="exporting…",
+                               action="GeoJSON export")
 
     def _on_export(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Export lesion regions", "lesions.geojson", "GeoJSON (*.geojson)")
         if not path:
             return
         try:
-            n = self.export_geojson(path)
+            self.start_export(path)
         except PathosegError as exc:
             show_error(str(exc))
-            return
-        show_info(f"{n} lesion regions written to {path}")
+
+    def _on_exported(self, done: ExportDone) -> None:
+        self.status.setText(f"{done.n} lesion regions written to {done.path}")
+        show_info(f"{done.n} lesion regions written to {done.path}")
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
         self.jobs.shutdown()
+        self._release("_pending")
+        self._release("_work")
         super().closeEvent(event)
