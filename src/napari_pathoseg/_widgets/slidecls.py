@@ -55,7 +55,7 @@ from napari_pathoseg._widgets._common import (
     vbox,
     watch_layer_list,
 )
-from napari_pathoseg._widgets._jobs import JobController, in_turns
+from napari_pathoseg._widgets._jobs import JobController, add_layer_in_turns, in_turns
 from napari_pathoseg._widgets.nuclei import shape_region, view_region
 from napari_pathoseg._widgets.slide import slide_layers, slide_of_layer
 from napari_pathoseg.errors import PathosegError
@@ -380,13 +380,15 @@ class SlideClassificationWidget(QWidget):
 
     def _on_done(self, slide_layer: Any, res: ClassifyResult) -> None:
         self.result, self._slide_layer = res, slide_layer
-        # one step per turn of the event loop: the layer, then the call and the table
-        in_turns(lambda: self._add_heat(slide_layer, res), lambda: self._show(res))
+        self._add_heat(slide_layer, res, then=lambda: self._show(res))
         self.jobs.refresh()
         if res.cancelled:
             show_info(f"Stopped: the call pools the {res.n_tiles} finished tissue tiles")
 
-    def _add_heat(self, slide_layer: Any, res: ClassifyResult) -> None:
+    def _add_heat(self, slide_layer: Any, res: ClassifyResult, *, then: Any) -> None:
+        """Put the heat map over the slide in short GUI steps, then run ``then`` (the call and the table)."""
+        from napari.layers import Image
+
         place = grid_placement(slide_layer, row=res.origin[1], col=res.origin[0], downsample=res.cell)
         meta = {"model": res.model, "probability": res.probability, "label": res.label, "mpp": res.heatmap_mpp,
                 "origin_xy": list(res.origin), "level0_pixels_per_pixel": res.cell,
@@ -395,15 +397,18 @@ class SlideClassificationWidget(QWidget):
         layer = layer_named(self.viewer, self.heat_name())
         if layer is not None and getattr(layer, "_type_string", "") == "image" and layer.ndim == 2:
             # a new run over the same slide: update the layer (removing one costs napari ~0.5 s)
-            layer.metadata = meta
-            layer.scale, layer.translate = place["scale"], place["translate"]
-            layer.data = data
-            layer.contrast_limits = (OFF, 1.0)
+            def update() -> None:
+                layer.metadata = meta
+                layer.scale, layer.translate = place["scale"], place["translate"]
+                layer.data = data
+                layer.contrast_limits = (OFF, 1.0)
+
+            in_turns(update, then)
             return
-        self.viewer.add_image(data, name=self.heat_name(), colormap=heat_colormap(self.cmap_combo.currentText()),
-                              contrast_limits=(OFF, 1.0), opacity=self.opacity.value() / 100.0,
-                              blending="translucent", interpolation2d="nearest", metadata=meta, **place)
-        self.viewer.layers.selection.active = slide_layer
+        layer = Image(data, name=self.heat_name(), colormap=heat_colormap(self.cmap_combo.currentText()),
+                      contrast_limits=(OFF, 1.0), opacity=self.opacity.value() / 100.0, blending="translucent",
+                      interpolation2d="nearest", metadata=meta, **place)
+        add_layer_in_turns(self.viewer, layer, select=slide_layer, then=then)
 
     def _show(self, res: ClassifyResult) -> None:
         p = "n/a" if not np.isfinite(res.probability) else f"{res.probability:.3f}"
