@@ -212,3 +212,27 @@ def test_shipped_model_on_held_out_mosaic_slides(shared_data, tmp_path, capsys, 
         truth = {(int(r["x"]), int(r["y"])): int(r["tumour"]) for r in csv.DictReader(fh)}
     top = sorted(docs["positive"]["tiles"], key=lambda t: -t["probability"])[:5]
     assert sum(truth[(t["x"], t["y"])] for t in top) >= 4
+
+
+def test_cli_ctrl_c_saves_the_call_of_the_finished_tiles(tissue_slide, untrained, tmp_path, monkeypatch, capsys,
+                                                         one_torch_thread):
+    from napari_pathoseg.cli import _driver
+    from napari_pathoseg.events import CancelToken
+
+    class CtrlCAfterTwoBatches(CancelToken):  # as if Ctrl-C came while the third batch was read
+        checks = 0
+
+        def is_set(self) -> bool:
+            type(self).checks += 1
+            return type(self).checks > 2 or super().is_set()
+
+    monkeypatch.setattr(_driver, "CancelToken", CtrlCAfterTwoBatches)
+    path, _ = tissue_slide
+    out, heat = tmp_path / "partial.json", tmp_path / "partial.tif"
+    argv = ["mil", str(path), "--json", str(out), "--heatmap", str(heat), "--model", str(untrained), "--batch", "16"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "stopped after 32 of 96 tiles" in err and str(out) in err and len(err.strip().splitlines()) == 1
+    doc = json.loads(out.read_text())
+    assert doc["cancelled"] is True and doc["tiles_run"] == 32 and heat.is_file()
+    assert doc["probability"] is not None and len(doc["tiles"]) == doc["n_tiles"] <= 32
