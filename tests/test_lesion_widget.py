@@ -80,20 +80,20 @@ def test_lesion_dock_rectangle_threshold_export(make_napari_viewer, sample_svs, 
 
 @pytest.fixture
 def small_levels(monkeypatch):
-    """Display levels for maps above 64 px a side (the tiny slide's 256 px map becomes multiscale)."""
+    """Display levels for maps above 32 px a side (the tiny slide's 128 px map becomes multiscale)."""
     from napari_pathoseg._widgets import lesion
 
-    monkeypatch.setattr(lesion, "DISPLAY_MAX_SIDE", 64)
-    monkeypatch.setattr(lesion, "DISPLAY_MIN_SIDE", 32)
-    monkeypatch.setattr(lesion, "PREVIEW_MAX_SIDE", 64)
-    monkeypatch.setattr(lesion, "BAND_ROWS", 24)  # several bands
+    monkeypatch.setattr(lesion, "DISPLAY_MAX_SIDE", 32)
+    monkeypatch.setattr(lesion, "DISPLAY_MIN_SIDE", 16)
+    monkeypatch.setattr(lesion, "PREVIEW_MAX_SIDE", 32)
+    monkeypatch.setattr(lesion, "BAND_ROWS", 12)  # several bands
     return lesion
 
 
 def _whole_slide_dock(make_napari_viewer, make_pyramid_tiff, he_image, model_path):
     from napari_pathoseg._widgets.lesion import LesionWidget
 
-    path = make_pyramid_tiff("tiny.tif", he_image, levels=3, tile=256, mpp=0.5)  # 1024² -> a 256² map at 2 µm/px
+    path = make_pyramid_tiff("tiny.tif", he_image[:512, :512], levels=2, tile=256, mpp=0.5)  # a 128² map at 2 µm/px
     viewer = make_napari_viewer()
     w = LesionWidget(viewer)
     viewer.open(str(path), plugin="napari-pathoseg")
@@ -113,38 +113,8 @@ def _in_memory_run(slide_layer, model_path, **kw):
     return run_detect_lesions(slide_of_layer(slide_layer), model, tissue_only=True, **kw)  # the dock's old path
 
 
-def test_lesion_dock_whole_slide_streams_to_a_removed_work_folder(make_napari_viewer, make_pyramid_tiff, he_image,
-                                                                 tiny_lesion_model, sync_jobs, small_levels):
-    from pathlib import Path
-
-    viewer, w, slide_layer = _whole_slide_dock(make_napari_viewer, make_pyramid_tiff, he_image, tiny_lesion_model)
-    w.run_btn.click()
-    res, work = w.result, Path(w.work_dir)
-    assert res.stores is not None and work.is_dir() and Path(res.stores["prob"].path).parent == work
-    heat = viewer.layers["tiny.tif lesion probability"]
-    lab = viewer.layers["tiny.tif lesions"]
-    assert heat.multiscale and lab.multiscale and len(lab.data) == 4  # 256, 128, 64, 32
-    assert isinstance(lab.data[0], np.memmap) and isinstance(heat.data[0], np.memmap)
-    np.testing.assert_array_equal(np.asarray(lab.data[2]), np.asarray(lab.data[0])[::4, ::4])
-    np.testing.assert_array_equal(np.asarray(heat.data[1]), np.asarray(heat.data[0])[::2, ::2])
-    assert str(lab.units[0]) == "micrometer" and lab.extent.world[1][0] == pytest.approx(1024 * slide_layer.scale[0], rel=0.02)
-    # the same mask, regions and areas as the dock's in-memory run
-    before = _in_memory_run(slide_layer, tiny_lesion_model)
-    assert before.stores is None and 0 < before.mask.sum() < before.mask.size
-    np.testing.assert_array_equal(np.asarray(lab.data[0]) > 0, before.mask)
-    assert [r["area_um2"] for r in res.regions] == [r["area_um2"] for r in before.regions]
-    assert w.table.rowCount() == len(before.regions)
-    assert res.summary()["lesion_fraction_of_tissue"] == before.summary()["lesion_fraction_of_tissue"]
-    # a new run replaces the layers and removes the old folder; closing the dock removes the new one
-    w.run_btn.click()
-    assert not work.exists() and Path(w.work_dir).is_dir() and len(viewer.layers) == 3
-    work2 = Path(w.work_dir)
-    w.close()
-    assert not work2.exists()
-
-
-def test_lesion_dock_whole_slide_threshold_preview_then_full(make_napari_viewer, make_pyramid_tiff, he_image,
-                                                            tiny_lesion_model, sync_jobs, small_levels, tmp_path):
+def test_lesion_dock_whole_slide_work_folder_threshold_export(make_napari_viewer, make_pyramid_tiff, he_image,
+                                                             tiny_lesion_model, sync_jobs, small_levels, tmp_path):
     from pathlib import Path
 
     from scipy import ndimage as ndi
@@ -153,11 +123,27 @@ def test_lesion_dock_whole_slide_threshold_preview_then_full(make_napari_viewer,
 
     viewer, w, slide_layer = _whole_slide_dock(make_napari_viewer, make_pyramid_tiff, he_image, tiny_lesion_model)
     w.run_btn.click()
+    res, work = w.result, Path(w.work_dir)
+    assert res.stores is not None and work.is_dir() and Path(res.stores["prob"].path).parent == work
+    heat = viewer.layers["tiny.tif lesion probability"]
     lab = viewer.layers["tiny.tif lesions"]
+    assert heat.multiscale and lab.multiscale and len(lab.data) == 4  # 128, 64, 32, 16
+    assert isinstance(lab.data[0], np.memmap) and isinstance(heat.data[0], np.memmap)
+    np.testing.assert_array_equal(np.asarray(lab.data[2]), np.asarray(lab.data[0])[::4, ::4])
+    np.testing.assert_array_equal(np.asarray(heat.data[1]), np.asarray(heat.data[0])[::2, ::2])
+    assert str(lab.units[0]) == "micrometer"
+    assert lab.extent.world[1][0] == pytest.approx(512 * slide_layer.scale[0], rel=0.02)
+    # the same mask, regions and areas as the dock's former in-memory run
+    before = _in_memory_run(slide_layer, tiny_lesion_model)
+    assert before.stores is None and 0 < before.mask.sum() < before.mask.size
     first = np.array(lab.data[0])
-    old_files = list(w._files)
-    prob = np.asarray(w.result.prob)
-    # dragging: a preview on the 64 px display level, the full-resolution labels untouched
+    np.testing.assert_array_equal(first > 0, before.mask)
+    assert [r["area_um2"] for r in res.regions] == [r["area_um2"] for r in before.regions]
+    assert w.table.rowCount() == len(before.regions)
+    assert res.summary()["lesion_fraction_of_tissue"] == before.summary()["lesion_fraction_of_tissue"]
+
+    # threshold slider dragged: a preview on the 32 px display level, the full-resolution labels untouched
+    old_files, prob = list(w._files), np.asarray(res.prob)
     w.threshold.setSliderDown(True)
     w.threshold.setValue(35)
     w.apply_threshold()
@@ -165,7 +151,7 @@ def test_lesion_dock_whole_slide_threshold_preview_then_full(make_napari_viewer,
     np.testing.assert_array_equal(preview.data, ndi.label(lesion_mask(prob[::4, ::4], threshold=0.35))[0])
     assert preview.scale[0] == pytest.approx(4 * lab.scale[0])
     np.testing.assert_array_equal(np.asarray(lab.data[0]), first)
-    # released: the full-resolution mask streamed again in the background, the old mask files removed
+    # released: the full-resolution mask streamed again in the background, the replaced mask's files removed
     w.threshold.setSliderDown(False)
     w.apply_threshold()
     expected = lesion_mask(prob, threshold=0.35, fill_holes=True)
@@ -173,11 +159,18 @@ def test_lesion_dock_whole_slide_threshold_preview_then_full(make_napari_viewer,
     np.testing.assert_array_equal(np.asarray(lab.data[0]) > 0, expected)
     np.testing.assert_array_equal(np.asarray(lab.data[1]), np.asarray(lab.data[0])[::2, ::2])
     assert w.result.threshold == pytest.approx(0.35) and "threshold 0.35" in w.status.text()
-    assert not preview.visible and all(not p.exists() for p in old_files) and all(p.exists() for p in w._files)
+    assert not preview.visible and all(not f.exists() for f in old_files) and all(f.exists() for f in w._files)
     assert w.table.rowCount() == len(w.result.regions) == ndi.label(expected)[1]
+
     # the whole-slide regions export through the work folder's label map, in the background
     out = tmp_path / "lesions.geojson"
     w.start_export(str(out))
-    feats = json.loads(out.read_text())["features"]
-    assert len(feats) == len(w.result.regions) and str(out) in w.status.text()
-    assert Path(w.work_dir).is_dir()
+    assert len(json.loads(out.read_text())["features"]) == len(w.result.regions) and str(out) in w.status.text()
+
+    # a new run replaces the layers and removes the old folder; closing the dock removes the new one
+    w.run_btn.click()
+    assert not work.exists() and Path(w.work_dir).is_dir()
+    assert sorted(ly.name for ly in viewer.layers) == ["tiny.tif", "tiny.tif lesion probability", "tiny.tif lesions"]
+    work2 = Path(w.work_dir)
+    w.close()
+    assert not work2.exists()
