@@ -144,10 +144,12 @@ def test_lesion_dock_whole_slide_work_folder_threshold_export(make_napari_viewer
 
     # threshold slider dragged: a preview on the 32 px display level, the full-resolution labels untouched
     old_files, prob = list(w._files), np.asarray(res.prob)
+    assert not viewer.layers["tiny.tif lesions (preview)"].visible
     w.threshold.setSliderDown(True)
     w.threshold.setValue(35)
     w.apply_threshold()
-    preview = viewer.layers["tiny.tif lesions (preview)"]
+    preview = viewer.layers["tiny.tif lesions (preview)"]  # made hidden with the result, shown while dragging
+    assert preview.visible
     np.testing.assert_array_equal(preview.data, ndi.label(lesion_mask(prob[::4, ::4], threshold=0.35))[0])
     assert preview.scale[0] == pytest.approx(4 * lab.scale[0])
     np.testing.assert_array_equal(np.asarray(lab.data[0]), first)
@@ -170,7 +172,8 @@ def test_lesion_dock_whole_slide_work_folder_threshold_export(make_napari_viewer
     # a new run replaces the layers and removes the old folder; closing the dock removes the new one
     w.run_btn.click()
     assert not work.exists() and Path(w.work_dir).is_dir()
-    assert sorted(ly.name for ly in viewer.layers) == ["tiny.tif", "tiny.tif lesion probability", "tiny.tif lesions"]
+    assert sorted(ly.name for ly in viewer.layers) == ["tiny.tif", "tiny.tif lesion probability", "tiny.tif lesions",
+                                                        "tiny.tif lesions (preview)"]
     work2 = Path(w.work_dir)
     w.close()
     assert not work2.exists()

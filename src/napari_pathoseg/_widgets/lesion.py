@@ -79,6 +79,8 @@ DISPLAY_MIN_SIDE = 512
 PREVIEW_MAX_SIDE = 1024
 #: Rows read at a time when the display levels are made.
 BAND_ROWS = 256
+#: The area table lists at most this many regions (the largest; the export has them all).
+MAX_TABLE_ROWS = 1000
 
 
 def lesion_models() -> list[Any]:
@@ -432,7 +434,15 @@ class LesionWidget(QWidget):
                                    metadata=dict(meta), **place)
             self.viewer.layers.selection.active = slide_layer
 
-        in_turns(add_heat, add_labels)
+        def add_preview() -> None:  # hidden until the slider moves: dragging then only swaps its data
+            prob, stride = prepared.preview
+            level = int(np.log2(stride))
+            placed = dict(place, scale=tuple(float(v) * stride for v in place["scale"]))
+            self.viewer.add_labels(np.array(prepared.labels[level]), name=self._names()[2], opacity=0.5,
+                                   visible=False, **placed)
+            self.viewer.layers.selection.active = slide_layer
+
+        in_turns(add_heat, add_labels, *([add_preview] if prepared.preview is not None else []))
         self._show_regions(res)
         self.jobs.refresh()
         if prepared.cancelled:
@@ -477,7 +487,7 @@ class LesionWidget(QWidget):
         labels = ndi.label(mask)[0].astype(np.int32)
         name = self._names()[2]
         layer = layer_named(self.viewer, name)
-        if layer is None:
+        if layer is None:  # removed by the user
             place = place_result(self._slide_layer, self.result)
             place["scale"] = tuple(float(v) * stride for v in place["scale"])
             layer = self.viewer.add_labels(labels, name=name, opacity=0.5, **place)
@@ -502,13 +512,16 @@ class LesionWidget(QWidget):
         self._show_regions(prepared.result)
 
     def _show_regions(self, res: LesionResult) -> None:
-        rows = sorted(res.regions, key=lambda r: -r["area_um2"])
+        rows = sorted(res.regions, key=lambda r: -r["area_um2"])[:MAX_TABLE_ROWS]
+        self.table.setUpdatesEnabled(False)
         self.table.setRowCount(len(rows))
         for i, r in enumerate(rows):
             self.table.setItem(i, 0, QTableWidgetItem(str(r["id"])))
             self.table.setItem(i, 1, QTableWidgetItem(f"{r['area_um2'] / 1e6:.4f}"))
+        self.table.setUpdatesEnabled(True)
         s = res.summary()
-        self.status.setText(f"{s['n_regions']} lesion regions · {s['lesion_area_um2'] / 1e6:.3f} mm² · "
+        shown = f" (the {len(rows)} largest listed)" if len(rows) < len(res.regions) else ""
+        self.status.setText(f"{s['n_regions']} lesion regions{shown} · {s['lesion_area_um2'] / 1e6:.3f} mm² · "
                             f"{100 * s['lesion_fraction_of_tissue']:.1f} % of the tissue · threshold {res.threshold:.2f}")
 
     # ------------------------------------------------------------------ export
