@@ -11,8 +11,7 @@ background job) run. With ``--export`` the regions are also written as GeoJSON. 
 * ``peak_rss_mb``: the child's peak resident memory (``VmHWM``) over the whole session;
 * ``detect_s``: the run (model, stain, network, mask, display levels, layers added);
 * ``add_layers_s``: the GUI-thread part of the result (``_on_done``: layers removed / added, table;
-  in the dock the two additions run in separate turns of the event loop:
-  ``add_heat_layer_s``, ``add_labels_layer_s``);
+  in the dock each layer addition runs in its own turn of the event loop, here all in one call);
 * ``preview_s``: one live-preview step of the threshold slider (GUI thread);
 * ``rethreshold_s``: the full-resolution re-threshold job, ``apply_rethreshold_s`` its GUI-thread part;
 * ``export_s``, ``n_exported``: the GeoJSON export (``--export``).
@@ -91,11 +90,6 @@ def _child(path: str, args: argparse.Namespace) -> None:
     times: dict[str, float] = {}
     _timed(w, "_on_done", times, "add_layers_s")
     _timed(w, "_on_rethreshold", times, "apply_rethreshold_s")
-    for method, key in (("add_image", "add_heat_layer_s"), ("add_labels", "add_labels_layer_s")):
-        try:  # the two layer additions, each one GUI-thread step of _on_done
-            _timed(viewer, method, times, key)
-        except (AttributeError, TypeError, ValueError):
-            pass
     t = time.perf_counter()
     w.run_btn.click()
     times["detect_s"] = time.perf_counter() - t
