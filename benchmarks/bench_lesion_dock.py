@@ -52,6 +52,7 @@ def _widget_module(path: str | None):
         return importlib.import_module("napari_pathoseg._widgets.lesion")
     spec = importlib.util.spec_from_file_location("lesion_dock_under_test", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 
