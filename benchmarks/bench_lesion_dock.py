@@ -148,7 +148,7 @@ def main() -> None:
         for s in args.slides:
             cmd = [sys.executable, __file__, s, "--model", args.model, "--threads", str(args.threads), "--child"]
             cmd += (["--widget", args.widget] if args.widget else []) + (["--export"] if args.export else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 raise SystemExit(f"{s}: the dock run failed:\n{proc.stderr[-3000:]}")
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))

@@ -58,12 +58,16 @@ from napari_pathoseg._widgets.nuclei import place_result, shape_region, view_reg
 from napari_pathoseg._widgets.slide import slide_layers, slide_of_layer
 from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.events import Progress
-from napari_pathoseg.methods.lesion.detect import LesionResult, iter_detect_lesions, lesion_mask
+from napari_pathoseg.methods.lesion.detect import (
+    LesionResult,
+    iter_detect_lesions,
+    lesion_mask,
+)
 
 if TYPE_CHECKING:
     import napari
 
-__all__ = ["LesionWidget", "lesion_models", "LesionLayers", "prepare_layers", "streamed_levels"]
+__all__ = ["LesionLayers", "LesionWidget", "lesion_models", "prepare_layers", "streamed_levels"]
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +220,7 @@ class ExportDone:
 class LesionWidget(QWidget):
     """Detect lesions with a lesion model; heat map, editable outline, areas, GeoJSON export."""
 
-    def __init__(self, napari_viewer: "napari.Viewer") -> None:
+    def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
         self._models: dict[str, str] = {}
@@ -391,8 +395,8 @@ class LesionWidget(QWidget):
             self._release("_pending")
             self._pending = tempfile.TemporaryDirectory(prefix="pathoseg-lesion-")
         work_dir = self._pending.name if region is None and self._pending is not None else None
-        args = dict(region=region, mpp=self.mpp_spin.value() or None, threshold=self.threshold_value,
-                    fill_holes=self.fill_holes.isChecked(), min_area=self.min_area.value(), work_dir=work_dir)
+        args = {"region": region, "mpp": self.mpp_spin.value() or None, "threshold": self.threshold_value,
+                "fill_holes": self.fill_holes.isChecked(), "min_area": self.min_area.value(), "work_dir": work_dir}
         self.jobs.start(lambda token: detect_job(slide, model_ref, cancel=token, **args), done_type=LesionLayers,
                         on_event=self._on_progress, on_done=lambda prepared, _l=layer: self._on_done(_l, prepared),
                         on_error=lambda _exc: self._release("_pending"), message="loading the model…")
@@ -435,7 +439,7 @@ class LesionWidget(QWidget):
             self.viewer.layers.selection.active = slide_layer
 
         def add_preview() -> None:  # hidden until the slider moves: dragging then only swaps its data
-            prob, stride = prepared.preview
+            stride = prepared.preview[1]
             level = int(np.log2(stride))
             placed = dict(place, scale=tuple(float(v) * stride for v in place["scale"]))
             self.viewer.add_labels(np.array(prepared.labels[level]), name=self._names()[2], opacity=0.5,
@@ -569,7 +573,7 @@ class LesionWidget(QWidget):
         self.status.setText(f"{done.n} lesion regions written to {done.path}")
         show_info(f"{done.n} lesion regions written to {done.path}")
 
-    def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
+    def closeEvent(self, event: Any) -> None:
         self.jobs.shutdown()
         self._release("_pending")
         self._release("_work")
