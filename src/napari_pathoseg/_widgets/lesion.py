@@ -230,6 +230,7 @@ class LesionWidget(QWidget):
         self._pending: tempfile.TemporaryDirectory | None = None  # the running whole-slide job's folder
         self._files: list[Path] = []  # the shown mask's own files in the work folder
         self._preview: tuple[np.ndarray, int] | None = None
+        self._previewed: tuple[float, bool, float] | None = None  # the options the preview shows
 
         self.layer_combo = QComboBox()
         self.model_combo = QComboBox()
@@ -461,13 +462,13 @@ class LesionWidget(QWidget):
         """Re-make the mask from the stored probabilities with the current threshold and options."""
         if self.result is None:
             return
-        if self.jobs.running:
-            self._timer.start()
-            return
         if self._preview is not None:  # a multiscale result: preview now, full resolution when released
             self.preview_threshold()
             if self.threshold.isSliderDown():
                 return
+        if self.jobs.running:
+            self._timer.start()
+            return
         if self.jobs.running:
             self._timer.start()
             return
@@ -484,13 +485,17 @@ class LesionWidget(QWidget):
 
         if self._preview is None or self.result is None:
             return None
+        options = (self.threshold_value, self.fill_holes.isChecked(), self.min_area.value())
+        layer = layer_named(self.viewer, self._names()[2])
+        if layer is not None and layer.visible and options == self._previewed:
+            return layer  # already shown (the timer also fires while a re-threshold job runs)
+        self._previewed = options
         prob, stride = self._preview
         px_um2 = (self.result.mpp * stride) ** 2
         mask = lesion_mask(prob, threshold=self.threshold_value, fill_holes=self.fill_holes.isChecked(),
                            min_area_px=int(np.ceil(self.min_area.value() / px_um2)))
         labels = ndi.label(mask)[0].astype(np.int32)
         name = self._names()[2]
-        layer = layer_named(self.viewer, name)
         if layer is None:  # removed by the user
             place = place_result(self._slide_layer, self.result)
             place["scale"] = tuple(float(v) * stride for v in place["scale"])
