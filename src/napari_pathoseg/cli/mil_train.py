@@ -18,7 +18,15 @@ import sys
 import time
 from typing import Any
 
-from napari_pathoseg.cli._driver import device, drive, existing_file, float_range, positive_float, positive_int, print_json
+from napari_pathoseg.cli._driver import (
+    device,
+    drive,
+    existing_file,
+    float_range,
+    positive_float,
+    positive_int,
+    print_json,
+)
 from napari_pathoseg.cli.train import _err, stopped_line, with_sigterm
 
 __all__ = ["add_commands", "cmd_mil_train"]
@@ -74,7 +82,11 @@ def _progress(epochs: int):
 
 def cmd_mil_train(args: argparse.Namespace) -> int:
     from napari_pathoseg.methods.mil.cohort_csv import read_cohort
-    from napari_pathoseg.methods.mil.train import DEFAULT_BUDGET, MilTrainResult, train_mil
+    from napari_pathoseg.methods.mil.train import (
+        DEFAULT_BUDGET,
+        MilTrainResult,
+        train_mil,
+    )
     from napari_pathoseg.training.engine import check_run_folder
 
     t0 = time.perf_counter()

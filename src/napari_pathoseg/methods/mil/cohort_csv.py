@@ -27,7 +27,7 @@ from pathlib import Path
 
 from napari_pathoseg.errors import PathosegError
 
-__all__ = ["CohortSlide", "CohortError", "read_cohort", "parse_label", "LABELS"]
+__all__ = ["LABELS", "CohortError", "CohortSlide", "parse_label", "read_cohort"]
 
 
 class CohortError(PathosegError):

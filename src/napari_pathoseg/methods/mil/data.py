@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.methods.mil.cohort_csv import CohortSlide
 from napari_pathoseg.methods.mil.entropy import entropies
 
-__all__ = ["SlideTiles", "TilePools", "slide_tiles", "load_pools", "augment", "two_views"]
+__all__ = ["SlideTiles", "TilePools", "augment", "load_pools", "slide_tiles", "two_views"]
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class TilePools:
 
     def summary(self) -> dict[str, int]:
         return {"slides": len(self.slides), "positive_slides": sum(s.label for s in self.slides),
-                "pos_tiles": int(len(self.pos)), "neg_tiles": int(len(self.neg))}
+                "pos_tiles": len(self.pos), "neg_tiles": len(self.neg)}
 
     def slide_arrays(self) -> list[tuple[CohortSlide, np.ndarray]]:
         """``(slide, tiles)`` per slide (views into the pools)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["tile_entropy", "entropies", "DEFAULT_ENTROPY_THRESHOLD"]
+__all__ = ["DEFAULT_ENTROPY_THRESHOLD", "entropies", "tile_entropy"]
 
 #: Tiles with a grey-level entropy (bits) below this are background (glass) and dropped.
 DEFAULT_ENTROPY_THRESHOLD = 3.0

@@ -34,7 +34,7 @@ from napari_pathoseg.models.validation import (
     validate,
 )
 
-__all__ = ["SlideClassifier", "M4_SCHEMA", "validate_m4_config", "load_slide_classifier"]
+__all__ = ["M4_SCHEMA", "SlideClassifier", "load_slide_classifier", "validate_m4_config"]
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from napari_pathoseg.errors import PathosegError
 
-__all__ = ["MilConfig", "MilNet", "BasicBlock", "PRESETS", "VARIANTS", "get_preset", "preset_names"]
+__all__ = ["PRESETS", "VARIANTS", "BasicBlock", "MilConfig", "MilNet", "get_preset", "preset_names"]
 
 #: Training variants: the method and the ablation's baselines.
 VARIANTS = ("negguide", "selfdistill", "meanpool")
@@ -106,7 +106,7 @@ class MilConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MilConfig":
+    def from_dict(cls, d: dict[str, Any]) -> MilConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

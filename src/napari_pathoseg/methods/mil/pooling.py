@@ -21,14 +21,14 @@ import numpy as np
 
 from napari_pathoseg.errors import PathosegError
 
-__all__ = ["POOLINGS", "DEFAULT_POOLING", "DEFAULT_K", "pool", "check_pooling"]
+__all__ = ["DEFAULT_K", "DEFAULT_POOLING", "POOLINGS", "check_pooling", "pool"]
 
 POOLINGS = ("max", "topk_mean", "share")
 DEFAULT_POOLING = "topk_mean"
 DEFAULT_K: int | float = 5
 
 
-def check_pooling(method: str, k: int | float) -> None:
+def check_pooling(method: str, k: float) -> None:
     """Refuse an unknown pooling or a ``k`` it cannot use (one line saying what to pass)."""
     if method not in POOLINGS:
         raise PathosegError(f"Unknown pooling {method!r}; use one of {', '.join(POOLINGS)}.")
@@ -36,7 +36,7 @@ def check_pooling(method: str, k: int | float) -> None:
         raise PathosegError(f"pooling k must be a positive number (tiles, or a share in (0, 1)), got {k!r}.")
 
 
-def pool(probs: np.ndarray, *, method: str = DEFAULT_POOLING, k: int | float = DEFAULT_K,
+def pool(probs: np.ndarray, *, method: str = DEFAULT_POOLING, k: float = DEFAULT_K,
          threshold: float = 0.5) -> float:
     """Pool tile probabilities into a slide probability.
 

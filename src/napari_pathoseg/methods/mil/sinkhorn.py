@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["sinkhorn", "hard_labels", "pseudo_labels"]
+__all__ = ["hard_labels", "pseudo_labels", "sinkhorn"]
 
 
 def sinkhorn(probs: torch.Tensor | np.ndarray, *, k: float, iters: int = 50, lam: float = 1.0,

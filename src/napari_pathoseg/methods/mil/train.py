@@ -40,9 +40,10 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,12 +53,18 @@ from napari_pathoseg.events import Progress
 from napari_pathoseg.methods.mil.baseline import bag_batch, bag_loss
 from napari_pathoseg.methods.mil.cohort_csv import CohortError, CohortSlide, read_cohort
 from napari_pathoseg.methods.mil.data import TilePools, augment, load_pools
-from napari_pathoseg.methods.mil.network import VARIANTS, MilConfig, MilNet, get_preset, to_input
+from napari_pathoseg.methods.mil.network import (
+    VARIANTS,
+    MilConfig,
+    MilNet,
+    get_preset,
+    to_input,
+)
 from napari_pathoseg.methods.mil.pooling import pool
 from napari_pathoseg.methods.mil.sinkhorn import pseudo_labels
 from napari_pathoseg.training.task import TrainTask, ema_update
 
-__all__ = ["MilTask", "MilTrainResult", "train_mil", "roc_auc", "predict_pools", "DEFAULT_BUDGET"]
+__all__ = ["DEFAULT_BUDGET", "MilTask", "MilTrainResult", "predict_pools", "roc_auc", "train_mil"]
 
 logger = logging.getLogger(__name__)
 
@@ -411,7 +418,7 @@ def train_mil(
 
         card = register_model(best, name=register_as, task="slide", data=str(cohort),
                               scores={k: float(v) for k, v in done.best_metrics.items()
-                                      if k in ("slide_auc", "slide_accuracy") and v == v},
+                                      if k in ("slide_auc", "slide_accuracy") and np.isfinite(v)},
                               description=f"M4 {variant} slide classifier ({preset}) trained on {Path(str(cohort)).name}",
                               command=(meta or {}).get("command"))
     yield MilTrainResult(best, dict(done.best_metrics) if done else {}, card, done, bool(done and done.cancelled))
