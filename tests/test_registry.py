@@ -390,6 +390,16 @@ def test_cli_models(tmp_path):
     table = _run_cli(["models", "--task", "nuclei"]).splitlines()
     assert table[0].split() == ["NAME", "TASK", "CLASSES", "MPP", "INPUT", "SCORES", "PATH"]
     assert any(line.startswith("mine (user)") and "aji 0.250 dice 0.500" in line and "16px" in line for line in table)
+    slide = json.loads(_run_cli(["models", "--json", "--task", "slide"]))
+    assert all(m["task"] == "slide" for m in slide) and "mine" not in {m["name"] for m in slide}
+
+
+def test_cli_models_none_of_a_task(tmp_path, monkeypatch):
+    from napari_pathoseg.models import registry
+
+    empty = tmp_path / "weights"
+    empty.mkdir()
+    monkeypatch.setattr(registry, "WEIGHTS_DIR", empty)
     assert _run_cli(["models", "--task", "slide"]).strip() == "no slide models registered"
 
 
