@@ -20,16 +20,17 @@ import logging
 import os
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors import SafetensorError, safe_open
 
 from napari_pathoseg._atomic import atomic_path
 from napari_pathoseg.errors import CheckpointError
 from napari_pathoseg.models.tasks import validate_config
 from napari_pathoseg.models.validation import check_finite
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: listing models needs no torch
+    import torch
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_network", "read_header", "split_state", "load_state_strict", "FORMAT_VERSION"]
 
@@ -66,6 +67,9 @@ def save_checkpoint(
     -------
     pathlib.Path
     """
+    import torch
+    from safetensors.torch import save_file
+
     path = Path(path)
     flat: dict[str, torch.Tensor] = {}
     for module, sd in state_dicts.items():
@@ -119,7 +123,7 @@ def read_header(path: str | os.PathLike, *, validate: bool = True) -> dict[str, 
         raise CheckpointError(f"Checkpoint {path} does not exist; give a .safetensors file or a model name.")
     _refuse_pickle(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:
             md = f.metadata() or {}
             keys = list(f.keys())
     except (SafetensorError, OSError, ValueError) as exc:
@@ -174,6 +178,8 @@ def load_checkpoint(
             f"{path} holds a {header['kind']!r} model, expected {expected_kind!r}; "
             "pick a checkpoint of the right architecture."
         )
+    from safetensors.torch import load_file
+
     try:
         flat = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
@@ -193,6 +199,8 @@ def split_state(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tens
 
 
 def _dtype_fits(own: torch.Tensor, got: torch.Tensor) -> bool:
+    import torch
+
     if own.is_floating_point():
         return got.is_floating_point()
     if own.dtype == torch.bool:
