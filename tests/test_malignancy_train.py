@@ -95,6 +95,87 @@ def test_transfer_copies_the_encoder_and_not_the_head(tmp_path, one_torch_thread
         assert torch.equal(t, head_before[k]) and not torch.equal(t, a.head.state_dict()[k])
 
 
+# ------------------------------------------------------------------------------------------ B's negatives
+def _level(x: torch.Tensor) -> np.ndarray:
+    """Mean 0-255 grey level of each crop of a network input batch (undoing ``to_input``)."""
+    return ((x * 0.25 + 0.5) * 255.0).mean(dim=(1, 2, 3)).numpy()
+
+
+def test_b_negatives_are_benign_images_with_empty_masks_only(one_torch_thread):
+    from napari_pathoseg.methods.malignancy.data import Sample
+    from napari_pathoseg.methods.malignancy.train import SegmenterTask
+
+    cfg = get_preset("lite").replace(widths=[4, 8, 8, 16, 16], batch_size=8, tile_size=32)
+    # grey levels tell the sources apart after the colour jitter (gain 0.92-1.08, shift +-10)
+    masked = Sample("m", "t", 1, np.full((48, 48, 3), 200, np.uint8), np.ones((48, 48), np.uint8))
+    unmasked = Sample("u", "t", 1, np.full((48, 48, 3), 120, np.uint8), None)
+    benign = Sample("b", "t", 0, np.full((40, 40, 3), 50, np.uint8), None)
+    samples = [masked, unmasked, benign]
+    seen = {}
+    for share in (0.0, 0.5):
+        task = SegmenterTask(cfg, samples, [masked], negatives=share)
+        task.build(device=torch.device("cpu"), rng=np.random.default_rng(0))
+        assert [b.key for b in task.benign_samples] == (["b"] if share else [])
+        assert task.meta()["b_negatives"] == share
+        levels, masks = [], []
+        it = task.batches()
+        for _ in range(6):
+            batch = next(it)
+            levels.append(_level(batch["x"]))
+            masks.append(batch["m"].numpy().reshape(len(batch["m"]), -1))
+        lv, mk = np.concatenate(levels), np.concatenate(masks)
+        neg = lv < 85
+        assert not np.any((lv > 85) & (lv < 160))  # an unmasked malignant image is never a negative
+        assert np.all(mk[neg] == 0) and np.all(mk[~neg] == 1)  # empty masks exactly for the benign crops
+        seen[share] = neg.mean()
+    assert seen[0.0] == 0.0 and 0.3 < seen[0.5] < 0.7
+
+
+def test_bad_b_negatives_are_refused(tmp_path, shared_data):
+    from napari_pathoseg.cli.main import main
+    from napari_pathoseg.methods.malignancy.data import Sample
+    from napari_pathoseg.methods.malignancy.train import (
+        SegmenterTask,
+        check_negatives,
+        train_malignancy,
+    )
+
+    for bad in (-0.1, 0.95, 1, float("nan"), "0.2", True, None):
+        with pytest.raises(PathosegError, match="between 0 and 0.9"):
+            check_negatives(bad)
+    assert check_negatives(0) == 0.0 and check_negatives(0.9) == 0.9
+    run = tmp_path / "run"
+    with pytest.raises(PathosegError, match="b_negatives"):
+        list(train_malignancy(data_root=shared_data, run_dir=run, b_negatives=1.5))
+    assert not run.exists()
+    for text in ("1.5", "-1", "nan", "lots"):
+        assert main(["malignancy-train", "--data-root", str(shared_data), "--out", str(run),
+                     "--b-negatives", text]) == 2
+    assert not run.exists()
+    cfg = get_preset("lite").replace(widths=[4, 8, 8, 16, 16])
+    m = Sample("m", "t", 1, np.zeros((32, 32, 3), np.uint8), np.ones((32, 32), np.uint8))
+    with pytest.raises(PathosegError, match="--b-negatives 0"):
+        SegmenterTask(cfg, [m], [m], negatives=0.25)  # no benign image to draw negatives from
+    assert SegmenterTask(cfg, [m], [m], negatives=0.0).benign_samples == []
+
+
+def test_region_and_benign_scores():
+    from napari_pathoseg.methods.malignancy.evaluate import benign_scores, region_scores
+
+    labels = np.zeros((4, 10), np.uint8)
+    labels[0], labels[1], labels[2] = 5, 2, 1  # tumour row, normal-gland row, other tissue
+    region = np.zeros((4, 10), bool)
+    region[0, :8] = True  # 8 of 10 tumour px
+    region[1, :2] = True  # 2 normal px
+    r = region_scores(region, labels, tumour_ids=[5, 7], names={1: "other", 2: "normal", 5: "hgin"})
+    assert r["precision"] == pytest.approx(0.8) and r["recall"] == pytest.approx(0.8)
+    assert r["dice"] == pytest.approx(2 * 8 / (10 + 10))
+    assert r["covered"] == {"0": 0.0, "other": 0.0, "normal": pytest.approx(0.2), "hgin": pytest.approx(0.8)}
+    b = benign_scores([(0.0, 100.0), (10.0, 100.0), (3.0, 100.0)])
+    assert b["benign_fp_area"] == pytest.approx(13 / 300) and b["benign_fp_images"] == pytest.approx(1 / 3)
+    assert benign_scores([]) == {}
+
+
 # ------------------------------------------------------------------------------------------ data
 def _crop_copy(src: Path, dst: Path, size: int = 64) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +222,7 @@ def test_bad_labels_are_refused_before_anything_is_written(tiny_labels, tmp_path
     csv = tmp_path / "bad.csv"
     csv.write_text("image,label\nlabels/malignant/nope.png,malignant\nlabels/benign/x.png,benign\n")
     _expect("do not exist", csv)
-    first = sorted((labels / "malignant").iterdir())[0]
+    first = min((labels / "malignant").iterdir())
     csv.write_text(f"image,label\nlabels/malignant/{first.name},maybe\n")
     _expect("not benign, malignant", csv)
     # a mask of another size
@@ -152,7 +233,7 @@ def test_bad_labels_are_refused_before_anything_is_written(tiny_labels, tmp_path
     # a mask for an image labelled benign
     benign_masks = tmp_path / "benign_masks"
     benign_masks.mkdir()
-    ben = sorted((labels / "benign").iterdir())[0]
+    ben = min((labels / "benign").iterdir())
     Image.fromarray(np.ones((64, 64), np.uint8)).save(benign_masks / ben.name)
     _expect("labelled benign", labels, benign_masks)
     # a mask naming no image
@@ -196,13 +277,18 @@ def test_shared_table_split_by_group_with_few_masks(shared_data):
 def test_a_b_c_run_resumes_after_a_stop(tiny_labels, tmp_path, one_torch_thread):
     from napari_pathoseg.events import CancelToken
     from napari_pathoseg.methods.malignancy.model import load_malignancy_model
-    from napari_pathoseg.methods.malignancy.train import MalignancyTrainResult, StageEvent, train_malignancy
+    from napari_pathoseg.methods.malignancy.train import (
+        MalignancyTrainResult,
+        StageEvent,
+        train_malignancy,
+    )
     from napari_pathoseg.training.engine import StepEvent, TrainStart
 
     labels, masks = tiny_labels
     run = tmp_path / "run"
-    opts = dict(labels=labels, masks=masks, run_dir=run, epochs=1, steps_per_epoch=2, threads=1,
-                config={"batch_size": 2, "tile_size": 64, "widths": [4, 8, 8, 16, 16]})
+    # the benign images have no masks: with b_negatives they are B's empty-mask crops
+    opts = {"labels": labels, "masks": masks, "run_dir": run, "epochs": 1, "steps_per_epoch": 2, "threads": 1,
+            "b_negatives": 0.5, "config": {"batch_size": 2, "tile_size": 64, "widths": [4, 8, 8, 16, 16]}}
     token = CancelToken()
     seen = []
     for ev in train_malignancy(cancel=token, **opts):
@@ -224,6 +310,11 @@ def test_a_b_c_run_resumes_after_a_stop(tiny_labels, tmp_path, one_torch_thread)
     assert starts["C"].init is not None and starts["C"].init.n_copied > 0
     assert (run / "A" / "best.safetensors").read_bytes() == a_weights  # A was not trained again
     assert len(json.loads((run / "B" / "history.json").read_text())) == 1
+    from napari_pathoseg.models.checkpoint import read_header
+
+    b_meta = read_header(run / "B" / "last.safetensors")["meta"]
+    assert b_meta["b_negatives"] == 0.5 and b_meta["b_negative_images"] >= 1
+    assert result.card["b_negatives"] == 0.5
     model = load_malignancy_model(result.model_path, device="cpu")
     assert model.input_size == 64 and set(result.scores) == {"A", "B", "C"}
     assert model.segment(np.zeros((1, 64, 80, 3), np.uint8)).shape == (1, 64, 80)
@@ -231,7 +322,10 @@ def test_a_b_c_run_resumes_after_a_stop(tiny_labels, tmp_path, one_torch_thread)
 
 # ------------------------------------------------------------------------------------------ loader
 def test_loader_refuses_out_of_bounds_config_and_stage_checkpoints(tmp_path):
-    from napari_pathoseg.methods.malignancy.model import MalignancyInputError, load_malignancy_model
+    from napari_pathoseg.methods.malignancy.model import (
+        MalignancyInputError,
+        load_malignancy_model,
+    )
     from napari_pathoseg.methods.malignancy.release import build_untrained
     from napari_pathoseg.models.checkpoint import load_checkpoint, save_checkpoint
 

@@ -16,7 +16,13 @@ import sys
 import time
 from typing import Any
 
-from napari_pathoseg.cli._driver import device, drive, positive_float, positive_int, print_json
+from napari_pathoseg.cli._driver import (
+    device,
+    drive,
+    positive_float,
+    positive_int,
+    print_json,
+)
 from napari_pathoseg.cli.train import _err, stopped_line, with_sigterm
 from napari_pathoseg.errors import PathosegError
 
@@ -50,6 +56,16 @@ def _stages(text: str) -> tuple[str, ...]:
     return st
 
 
+def _share(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0.0 <= v <= 0.9:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share between 0 and 0.9")
+    return v
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``malignancy-train``."""
     p = subparsers.add_parser("malignancy-train",
@@ -65,6 +81,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps-per-epoch", type=per_stage, default=None, help="steps per epoch: N or A=n,B=n,C=n (40)")
     p.add_argument("--b-init", choices=("A", "scratch"), default="A", help="B's encoder: from A (M1) or random")
     p.add_argument("--c-init", choices=("B", "scratch"), default="B", help="C's encoder: from B (M1) or random")
+    p.add_argument("--b-negatives", type=_share, default=None, metavar="F",
+                   help="share of B's crops from benign images with empty masks, 0-0.9 (default 0.25; "
+                        "our addition beyond M1, 0 = M1 as described)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split and of the few masks kept")
     p.add_argument("--val-fraction", type=positive_float(high=0.9), default=0.2, help="held-out share of --labels")
@@ -100,7 +119,10 @@ def _progress(label: str):
 
 
 def cmd_malignancy_train(args: argparse.Namespace) -> int:
-    from napari_pathoseg.methods.malignancy.train import MalignancyTrainResult, train_malignancy
+    from napari_pathoseg.methods.malignancy.train import (
+        MalignancyTrainResult,
+        train_malignancy,
+    )
 
     if args.masks and not args.labels:
         raise PathosegError("--masks goes with --labels (the built-in table brings its own masks).")
@@ -120,7 +142,8 @@ def cmd_malignancy_train(args: argparse.Namespace) -> int:
             stages=args.stages, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, b_init=args.b_init,
             c_init=args.c_init, seed=args.seed, resume=args.resume, force=args.force, threads=args.threads,
             device=args.device, cancel=token, register_as=args.register, val_fraction=args.val_fraction,
-            image_mpp=args.image_mpp, split_seed=args.split_seed, command=command)),
+            image_mpp=args.image_mpp, split_seed=args.split_seed, command=command,
+            **({} if args.b_negatives is None else {"b_negatives": args.b_negatives}))),
         MalignancyTrainResult,
         on_event=_progress(label),
         on_cancelled=cancelled,

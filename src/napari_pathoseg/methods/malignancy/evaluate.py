@@ -5,13 +5,21 @@
   over images and accuracy at the threshold.
 * Segmentation: B's probability on each held-out malignant image that has a mask, thresholded;
   ``dice`` is the pooled Dice over all their pixels, ``dice_mean`` the mean per image.
+* False positives: B on each held-out *benign* image, where the whole region must be empty;
+  ``benign_fp_area`` is the share of all benign pixels B marks, ``benign_fp_images`` the share
+  of benign images with more than 5 % of their pixels marked.
+* A mosaic slide (:func:`region_scores`, ``python -m napari_pathoseg.methods.malignancy.evaluate
+  MASK SIDECAR``): B's region TIFF (``pathoseg malignancy --mask``) against the label TIFF of a
+  ``pathoseg mosaic`` slide: Dice, precision and recall of the tumour labels and the share of
+  each label's pixels the region covers.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,8 +28,24 @@ from napari_pathoseg.methods.malignancy.data import LabelItem, Sample, load_samp
 from napari_pathoseg.methods.malignancy.model import pad_to_multiple, pooled_probability
 from napari_pathoseg.methods.malignancy.network import to_input
 
-__all__ = ["roc_auc", "image_probabilities", "call_scores", "mask_counts", "dice_scores", "classify_scores", "segment_scores", "evaluate_model", "evaluate_nets", "run_summary",
-           "net_classifier", "net_segmenter"]
+__all__ = [
+    "FP_IMAGE_SHARE",
+    "benign_scores",
+    "call_scores",
+    "classify_scores",
+    "dice_scores",
+    "evaluate_model",
+    "evaluate_nets",
+    "image_probabilities",
+    "mask_counts",
+    "net_classifier",
+    "net_segmenter",
+    "predict_mask",
+    "region_scores",
+    "roc_auc",
+    "run_summary",
+    "segment_scores",
+]
 
 
 def roc_auc(score: np.ndarray, truth: np.ndarray) -> float:
@@ -83,7 +107,7 @@ def call_scores(probs: np.ndarray, labels: np.ndarray, *, threshold: float = 0.5
         "accuracy": float(np.mean(call == t)),
         "sensitivity": float(np.mean(call[t])) if t.any() else float("nan"),
         "specificity": float(np.mean(~call[~t])) if (~t).any() else float("nan"),
-        "images": int(len(p)),
+        "images": len(p),
         "malignant": int(t.sum()),
     }
 
@@ -96,20 +120,68 @@ def classify_scores(classify: Callable[[np.ndarray], np.ndarray], samples: Itera
     return call_scores(probs, np.array([s.label for s in samples], bool), threshold=threshold)
 
 
-def mask_counts(segment: Callable[[np.ndarray], np.ndarray], sample: Sample, *, threshold: float = 0.5,
-                tile: int = 512) -> tuple[float, float]:
-    """``(|pred & truth|, |pred| + |truth|)`` of B on one masked sample (tiles of ``tile`` px)."""
-    h, w = sample.mask.shape
-    img = pad_to_multiple(sample.image[None], minimum=64)
+#: A benign image counts as a false-positive image when B marks more than this share of it.
+FP_IMAGE_SHARE = 0.05
+
+
+def predict_mask(segment: Callable[[np.ndarray], np.ndarray], image: np.ndarray, *, threshold: float = 0.5,
+                 tile: int = 512) -> np.ndarray:
+    """B's thresholded region (H, W) bool on one image (tiles of ``tile`` px)."""
+    h, w = image.shape[:2]
+    img = pad_to_multiple(image[None], minimum=64)
     prob = np.zeros(img.shape[1:3], np.float32)
     for y in range(0, img.shape[1], tile):
         for x in range(0, img.shape[2], tile):
             part = pad_to_multiple(img[:, y:y + tile, x:x + tile], minimum=64)
             ph, pw = min(tile, img.shape[1] - y), min(tile, img.shape[2] - x)
             prob[y:y + ph, x:x + pw] = segment(part)[0, :ph, :pw]
-    pred = prob[:h, :w] >= threshold
+    return prob[:h, :w] >= threshold
+
+
+def mask_counts(segment: Callable[[np.ndarray], np.ndarray], sample: Sample, *, threshold: float = 0.5,
+                tile: int = 512) -> tuple[float, float]:
+    """``(|pred & truth|, |pred| + |truth|)`` of B on one masked sample (tiles of ``tile`` px)."""
+    pred = predict_mask(segment, sample.image, threshold=threshold, tile=tile)
     truth = sample.mask > 0
     return float(np.sum(pred & truth)), float(pred.sum() + truth.sum())
+
+
+def benign_scores(marked: list[tuple[float, float]]) -> dict[str, Any]:
+    """False positives of B on benign images from ``(marked px, image px)`` pairs (empty dict without any)."""
+    if not marked:
+        return {}
+    m, n = np.array(marked, np.float64).T
+    return {"benign_fp_area": float(m.sum() / max(n.sum(), 1.0)),
+            "benign_fp_images": float(np.mean(m / np.maximum(n, 1.0) > FP_IMAGE_SHARE)),
+            "benign_images": len(m)}
+
+
+def region_scores(region: np.ndarray, labels: np.ndarray, *, tumour_ids: Iterable[int],
+                  names: dict[int, str] | None = None) -> dict[str, Any]:
+    """B's ``region`` (bool) against a mosaic ``labels`` image: Dice, precision, recall, coverage per label.
+
+    Parameters
+    ----------
+    region, labels : np.ndarray
+        Same shape; ``labels`` holds the mosaic's label ids (0 = background).
+    tumour_ids : iterable of int
+        The ids that are the truth (e.g. HGIN and adenocarcinoma).
+    names : dict, optional
+        Label id -> name for the per-label coverage (default: the ids as strings).
+    """
+    region = np.asarray(region) > 0
+    labels = np.asarray(labels)
+    if region.shape != labels.shape:
+        raise ValueError(f"region {region.shape} and labels {labels.shape} differ in shape.")
+    truth = np.isin(labels, list(tumour_ids))
+    inter, pred_n, truth_n = float(np.sum(region & truth)), float(region.sum()), float(truth.sum())
+    cover = {}
+    for lid in np.unique(labels):
+        sel = labels == lid
+        cover[(names or {}).get(int(lid), str(int(lid)))] = float(region[sel].mean())
+    return {"dice": 2 * inter / (pred_n + truth_n) if pred_n + truth_n else 1.0,
+            "precision": inter / pred_n if pred_n else float("nan"),
+            "recall": inter / truth_n if truth_n else float("nan"), "covered": cover}
 
 
 def dice_scores(counts: list[tuple[float, float]]) -> dict[str, Any]:
@@ -152,14 +224,18 @@ def evaluate_model(model: Any, items: list[LabelItem], *, per_dataset: bool = Tr
     labels = np.array([s.label for s in samples], bool)
     counts = {i: mask_counts(model.segment, s, threshold=model.mask_threshold)
               for i, s in enumerate(samples) if s.mask is not None}
+    marked = {i: (float(predict_mask(model.segment, s.image, threshold=model.mask_threshold).sum()),
+                  float(s.image.shape[0] * s.image.shape[1])) for i, s in enumerate(samples) if s.label == 0}
     res = call_scores(probs, labels, threshold=model.threshold)
     res.update(dice_scores(list(counts.values())))
+    res.update(benign_scores(list(marked.values())))
     if per_dataset:
         res["per_dataset"] = {}
         for ds in sorted({s.dataset for s in samples}):
             idx = [i for i, s in enumerate(samples) if s.dataset == ds]
             r = call_scores(probs[idx], labels[idx], threshold=model.threshold)
             r.update(dice_scores([counts[i] for i in idx if i in counts]))
+            r.update(benign_scores([marked[i] for i in idx if i in marked]))
             res["per_dataset"][ds] = r
     return res
 
@@ -180,3 +256,29 @@ def run_summary(run_dir: str | Path) -> dict[str, Any]:
             "seconds": round(sum(r.get("seconds", 0.0) for r in h), 1),
         }
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m napari_pathoseg.methods.malignancy.evaluate MASK SIDECAR``: B's region on a mosaic slide (JSON)."""
+    import argparse
+
+    import tifffile
+
+    ap = argparse.ArgumentParser(prog="python -m napari_pathoseg.methods.malignancy.evaluate",
+                                 description=main.__doc__)
+    ap.add_argument("mask", help="B's region TIFF (pathoseg malignancy --mask)")
+    ap.add_argument("sidecar", help="the mosaic's .mosaic.json (names its label TIFF and tumour label ids)")
+    args = ap.parse_args(argv)
+    side = json.loads(Path(args.sidecar).read_text())
+    labels = tifffile.imread(Path(args.sidecar).parent / side["files"]["labels"], level=0)
+    region = tifffile.imread(args.mask, level=0)
+    names = {int(k): v for k, v in side.get("label_ids", {}).items()}
+    res = region_scores(np.squeeze(region), np.squeeze(labels), tumour_ids=side["tumour_label_ids"], names=names)
+    print(json.dumps({"mask": args.mask, "slide": side["files"]["slide"], **res}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -6,7 +6,11 @@
 * **B** (:class:`SegmenterTask`): the full U-Net on the few masks (N2): binary cross-entropy
   plus ``dice_weight`` x soft Dice. Its encoder starts from A's best checkpoint
   (``b_init="A"``; every ``classifier.encoder.*`` tensor goes to ``segmenter.encoder.*``;
-  ``"scratch"``: random, for the ablation).
+  ``"scratch"``: random, for the ablation). **Our addition beyond M1's text**
+  (``b_negatives``, default :data:`DEFAULT_B_NEGATIVES`): that share of B's crops is drawn
+  from *benign* training images with an all-background mask, since a benign image label
+  means "no malignant region". Without it B only ever sees malignant images, where every
+  gland is malignant, and outlines benign glands too. ``b_negatives=0`` is M1 as described.
 * **C** (:class:`ClassifierTask`, stage ``"C"``): A's architecture with the encoder from B's
   best checkpoint (the head fresh), trained again on every image label.
 
@@ -26,18 +30,30 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from napari_pathoseg.errors import PathosegError
-from napari_pathoseg.methods.malignancy.data import LabelTable, Sample, load_samples, shared_table, user_table
-from napari_pathoseg.methods.malignancy.evaluate import classify_scores, net_classifier, net_segmenter, segment_scores
+from napari_pathoseg.methods.malignancy.data import (
+    LabelTable,
+    Sample,
+    load_samples,
+    shared_table,
+    user_table,
+)
+from napari_pathoseg.methods.malignancy.evaluate import (
+    classify_scores,
+    net_classifier,
+    net_segmenter,
+    segment_scores,
+)
 from napari_pathoseg.methods.malignancy.model import WHOLE_IMAGE_FACTOR, pad_to_multiple
 from napari_pathoseg.methods.malignancy.network import (
     M1Config,
@@ -48,14 +64,26 @@ from napari_pathoseg.methods.malignancy.network import (
 )
 from napari_pathoseg.training.task import InitReport, TrainTask, copy_matching
 
-__all__ = ["ClassifierTask", "SegmenterTask", "StageEvent", "MalignancyTrainResult", "train_malignancy",
-           "DEFAULT_EPOCHS", "DEFAULT_STEPS", "PAIR_NAME"]
+__all__ = [
+    "DEFAULT_B_NEGATIVES",
+    "DEFAULT_EPOCHS",
+    "DEFAULT_STEPS",
+    "PAIR_NAME",
+    "ClassifierTask",
+    "MalignancyTrainResult",
+    "SegmenterTask",
+    "StageEvent",
+    "check_negatives",
+    "train_malignancy",
+]
 
 logger = logging.getLogger(__name__)
 
 #: Epochs per stage and steps per epoch of the lite preset (the shipped run; see the model card).
 DEFAULT_EPOCHS = {"A": 8, "B": 8, "C": 6}
 DEFAULT_STEPS = 40
+#: Share of B's crops drawn from benign images with empty masks (our addition; 0 = M1 as described).
+DEFAULT_B_NEGATIVES = 0.25
 #: The released pair a run writes into its folder.
 PAIR_NAME = "malignancy.safetensors"
 _STAGES = ("A", "B", "C")
@@ -216,20 +244,46 @@ class ClassifierTask(_Base):
                 "images": res.get("images", 0)}
 
 
+def check_negatives(value: Any) -> float:
+    """``b_negatives`` as a float in [0, 0.9], or a :class:`PathosegError` saying what to give."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(value) or not 0.0 <= float(value) <= 0.9:
+        raise PathosegError(f"b_negatives must be a share between 0 and 0.9 (0 = M1 as described), got {value!r}.")
+    return float(value)
+
+
 class SegmenterTask(_Base):
-    """Segmenter B: the full U-Net on the few masks (BCE + soft Dice)."""
+    """Segmenter B: the full U-Net on the few masks (BCE + soft Dice).
+
+    With ``negatives`` > 0 that share of each batch's crops comes from benign training images
+    with an all-zero mask (our addition beyond M1's text; 0 = M1 as described).
+    """
 
     best_metric = "dice"
     stage = "B"
 
-    def __init__(self, cfg: M1Config, train: list[Sample], val: list[Sample], *,
+    def __init__(self, cfg: M1Config, train: list[Sample], val: list[Sample], *, negatives: float = 0.0,
                  data_meta: dict[str, Any] | None = None) -> None:
+        self.negatives = check_negatives(negatives)
         super().__init__(cfg, [s for s in train if s.mask is not None], [s for s in val if s.mask is not None],
                          data_meta=data_meta)
         if not self.train_samples:
             raise PathosegError("segmenter B needs training images with masks: give --masks (a folder of masks).")
         if not self.val_samples:
             raise PathosegError("segmenter B needs a held-out image with a mask: give at least 2 masked images.")
+        # benign images only: their label says "no malignant region"; unmasked malignant images say nothing
+        self.benign_samples = [Sample(s.key, s.dataset, 0, s.image, np.zeros(s.image.shape[:2], np.uint8))
+                               for s in train if s.label == 0] if self.negatives > 0 else []
+        if self.negatives > 0 and not self.benign_samples:
+            raise PathosegError("b_negatives needs benign training images; add some or give --b-negatives 0.")
+
+    def meta(self) -> dict[str, Any]:
+        return {**super().meta(), "b_negatives": self.negatives, "b_negative_images": len(self.benign_samples)}
+
+    def _pick(self) -> Sample:
+        if self.benign_samples and self.rng.random() < self.negatives:
+            return self.benign_samples[int(self.rng.integers(len(self.benign_samples)))]
+        return self.train_samples[int(self.rng.integers(len(self.train_samples)))]
 
     def build(self, *, device: torch.device, rng: np.random.Generator) -> None:
         self.device, self.rng = device, rng
@@ -248,7 +302,7 @@ class SegmenterTask(_Base):
         while True:
             imgs, masks = [], []
             for _ in range(n):
-                s = self.train_samples[int(self.rng.integers(len(self.train_samples)))]
+                s = self._pick()
                 img, m = _crop(self.rng, s.image, s.mask, size)
                 img, m = _augment(self.rng, img, m)
                 imgs.append(img)
@@ -297,7 +351,8 @@ def train_malignancy(*, labels: Any = None, masks: str | os.PathLike | None = No
                      seed: int = 0, resume: bool = False, force: bool = False, threads: Any = None,
                      device: Any = None, cancel: Any = None, register_as: str | None = None,
                      val_fraction: float = 0.2, image_mpp: float | None = None, split_seed: int = 0,
-                     config: dict[str, Any] | None = None, command: str | None = None) -> Iterator[Any]:
+                     config: dict[str, Any] | None = None, command: str | None = None,
+                     b_negatives: float = DEFAULT_B_NEGATIVES) -> Iterator[Any]:
     """Train M1's A -> B -> C in ``run_dir/{A,B,C}``; a generator of events ending in a :class:`MalignancyTrainResult`.
 
     Parameters
@@ -340,6 +395,9 @@ def train_malignancy(*, labels: Any = None, masks: str | os.PathLike | None = No
         Overrides of the preset's :class:`M1Config` fields (batch size, tile size...).
     command : str, optional
         The command line, stored in the checkpoints and the card.
+    b_negatives : float
+        Share of B's crops drawn from benign training images with an empty mask, in [0, 0.9]
+        (:data:`DEFAULT_B_NEGATIVES`; our addition, 0 = M1 as described).
 
     Yields
     ------
@@ -361,6 +419,7 @@ def train_malignancy(*, labels: Any = None, masks: str | os.PathLike | None = No
         raise PathosegError(f"b_init must be 'A' or 'scratch' and c_init 'B' or 'scratch' (got {b_init!r}, {c_init!r}).")
     if (labels is None) == (data_root is None):
         raise PathosegError("give either labels (a CSV or a benign/ malignant/ folder) or data_root (the shared data).")
+    b_negatives = check_negatives(b_negatives)
     cfg = get_preset(preset)
     if config:
         try:
@@ -390,7 +449,7 @@ def train_malignancy(*, labels: Any = None, masks: str | os.PathLike | None = No
     done_events: dict[str, Any] = {}
     for index, s in enumerate(stages):
         if s == "B":
-            task: TrainTask = SegmenterTask(cfg, train, val, data_meta=data_meta)
+            task: TrainTask = SegmenterTask(cfg, train, val, negatives=b_negatives, data_meta=data_meta)
             init = run_dir / "A" / "best.safetensors" if b_init == "A" else None
         else:
             task = ClassifierTask(cfg, train, val, stage=s, data_meta=data_meta)
@@ -418,7 +477,7 @@ def train_malignancy(*, labels: Any = None, masks: str | os.PathLike | None = No
         yield MalignancyTrainResult(run_dir, None, scores, stages=done_events)
         return
     card = _write_run_pair(pair, have["C"], have["B"], cfg=cfg, table=table, scores=scores, name=register_as,
-                           command=meta["command"], seed=seed)
+                           command=meta["command"], seed=seed, b_negatives=b_negatives)
     registered = None
     if register_as:
         from napari_pathoseg.models.registry import register_model
@@ -434,7 +493,8 @@ def _scores(done: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_run_pair(path: Path, c_best: Path, b_best: Path, *, cfg: M1Config, table: LabelTable,
-                    scores: dict[str, Any], name: str | None, command: str, seed: int = 0) -> dict[str, Any]:
+                    scores: dict[str, Any], name: str | None, command: str, seed: int = 0,
+                    b_negatives: float = 0.0) -> dict[str, Any]:
     from napari_pathoseg.methods.malignancy.release import write_pair
     from napari_pathoseg.models.checkpoint import load_checkpoint
 
@@ -453,7 +513,10 @@ def _write_run_pair(path: Path, c_best: Path, b_best: Path, *, cfg: M1Config, ta
         "preset": cfg.preset,
         "mpp": cfg.mpp,
         "tile_size": cfg.tile_size,
-        "description": f"M1 A -> B -> C ({cfg.preset}): C for the call, B for the malignant region",
+        "description": f"M1 A -> B -> C ({cfg.preset}): C for the call, B for the malignant region"
+                       + (f" (B also saw benign images as empty masks, {b_negatives:.0%} of its crops)"
+                          if b_negatives else ""),
+        "b_negatives": b_negatives,
         "data": table.describe(),
         "command": command,
         "scores": headline,
