@@ -11,9 +11,35 @@
 See ``docs/cohort.md``.
 """
 
-from napari_pathoseg.cohort.manifest import CohortSlide, ManifestError, read_manifest
-from napari_pathoseg.cohort.runner import CohortError, CohortResult, CohortStarted, SlideFinished, iter_cohort, run_cohort
-from napari_pathoseg.cohort.tasks import BATCH_TASKS, BatchTask, BatchTaskError, SlideOutput, available_tasks, get_batch_task
+import importlib
+from typing import Any
+
+#: Public name -> the submodule that defines it. Imported on first use, so reading the task
+#: table (``pathoseg --help``, the Cohort dock's task list) does not import dask.distributed.
+_WHERE = {
+    "CohortSlide": "manifest",
+    "ManifestError": "manifest",
+    "read_manifest": "manifest",
+    "CohortError": "runner",
+    "CohortResult": "runner",
+    "CohortStarted": "runner",
+    "SlideFinished": "runner",
+    "iter_cohort": "runner",
+    "run_cohort": "runner",
+    "BATCH_TASKS": "tasks",
+    "BatchTask": "tasks",
+    "BatchTaskError": "tasks",
+    "SlideOutput": "tasks",
+    "available_tasks": "tasks",
+    "get_batch_task": "tasks",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CohortSlide",
