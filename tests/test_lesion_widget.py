@@ -177,3 +177,16 @@ def test_lesion_dock_whole_slide_work_folder_threshold_export(make_napari_viewer
     work2 = Path(w.work_dir)
     w.close()
     assert not work2.exists()
+
+
+def test_streamed_levels_equal_display_levels(tmp_path, small_levels):
+    from napari_pathoseg._widgets._common import display_levels
+
+    arr = np.random.default_rng(0).integers(0, 50, (101, 67)).astype(np.int32)
+    levels = small_levels.streamed_levels(lambda a, b: arr[a:b], arr.shape, np.int32, tmp_path, "lab")
+    expected = display_levels(arr, max_side=32, min_side=16)[1:]
+    assert len(levels) == len(expected) == 3 and all(isinstance(lv, np.memmap) for lv in levels)
+    for got, want in zip(levels, expected):
+        np.testing.assert_array_equal(got, want)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lab-level1.npy", "lab-level2.npy", "lab-level3.npy"]
+    assert small_levels.streamed_levels(lambda a, b: arr[a:b], (30, 20), np.int32, tmp_path, "small") == []
