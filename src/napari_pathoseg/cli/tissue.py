@@ -99,7 +99,7 @@ def _progress():
     from napari_pathoseg.training.engine import EpochEvent, TrainStart
 
     def on_event(ev: Any) -> None:
-        if isinstance(ev, StageStart) or isinstance(ev, TrainStart):
+        if isinstance(ev, (StageStart, TrainStart)):
             _err(f"pathoseg tissue-train: {ev.message}")
         elif isinstance(ev, EpochEvent):
             v = ev.val_metrics

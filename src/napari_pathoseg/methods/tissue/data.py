@@ -231,7 +231,7 @@ def load_patches(labels: Sequence[PatchLabel], classes: Sequence[str], *, val_fr
         raise PathosegError("Training needs at least 2 labelled patches.")
     items = [TissueImage(p.path.stem, load_rgb(p.path), tuple(p.labels)) for p in labels]
     order = np.random.default_rng(seed).permutation(len(items))
-    n_val = max(1, int(round(val_fraction * len(items))))
+    n_val = max(1, round(val_fraction * len(items)))
     val = [items[i] for i in order[:n_val]]
     train = [items[i] for i in order[n_val:]]
     return TissueData(list(classes), train, val, [], source="patch labels")

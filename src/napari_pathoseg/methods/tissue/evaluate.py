@@ -47,7 +47,7 @@ def window_probs(net: torch.nn.Module, rgb: np.ndarray, *, tile: int = 224, over
     h, w = rgb.shape[:2]
     img = pad_to(rgb, tile, multiple=1)
     H, W = img.shape[:2]
-    stride = max(1, int(round(tile * (1 - overlap))))
+    stride = max(1, round(tile * (1 - overlap)))
     origins = [(y, x) for y in window_starts(H, tile, stride) for x in window_starts(W, tile, stride)]
     acc = None
     count = np.zeros((H, W), np.float32)
