@@ -7,7 +7,6 @@ import pytest
 
 
 @pytest.mark.gui
-@pytest.mark.slow
 def test_tag_tiles_train_register_and_overlay(make_napari_viewer, sample_svs, sync_jobs, one_torch_thread, tmp_path,
                                               monkeypatch, qtbot):
     from napari_pathoseg._widgets.tissue import TissueWidget

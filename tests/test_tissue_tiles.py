@@ -115,7 +115,6 @@ def test_class_names_of_a_tag():
         parse_class_names(" ; ", CLASSES, where="tag 3")
 
 
-@pytest.mark.slow
 def test_stage1_on_tiles_and_stage1_only(shared_data, tmp_path, one_torch_thread):
     from dataclasses import replace
 
