@@ -110,7 +110,9 @@ def _progress(label: str):
             _err(f"{label}: stage {stage}: {ev.message}")  # names what init_from copied
         elif isinstance(ev, EpochEvent):
             v = ev.val_metrics
-            metric = (f"val Dice {v.get('dice', float('nan')):.4f}" if stage == "B"
+            metric = (f"val Dice {v.get('dice', float('nan')):.4f}"
+                      + (f", with benign images {v['dice_all']:.4f}, benign area marked {v['benign_fp_area']:.3f}"
+                         if "dice_all" in v else "") if stage == "B"
                       else f"val AUC {v.get('auc', float('nan')):.4f} accuracy {v.get('accuracy', float('nan')):.4f}")
             _err(f"{label}: stage {stage} epoch {ev.epoch + 1}: loss {ev.losses.get('loss', float('nan')):.4f}, "
                  f"{metric}{' (best)' if ev.is_best else ''}, {ev.seconds:.0f} s")

@@ -49,10 +49,13 @@ from napari_pathoseg.methods.malignancy.data import (
     user_table,
 )
 from napari_pathoseg.methods.malignancy.evaluate import (
+    benign_scores,
     classify_scores,
+    dice_scores,
+    mask_counts,
     net_classifier,
     net_segmenter,
-    segment_scores,
+    predict_mask,
 )
 from napari_pathoseg.methods.malignancy.model import WHOLE_IMAGE_FACTOR, pad_to_multiple
 from napari_pathoseg.methods.malignancy.network import (
@@ -256,7 +259,9 @@ class SegmenterTask(_Base):
     """Segmenter B: the full U-Net on the few masks (BCE + soft Dice).
 
     With ``negatives`` > 0 that share of each batch's crops comes from benign training images
-    with an all-zero mask (our addition beyond M1's text; 0 = M1 as described).
+    with an all-zero mask (our addition beyond M1's text; 0 = M1 as described), and the best
+    epoch is chosen by ``dice_all``: the pooled Dice over the held-out masks *and* the held-out
+    benign images as empty truths (so marking benign tissue counts against an epoch).
     """
 
     best_metric = "dice"
@@ -276,6 +281,9 @@ class SegmenterTask(_Base):
                                for s in train if s.label == 0] if self.negatives > 0 else []
         if self.negatives > 0 and not self.benign_samples:
             raise PathosegError("b_negatives needs benign training images; add some or give --b-negatives 0.")
+        self.val_benign = [s for s in val if s.label == 0] if self.negatives > 0 else []
+        if self.val_benign:
+            self.best_metric = "dice_all"
 
     def meta(self) -> dict[str, Any]:
         return {**super().meta(), "b_negatives": self.negatives, "b_negative_images": len(self.benign_samples)}
@@ -322,10 +330,17 @@ class SegmenterTask(_Base):
         return {"loss": float(loss.detach()), "bce": float(bce.detach())}
 
     def validate(self) -> dict[str, float]:
-        res = segment_scores(net_segmenter(self.net, device=self.device), self.val_samples,
-                             threshold=self.cfg.mask_threshold)
-        return {"dice": res.get("dice", 0.0), "dice_mean": res.get("dice_mean", 0.0),
-                "images": res.get("masked_images", 0)}
+        segment = net_segmenter(self.net, device=self.device)
+        counts = [mask_counts(segment, s, threshold=self.cfg.mask_threshold) for s in self.val_samples]
+        res = dice_scores(counts)
+        out = {"dice": res.get("dice", 0.0), "dice_mean": res.get("dice_mean", 0.0),
+               "images": res.get("masked_images", 0)}
+        if self.val_benign:
+            marked = [(float(predict_mask(segment, s.image, threshold=self.cfg.mask_threshold).sum()),
+                       float(s.image.shape[0] * s.image.shape[1])) for s in self.val_benign]
+            inter, total = sum(c[0] for c in counts), sum(c[1] for c in counts) + sum(m[0] for m in marked)
+            out.update(benign_scores(marked), dice_all=2 * inter / total if total else 1.0)
+        return out
 
 
 def _per_stage(value: Any, default: Any, what: str) -> dict[str, int]:
