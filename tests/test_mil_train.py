@@ -213,3 +213,12 @@ def test_mil_train_cli_refuses_bad_cohorts_before_training(tmp_path, make_pyrami
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err
         assert not (tmp_path / "run").exists()
+
+
+def test_cli_choices_match_the_network_presets():
+    """The CLI spells its choices so that building the parser imports no torch; they must not drift."""
+    from napari_pathoseg.cli import mil_train
+    from napari_pathoseg.methods.mil.network import VARIANTS, preset_names
+
+    assert set(mil_train.PRESETS) == set(preset_names())
+    assert tuple(mil_train.VARIANTS) == tuple(VARIANTS)

@@ -29,17 +29,20 @@ from napari_pathoseg.cli._driver import (
 )
 from napari_pathoseg.cli.train import _err, stopped_line, with_sigterm
 
-__all__ = ["add_commands", "cmd_mil_train"]
+__all__ = ["add_commands", "cmd_mil_train", "PRESETS", "VARIANTS"]
+
+#: Choices of ``--preset`` and ``--variant``, spelled here so that building the parser imports no
+#: torch; tests/test_mil_train.py checks them against methods.mil.network.
+PRESETS = ("lite", "m4")
+VARIANTS = ("negguide", "selfdistill", "meanpool")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``mil-train``."""
-    from napari_pathoseg.methods.mil.network import VARIANTS, preset_names
-
     p = subparsers.add_parser("mil-train", help="train an M4 slide classifier (NegGuide MIL) from a cohort CSV")
     p.add_argument("cohort", type=existing_file, help="cohort CSV: slide,label[,mpp] (labels negative/positive or 0/1)")
     p.add_argument("--out", required=True, help="run folder for checkpoints and history")
-    p.add_argument("--preset", default="lite", choices=preset_names(),
+    p.add_argument("--preset", default="lite", choices=PRESETS,
                    help="lite (64-px tiles at 1.0 um/px, 1/4 width) or m4 (512-px tiles at 0.5 um/px, ResNet-18)")
     p.add_argument("--variant", default="negguide", choices=VARIANTS,
                    help="negguide (M4), selfdistill or meanpool (the ablation's baselines)")
