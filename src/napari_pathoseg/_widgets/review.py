@@ -13,6 +13,11 @@ The dock drives :mod:`napari_pathoseg.review.project` (no computation here):
   :class:`~.review_mask.MaskEditor`);
 * A / R accept / reject the current tile and move to the next pending one;
 * every edit is saved as it is made (debounced, atomic writes).
+
+A tissue project (M5's pseudo masks, :mod:`napari_pathoseg.methods.tissue.review`) lists every
+patch, the classifier's least confident masks first (no threshold); its mask is a Labels layer of
+class ids with the class names and colours; paint / fill with a class id to correct it (the tile
+becomes "corrected"); Split / Merge (nucleus tools) are disabled.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from napari_pathoseg._widgets._common import ask_directory, camera, grid_placeme
 from napari_pathoseg._widgets.review_generate import GenerateBox
 from napari_pathoseg._widgets.review_mask import MASK_LAYER, MaskEditor
 from napari_pathoseg._widgets.review_table import (
+    COLUMNS,
     SLIDER_STEPS,
     TileTable,
     slider_to_threshold,
@@ -191,10 +197,20 @@ class ReviewWidget(QWidget):
         self._slide_layer = None
         if project.info.source_kind == "slide":
             self._slide_layer = self._find_or_open_slide_layer()
+        tissue = self.is_tissue
+        self.threshold_slider.setEnabled(not tissue)
+        order = Qt.SortOrder.AscendingOrder if tissue else Qt.SortOrder.DescendingOrder
+        self.table.sortByColumn(COLUMNS.index("score"), order)
         self.refresh_table()
-        self.status.setText(f"{project.root.name}: {len(project)} tiles from {project.info.model}")
+        what = f"pseudo masks ({', '.join(project.info.classes)}), least confident first" if tissue else "tiles"
+        self.status.setText(f"{project.root.name}: {len(project)} {what} from {project.info.model}")
         self._update_enabled()
         return project
+
+    @property
+    def is_tissue(self) -> bool:
+        """The open project holds tissue class masks (not nucleus instances)."""
+        return self.project is not None and self.project.info.kind == "tissue"
 
     def _clear_tile_layers(self) -> None:
         """Remove the tile / mask layers of the previous project."""
@@ -269,13 +285,22 @@ class ReviewWidget(QWidget):
     def refresh_table(self) -> None:
         """Refill the table with the kept tiles, in the order of the sorted column (default: score, highest first)."""
         proj = self.project
-        recs = [] if proj is None else proj.tiles(sort_by="score", descending=True, min_score=self.threshold)
+        tissue = self.is_tissue  # tissue: every patch, least confident first
+        recs = [] if proj is None else proj.tiles(sort_by="score", descending=not tissue,
+                                                  min_score=None if tissue else self.threshold)
         self.table.fill(recs, select=self.current_tile)
         self._update_counts()
 
     def _update_counts(self) -> None:
         if self.project is None:
             self.counts_label.setText("no project")
+            return
+        if self.is_tissue:
+            from napari_pathoseg.methods.tissue.review import review_summary
+
+            c = review_summary(self.project)
+            self.counts_label.setText(f"accepted {c['accepted']} · corrected {c['corrected']} · rejected "
+                                      f"{c['rejected']} · pending {c['pending']}  ({c['total']} pseudo masks)")
             return
         kept = self.project.counts(min_score=self.threshold)
         self.counts_label.setText(
@@ -357,10 +382,25 @@ class ReviewWidget(QWidget):
                 self.viewer.add_image(image, name=IMAGE_LAYER, rgb=True)
             extent = (float(mask.shape[0]), float(mask.shape[1]))
             corner = (0.0, 0.0)
-        self.mask.show(mask, tile_id, scale=scale, translate=translate, units=units)
+        self.mask.show(mask, tile_id, scale=scale, translate=translate, units=units, layer_kwargs=self._class_style())
         self._jump(corner, extent)
-        self.status.setText(f"tile {tile_id}: score {rec.score:.4f}, {rec.n_nuclei} nuclei, {rec.state}")
+        if self.is_tissue:
+            self.status.setText(f"tile {tile_id} ({rec.source_name}): confidence {rec.score:.4f}, {rec.status}")
+        else:
+            self.status.setText(f"tile {tile_id}: score {rec.score:.4f}, {rec.n_nuclei} nuclei, {rec.state}")
         self._update_enabled()
+
+    def _class_style(self) -> dict[str, Any] | None:
+        """Colours and class names of a tissue project's mask layer (None for nuclei)."""
+        if not self.is_tissue:
+            return None
+        from napari.utils.colormaps import DirectLabelColormap
+
+        from napari_pathoseg._widgets.tissue import class_colormap
+
+        classes = list(self.project.info.classes)
+        return {"colormap": DirectLabelColormap(color_dict=class_colormap(len(classes))),
+                "features": {"index": np.arange(len(classes) + 1), "class": ["no label", *classes]}}
 
     def _jump(self, corner: tuple[float, float], extent: tuple[float, float]) -> None:
         cam = camera(self.viewer)
@@ -386,7 +426,8 @@ class ReviewWidget(QWidget):
     def _on_mask_saved(self, tile_id: str) -> None:
         if self.project is not None and tile_id in self.project:
             self.table.update_record(self.project.record(tile_id))
-            self.status.setText(f"tile {tile_id}: edit saved")
+            self._update_counts()
+            self.status.setText(f"tile {tile_id}: edit saved" + (" (corrected)" if self.is_tissue else ""))
 
     def flush(self) -> None:
         """Save a pending mask edit now (called by the debounce timer and before switching)."""
@@ -394,10 +435,16 @@ class ReviewWidget(QWidget):
 
     def split_selected(self, label: int | None = None) -> list[int]:
         """Split ``label`` (default: the mask layer's selected label) into nuclei."""
+        if self.is_tissue:
+            show_error("Split is for nucleus masks; correct a tissue mask by painting class ids.")
+            return []
         return self.mask.split(label)
 
     def merge_selected(self, labels: list[int] | None = None) -> int | None:
         """Merge ``labels`` (default: the merge field, else the last two selected labels)."""
+        if self.is_tissue:
+            show_error("Merge is for nucleus masks; correct a tissue mask by painting class ids.")
+            return None
         if labels is None:
             text = self.merge_edit.text().replace(",", " ").split()
             try:
@@ -453,8 +500,11 @@ class ReviewWidget(QWidget):
     # ================================================================== state / close
     def _update_enabled(self) -> None:
         has_tile = self.project is not None and self.current_tile is not None
-        for b in (self.accept_btn, self.reject_btn, self.pending_btn, self.split_btn, self.merge_btn):
+        for b in (self.accept_btn, self.reject_btn, self.pending_btn):
             b.setEnabled(has_tile)
+        for b in (self.split_btn, self.merge_btn):  # nucleus tools: not for tissue class masks
+            b.setEnabled(has_tile and not self.is_tissue)
+        self.merge_edit.setEnabled(not self.is_tissue)
 
     def release_keys(self) -> None:
         """Give the A / R keys back to the viewer (done on close)."""

@@ -87,17 +87,18 @@ class MaskEditor(QObject):
         return list(self._selected)
 
     def show(self, mask: np.ndarray, tile_id: str, *, scale: Sequence[float], translate: Sequence[float],
-             units: Sequence[str] | None = None) -> Any:
+             units: Sequence[str] | None = None, layer_kwargs: dict[str, Any] | None = None) -> Any:
         """Show ``mask`` (a pending edit of the previous tile is saved first); returns the layer.
 
-        ``units`` are the slide layer's (µm), so napari's scale bar stays in physical units.
+        ``units`` are the slide layer's (µm), so napari's scale bar stays in physical units;
+        ``layer_kwargs`` (e.g. ``colormap``, ``features`` of class masks) style the layer.
         """
         self.flush()
         layer = self.layer
         extra = {"units": tuple(units)} if units is not None else {}
         if layer is None:
             layer = self.viewer.add_labels(mask, name=MASK_LAYER, scale=tuple(scale), translate=tuple(translate),
-                                           opacity=0.5, **extra)
+                                           opacity=0.5, **extra, **(layer_kwargs or {}))
             layer.events.paint.connect(self._on_edited)
             layer.events.data.connect(self._on_edited)
             layer.events.selected_label.connect(self._on_selected_label)

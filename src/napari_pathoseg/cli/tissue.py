@@ -2,7 +2,9 @@
 
 ``tissue-train`` trains stage 1 (classifier), makes Grad-CAM++ pseudo masks and trains stage 2
 (PSPNet) in one resumable run folder (``--resume`` / ``--force``); progress on stderr, one JSON
-document on stdout; Ctrl-C or SIGTERM saves a resumable checkpoint (exit 130). See
+document on stdout; Ctrl-C or SIGTERM saves a resumable checkpoint (exit 130).
+``tissue-review-export`` writes a run's stage-1 pseudo masks into a review project for the Review
+dock; ``tissue-train --reviewed PROJECT`` trains stage 2 on the accepted and corrected ones. See
 ``docs/tissue.md``.
 """
 
@@ -30,7 +32,7 @@ from napari_pathoseg.cli.train import (
     with_sigterm,
 )
 
-__all__ = ["add_commands", "cmd_tissue", "cmd_tissue_train"]
+__all__ = ["add_commands", "cmd_tissue", "cmd_tissue_review_export", "cmd_tissue_train"]
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -66,6 +68,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="the fully supervised reference: stage 2 on the true masks of the training patches (CE)")
     p.add_argument("--pseudo-from", default=None,
                    help="skip stage 1: stage 2 on the pseudo masks of this earlier run (ablations on the same masks)")
+    p.add_argument("--reviewed", default=None,
+                   help="skip stage 1: stage 2 on the pseudo masks accepted or corrected in this tissue review "
+                   "project (pathoseg tissue-review-export, then the Review dock); rejected and pending ones are left out")
     p.add_argument("--seed", type=int, default=0)
     run = p.add_mutually_exclusive_group()
     run.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -73,6 +78,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=threads_arg, default=None, help=THREADS_HELP)
     p.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:N or mps")
     p.set_defaults(func=cmd_tissue_train)
+
+    e = subparsers.add_parser("tissue-review-export",
+                              help="write an M5 run's stage-1 pseudo masks into a review project (Review dock)")
+    e.add_argument("run", help="M5 run folder with stage1/ and pseudo/ (pathoseg tissue-train)")
+    e.add_argument("--out", required=True, help="new or empty folder for the review project")
+    for flag in ("--data", "--labels", "--classes", "--tiles", "--label-share"):
+        act = next(a for a in p._actions if flag in a.option_strings)
+        e.add_argument(flag, type=act.type, default=act.default, help=f"as the run had: {act.help}")
+    e.add_argument("--force", action="store_true", help="replace a review project in --out")
+    e.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:N or mps")
+    e.set_defaults(func=cmd_tissue_review_export, supervised=False, correct=0, pseudo_from=None, seed=0)
 
     q = subparsers.add_parser("tissue", help="tissue map of a slide or image (M5): uint8 class ids + per-class areas")
     q.add_argument("input", type=existing_file, help="slide or image file")
@@ -141,6 +157,15 @@ def cmd_tissue_train(args: argparse.Namespace) -> int:
 
     cfg = get_preset(args.preset)
     out = Path(args.out)
+    if args.reviewed is not None and (args.pseudo_from or args.supervised or args.correct or args.stage1_only):
+        from napari_pathoseg.errors import PathosegError
+
+        raise PathosegError("--reviewed trains stage 2 on a review project; leave out --pseudo-from, --supervised, "
+                            "--correct and --stage1-only.")
+    if args.reviewed is not None:  # a bad project folder is refused before the data are read
+        from napari_pathoseg.methods.tissue.review import open_reviewed
+
+        open_reviewed(args.reviewed)
     for sub in ("stage1", "stage2", "supervised"):
         check_run_folder(out / sub, resume=args.resume, force=args.force)
     t0 = time.perf_counter()
@@ -163,7 +188,7 @@ def cmd_tissue_train(args: argparse.Namespace) -> int:
             cfg, data, out_dir=out, epochs1=args.epochs1, steps1=args.steps1, epochs2=args.epochs2,
             steps2=args.steps2, resume=args.resume, force=args.force, cancel=token, threads=args.threads,
             seed=args.seed, device=args.device, supervised=args.supervised, pseudo_from=args.pseudo_from, meta={"command": command},
-            stage1_only=args.stage1_only, correct=args.correct,
+            stage1_only=args.stage1_only, correct=args.correct, reviewed=args.reviewed,
         )),
         M5Done,
         on_event=_progress(),
@@ -172,6 +197,32 @@ def cmd_tissue_train(args: argparse.Namespace) -> int:
     )
     print_json({"best_checkpoint": str(result.best_checkpoint), "stage1": result.stage1, "stage2": result.stage2,
                 "test": result.test, "wall_seconds": round(time.perf_counter() - t0, 1)})
+    return 0
+
+
+def cmd_tissue_review_export(args: argparse.Namespace) -> int:
+    from napari_pathoseg.methods.tissue.review import (
+        ExportDone,
+        ExportEvent,
+        check_run,
+        iter_export_review,
+    )
+
+    check_run(args.run)
+    data = _load_data(args, None)
+
+    def on_event(ev: Any) -> None:
+        if isinstance(ev, ExportEvent):
+            _err(f"pathoseg tissue-review-export: {ev.done}/{ev.total} {ev.name}: confidence {ev.confidence:.3f}")
+
+    result = drive(
+        lambda token: iter_export_review(args.run, data, args.out, overwrite=args.force, cancel=token,
+                                         device=args.device),
+        ExportDone, on_event=on_event, on_cancelled=lambda r: r.message, label="pathoseg tissue-review-export",
+    )
+    print_json({"project": str(result.project), "tiles": result.tiles, "confidence": result.confidence,
+                "next": f"open {result.project} in the Review dock, then: pathoseg tissue-train --reviewed "
+                        f"{result.project} --out NEW_RUN"})
     return 0
 
 

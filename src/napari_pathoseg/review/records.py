@@ -9,6 +9,10 @@ A review project is a folder a user can move (only relative paths inside)::
     tiles/<id>/mask.png     instance labels (uint16, 0 background, 1..N consecutive)
     tiles/<id>/prob.png     nucleus probability quantised to uint8 (p * 255)
 
+A project of kind ``"tissue"`` (M5's Grad-CAM++ pseudo masks, :mod:`napari_pathoseg.methods.tissue.review`)
+stores per tile only ``image.png`` and ``mask.png`` (uint8 class ids, 0 = no label, 1..n the
+classes named in ``project.json``); its ``score`` is the stage-1 classifier's confidence.
+
 :class:`ProjectInfo` is ``project.json``, :class:`TileRecord` one entry of ``review.json``;
 :class:`TrainingItem` is what an accepted tile gives to training.
 """
@@ -25,6 +29,7 @@ from napari_pathoseg.errors import PathosegError
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "KINDS",
     "PROJECT_FILE",
     "REVIEW_FILE",
     "STATES",
@@ -40,6 +45,8 @@ FORMAT_NAME = "napari-pathoseg-review"
 FORMAT_VERSION = 1
 #: Review states of a tile.
 STATES = ("pending", "accepted", "rejected")
+#: Kinds of project: nucleus instance masks, or tissue class-id masks.
+KINDS = ("nuclei", "tissue")
 #: The project's description, its review state, and the folder of tile folders.
 PROJECT_FILE = "project.json"
 REVIEW_FILE = "review.json"
@@ -72,6 +79,10 @@ class ProjectInfo:
         Slide level the tiles were read from (0 for folders).
     downsample : float
         Level-0 pixels per tile pixel (tile positions are in level-0 pixels).
+    kind : str
+        ``"nuclei"`` (instance masks, the default) or ``"tissue"`` (class-id masks).
+    classes : list of str
+        Class names of a tissue project (mask id ``i`` is ``classes[i - 1]``); empty for nuclei.
     """
 
     source: str
@@ -82,6 +93,8 @@ class ProjectInfo:
     created: str
     level: int = 0
     downsample: float = 1.0
+    kind: str = "nuclei"
+    classes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"format": FORMAT_NAME, "version": FORMAT_VERSION, **asdict(self)}
@@ -125,6 +138,11 @@ class TileRecord:
     n_nuclei: int = 0
     confidences: list[float] = field(default_factory=list)
     source_name: str = ""
+
+    @property
+    def status(self) -> str:
+        """``"pending"``, ``"accepted"``, ``"rejected"``, or ``"corrected"`` (accepted after an edit)."""
+        return "corrected" if self.state == "accepted" and self.edited else self.state
 
     @classmethod
     def from_dict(cls, data: dict, *, where: Path) -> TileRecord:

@@ -24,6 +24,7 @@ from napari_pathoseg._atomic import write_bytes
 from napari_pathoseg.review.records import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    KINDS,
     PROJECT_FILE,
     REVIEW_FILE,
     STATES,
@@ -92,8 +93,13 @@ class ReviewProject:
         downsample: float = 1.0,
         threshold: float = 0.0,
         overwrite: bool = False,
+        kind: str = "nuclei",
+        classes: Sequence[str] = (),
     ) -> ReviewProject:
         """Start an empty project in ``root`` (created if needed).
+
+        ``kind="tissue"`` makes a project of class-id masks named by ``classes``
+        (:meth:`add_class_tile`); the default ``"nuclei"`` one of instance masks (:meth:`add_tile`).
 
         Raises
         ------
@@ -103,6 +109,10 @@ class ReviewProject:
         root = Path(root)
         if source_kind not in {"slide", "folder"}:
             raise ReviewProjectError(f"source_kind must be 'slide' or 'folder', got {source_kind!r}.")
+        if kind not in KINDS:
+            raise ReviewProjectError(f"kind must be one of {KINDS}, got {kind!r}.")
+        if kind == "tissue" and not 1 <= len(classes) <= 255:
+            raise ReviewProjectError("A tissue review project needs 1 to 255 class names.")
         if root.exists() and not root.is_dir():
             raise ReviewProjectError(f"{root} is a file; choose a folder for the review project.")
         if root.is_dir() and any(root.iterdir()):
@@ -124,6 +134,8 @@ class ReviewProject:
             created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
             level=int(level),
             downsample=float(downsample),
+            kind=kind,
+            classes=[str(c) for c in classes],
         )
         proj = cls(root, info, {}, threshold)
         proj.save()  # the (empty) review first: it never lists tiles that are gone
@@ -163,9 +175,16 @@ class ReviewProject:
                 created=str(meta["created"]),
                 level=int(meta.get("level", 0)),
                 downsample=float(meta.get("downsample", 1.0)),
+                kind=str(meta.get("kind", "nuclei")),
+                classes=[str(c) for c in meta.get("classes", [])],
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ReviewProjectError(f"{where} is damaged: missing or malformed field {exc!r}.") from None
+        if info.kind not in KINDS or (info.kind == "tissue" and not info.classes):
+            raise ReviewProjectError(
+                f"{where} names project kind {info.kind!r} (classes {info.classes}); this napari-pathoseg "
+                f"reads {KINDS} (a tissue project with its class names). Export the project again."
+            )
         rpath = root / REVIEW_FILE
         review = read_json(rpath)
         if not isinstance(review, dict) or not isinstance(review.get("tiles"), list):
@@ -384,6 +403,54 @@ class ReviewProject:
             self.save()
         return rec
 
+    def add_class_tile(self, image: np.ndarray, mask: np.ndarray, *, score: float, name: str,
+                       save: bool = True) -> TileRecord:
+        """Store a tissue pseudo mask (kind ``"tissue"``) and return its record.
+
+        Parameters
+        ----------
+        image : (H, W, 3) uint8
+            The patch.
+        mask : (H, W) int
+            Class ids: 0 = no label, 1..n = ``info.classes``.
+        score : float
+            The classifier's confidence in the mask (the review order: lowest first).
+        name : str
+            The patch's name (kept as the record's ``source_name``).
+        save : bool
+            Rewrite ``review.json`` now (an export batches this).
+        """
+        image = check_rgb(image, "image")
+        ids = self._class_ids(mask, image.shape[:2], what=f"the pseudo mask of {name}")
+        tile_id = f"{len(self._records):06d}"
+        while tile_id in self._records:
+            tile_id = f"{int(tile_id) + 1:06d}"
+        d = self.root / TILES_DIR / tile_id
+        write_png(d / "image.png", image)
+        write_png(d / "mask.png", ids)
+        h, w = ids.shape
+        rec = TileRecord(tile_id=tile_id, score=float(score), x=0, y=0, height=h, width=w,
+                         n_nuclei=int(np.count_nonzero(np.bincount(ids.ravel())[1:])), source_name=str(name))
+        self._records[tile_id] = rec
+        if save:
+            self.save()
+        return rec
+
+    def _class_ids(self, mask: np.ndarray, shape: tuple[int, ...], *, what: str) -> np.ndarray:
+        """``mask`` as uint8 class ids of a tissue project, checked against ``shape`` and the classes."""
+        if self.info.kind != "tissue":
+            raise ReviewProjectError(f"{self.root} holds nucleus masks; class masks go in a tissue project.")
+        m = np.asarray(mask)
+        if m.shape != tuple(shape) or not (np.issubdtype(m.dtype, np.integer) or m.dtype == bool):
+            raise ReviewProjectError(f"{what} must be an integer (H, W) = {tuple(shape)} mask, got {m.dtype} {m.shape}.")
+        n = len(self.info.classes)
+        if m.size and (int(m.min()) < 0 or int(m.max()) > n):
+            raise ReviewProjectError(
+                f"{what} holds class ids {int(m.min())}..{int(m.max())}; use 0 (no label) to {n} "
+                f"({', '.join(self.info.classes)})."
+            )
+        return m.astype(np.uint8)
+
     def set_state(self, tile_id: str, state: str) -> TileRecord:
         """Mark a tile pending, accepted or rejected (saved at once)."""
         if state not in STATES:
@@ -399,10 +466,19 @@ class ReviewProject:
         """Replace a tile's mask with a reviewer's edit (relabelled 1..N; saved atomically).
 
         The per-nucleus confidences are recomputed from the stored probability and the tile
-        is flagged ``edited``.
+        is flagged ``edited``. In a tissue project the class ids are kept as they are and the
+        tile becomes accepted and edited (status ``"corrected"``).
         """
         rec = self.record(tile_id)
         mask = np.asarray(mask)
+        if self.info.kind == "tissue":  # class ids, kept as they are; an edited mask is "corrected"
+            ids = self._class_ids(mask, self._tile_shape(rec), what=f"The edited mask of tile {tile_id}")
+            write_png(self.tile_dir(tile_id) / "mask.png", ids)
+            rec.edited, rec.state = True, "accepted"
+            rec.n_nuclei = int(np.count_nonzero(np.bincount(ids.ravel())[1:]))
+            self._changed(tile_id)
+            self.save()
+            return rec
         if mask.shape != (self._tile_shape(rec)):
             raise ReviewProjectError(
                 f"The edited mask of tile {tile_id} has shape {mask.shape}; expected "
@@ -418,7 +494,7 @@ class ReviewProject:
         return rec
 
     def _tile_shape(self, rec: TileRecord) -> tuple[int, int]:
-        with Image.open(self.tile_dir(rec.tile_id) / "prob.png") as im:
+        with Image.open(self.tile_dir(rec.tile_id) / "mask.png") as im:
             w, h = im.size
         return (h, w)
 

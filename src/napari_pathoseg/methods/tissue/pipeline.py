@@ -21,7 +21,9 @@ stage 2 trains on the pseudo masks of another run (the ONS vs plain CE ablation 
 ``correct=N`` (with ``pseudo_from``) replaces the pseudo masks of the N training patches the
 stage-1 classifier was least confident about (:func:`~.cam.pseudo_confidence`) by their true
 masks: a reviewer correcting N pseudo masks, simulated (the 0 / 5 / 10 corrected-patch
-measurement; ``RUN/corrected.json`` lists them). ``stage1_only=True`` stops after stage 1
+measurement; ``RUN/corrected.json`` lists them). With ``reviewed=PROJECT`` stage 1 is skipped and
+stage 2 trains on the masks a pathologist accepted or corrected in a tissue review project
+(:mod:`.review`; rejected and pending ones are left out). ``stage1_only=True`` stops after stage 1
 and scores its pseudo masks on the test patches (the ablation of progressive dropout
 attention, which only acts in stage 1).
 """
@@ -232,7 +234,8 @@ def _correct_least_confident(data: TissueData, train2: list[TissueImage], run: P
 def iter_m5(cfg: M5Config, data: TissueData, *, out_dir: str | os.PathLike, epochs1: int, steps1: int, epochs2: int,
             steps2: int, resume: bool = False, force: bool = False, cancel: Any = None, threads: Any = None,
             seed: int = 0, device: Any = None, supervised: bool = False, pseudo_from: str | os.PathLike | None = None,
-            meta: dict[str, Any] | None = None, stage1_only: bool = False, correct: int = 0) -> Iterator[Any]:
+            meta: dict[str, Any] | None = None, stage1_only: bool = False, correct: int = 0,
+            reviewed: str | os.PathLike | None = None) -> Iterator[Any]:
     """Run M5 (see the module docstring); a generator of events ending in :class:`M5Done`."""
     from napari_pathoseg.training.engine import DoneEvent, iter_train, select_device
 
@@ -252,6 +255,13 @@ def iter_m5(cfg: M5Config, data: TissueData, *, out_dir: str | os.PathLike, epoc
         train2 = data.train
         folder2 = out / "supervised"
         source = "true masks (fully supervised reference)"
+    elif reviewed is not None:
+        from napari_pathoseg.methods.tissue.review import reviewed_training
+
+        train2, stage1 = reviewed_training(reviewed, cfg.classes)
+        folder2 = out / "stage2"
+        source = (f"the reviewed pseudo masks of {reviewed} ({stage1['accepted']} accepted, "
+                  f"{stage1['corrected']} corrected; {stage1['rejected']} rejected and {stage1['pending']} pending left out)")
     elif pseudo_from is not None:
         train2 = [replace(t, mask=m) for t, m in zip(data.train, read_pseudo_masks(pseudo_from, data.train))]
         stage1 = {"pseudo_from": str(pseudo_from)}
@@ -318,7 +328,7 @@ def iter_m5(cfg: M5Config, data: TissueData, *, out_dir: str | os.PathLike, epoc
         net, _ = _load_net(TissuePSPNet, Path(done2.best_checkpoint), "m5", dev)
         with torch.inference_mode():
             test = evaluate_test(net, cfg, data.test, device=dev)
-        if not supervised and pseudo_from is None:
+        if not supervised and pseudo_from is None and reviewed is None:
             clf, _ = _load_net(TissueClassifier, Path(stage1["best_checkpoint"]), "m5-cls", dev)
             test["pseudo_masks"] = cam_scores(clf, data.test, cfg.classes, device=dev, threshold=cfg.background_grey,
                                               tile=data.tile if data.tiles else 0, min_share=data.min_share)
