@@ -43,6 +43,7 @@ __all__ = [
     "rmse",
     "ssim",
     "instance_metrics",
+    "roc_auc",
 ]
 
 
@@ -241,3 +242,30 @@ def ssim(reference: np.ndarray, image: np.ndarray) -> float:
     if a.ndim == 3:
         return float(structural_similarity(a, b, data_range=1.0, channel_axis=-1))
     return float(structural_similarity(a, b, data_range=1.0))
+
+
+def roc_auc(score: np.ndarray, truth: np.ndarray) -> float:
+    """ROC AUC of scores against a binary truth, by the rank-sum (Mann-Whitney) statistic.
+
+    Ties are averaged (``scipy.stats.rankdata``), so equal scores count one half. The one AUC of
+    every method (lesion pixels, malignancy images, MIL slides and tiles).
+
+    Returns
+    -------
+    float
+        In [0, 1]; NaN when the truth holds only one class.
+
+    Examples
+    --------
+    >>> roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1]))
+    0.75
+    """
+    from scipy.stats import rankdata
+
+    truth = np.asarray(truth).ravel().astype(bool)
+    n_pos = int(truth.sum())
+    n_neg = truth.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(np.asarray(score, np.float64).ravel())
+    return float((ranks[truth].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from napari_pathoseg.methods.lesion.data import WEIGHTS, LesionData, LesionImage, block_mean
 from napari_pathoseg.methods.lesion.network import LesionFPN, M3Config
+from napari_pathoseg.metrics import roc_auc
 from napari_pathoseg.training.losses import focal_loss
 from napari_pathoseg.training.task import TrainTask
 
@@ -52,19 +53,6 @@ def predict_logits(net: torch.nn.Module, rgb: np.ndarray, *, device: Any = "cpu"
     with torch.inference_mode():
         out = net(to_input(x[None]).to(device))[0, 0, :h, :w]
     return out.float().cpu().numpy()
-
-
-def roc_auc(score: np.ndarray, truth: np.ndarray) -> float:
-    """ROC AUC by the rank-sum (Mann-Whitney) statistic, ties averaged; NaN without both classes."""
-    from scipy.stats import rankdata
-
-    truth = np.asarray(truth, bool).ravel()
-    n_pos = int(truth.sum())
-    n_neg = truth.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(np.asarray(score, np.float64).ravel())
-    return float((ranks[truth].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def pixel_scores(prob: np.ndarray, truth: np.ndarray, *, threshold: float = 0.5) -> dict[str, float]:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ from napari_pathoseg.methods.mil.network import (
 )
 from napari_pathoseg.methods.mil.pooling import pool
 from napari_pathoseg.methods.mil.sinkhorn import pseudo_labels
+from napari_pathoseg.metrics import roc_auc as _roc_auc
 from napari_pathoseg.training.task import TrainTask, ema_update
 
 __all__ = ["DEFAULT_BUDGET", "MilTask", "MilTrainResult", "predict_pools", "roc_auc", "train_mil"]
@@ -73,20 +75,9 @@ DEFAULT_BUDGET = {"lite": (12, 100), "m4": (50, 200)}
 
 
 def roc_auc(score: Any, truth: Any) -> float | None:
-    """ROC AUC by the rank-sum statistic (ties averaged); ``None`` without both classes."""
-    s, t = np.asarray(score, np.float64).ravel(), np.asarray(truth).ravel().astype(bool)
-    n_pos, n_neg = int(t.sum()), int((~t).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    order = np.argsort(s, kind="mergesort")
-    sorted_s = s[order]
-    first = np.r_[True, sorted_s[1:] != sorted_s[:-1]]
-    group = np.cumsum(first) - 1
-    starts = np.flatnonzero(first)
-    ends = np.r_[starts[1:], len(s)]
-    r = np.empty(len(s))
-    r[order] = ((starts + ends + 1) / 2.0)[group]  # 1-based ranks, ties averaged
-    return float((r[t].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    """:func:`napari_pathoseg.metrics.roc_auc`, but ``None`` (JSON null) without both classes."""
+    auc = _roc_auc(score, truth)
+    return None if math.isnan(auc) else auc
 
 
 def predict_pools(net: torch.nn.Module, pools: TilePools, *, device: torch.device, chunk: int = 256) -> list[np.ndarray]:
