@@ -87,6 +87,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         act = next(a for a in p._actions if flag in a.option_strings)
         e.add_argument(flag, type=act.type, default=act.default, help=f"as the run had: {act.help}")
     e.add_argument("--force", action="store_true", help="replace a review project in --out")
+    e.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     e.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:N or mps")
     e.set_defaults(func=cmd_tissue_review_export, supervised=False, correct=0, pseudo_from=None, seed=0)
 
@@ -209,6 +210,10 @@ def cmd_tissue_review_export(args: argparse.Namespace) -> int:
     )
 
     check_run(args.run)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     data = _load_data(args, None)
 
     def on_event(ev: Any) -> None:
