@@ -82,7 +82,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--b-init", choices=("A", "scratch"), default="A", help="B's encoder: from A (M1) or random")
     p.add_argument("--c-init", choices=("B", "scratch"), default="B", help="C's encoder: from B (M1) or random")
     p.add_argument("--b-negatives", type=_share, default=None, metavar="F",
-                   help="share of B's crops from benign images with empty masks, 0-0.9 (default 0.25; "
+                   help="share of B's crops from benign images with empty masks, 0-0.9 (default 0.5; "
                         "our addition beyond M1, 0 = M1 as described)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split and of the few masks kept")

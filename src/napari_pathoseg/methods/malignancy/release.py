@@ -33,7 +33,7 @@ from napari_pathoseg.methods.malignancy.network import (
 )
 from napari_pathoseg.models.checkpoint import save_checkpoint
 
-__all__ = ["build_untrained", "write_pair", "release_run", "WEIGHTS_DIR"]
+__all__ = ["WEIGHTS_DIR", "build_untrained", "release_run", "write_pair"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,10 @@ def release_run(run_dir: str | os.PathLike, *, data_root: str | os.PathLike, nam
     a_best = run_dir / "A" / "best.safetensors"
     a_test = _classifier_scores(a_best, table.part("test")) if a_best.is_file() else None
     cfg = model.config
+    from napari_pathoseg.models.checkpoint import load_checkpoint
+
+    tensors, _, meta = load_checkpoint(pair, expected_kind="m1")
+    b_negatives = float((meta.get("card") or {}).get("b_negatives", 0.0))
     card: dict[str, Any] = {
         "name": name,
         "task": "malignancy",
@@ -132,7 +136,10 @@ def release_run(run_dir: str | os.PathLike, *, data_root: str | os.PathLike, nam
         "tile_size": cfg.tile_size,
         "description": (f"M1 mixed-label transfer ({cfg.preset}: U-Net encoder widths {cfg.widths}); "
                         "C (classifier, encoder from B, B's encoder from A) gives the call, B (U-Net) the "
-                        f"malignant region; {cfg.mpp} um/px; random init (no pretrained weights)"),
+                        f"malignant region; {cfg.mpp} um/px; random init (no pretrained weights)"
+                        + (f"; B also trained on benign images as empty masks ({b_negatives:.0%} of its crops, "
+                           "our addition beyond M1)" if b_negatives else "")),
+        "b_negatives": b_negatives,
         "data": table.describe(),
         "command": model.meta.get("command"),
         "seed": model.meta.get("seed"),
@@ -143,9 +150,6 @@ def release_run(run_dir: str | os.PathLike, *, data_root: str | os.PathLike, nam
         "scores": {k: test[k] for k in ("auc", "accuracy", "dice") if isinstance(test.get(k), float)},
         "created": date.today().isoformat(),
     }
-    from napari_pathoseg.models.checkpoint import load_checkpoint
-
-    tensors, _, meta = load_checkpoint(pair, expected_kind="m1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_pair(out / f"{name}.safetensors", classifier=tensors["classifier"], segmenter=tensors["segmenter"],
@@ -156,8 +160,14 @@ def release_run(run_dir: str | os.PathLike, *, data_root: str | os.PathLike, nam
 def _classifier_scores(best: Path, items: list) -> dict[str, Any]:
     """Test scores of a stage checkpoint's classifier (A: the image-labels-only model, for comparison)."""
     from napari_pathoseg.methods.malignancy.data import load_samples
-    from napari_pathoseg.methods.malignancy.evaluate import classify_scores, net_classifier
-    from napari_pathoseg.methods.malignancy.model import WHOLE_IMAGE_FACTOR, validate_m1_config
+    from napari_pathoseg.methods.malignancy.evaluate import (
+        classify_scores,
+        net_classifier,
+    )
+    from napari_pathoseg.methods.malignancy.model import (
+        WHOLE_IMAGE_FACTOR,
+        validate_m1_config,
+    )
     from napari_pathoseg.models.checkpoint import load_checkpoint, load_state_strict
 
     tensors, config, _ = load_checkpoint(best, expected_kind="m1")

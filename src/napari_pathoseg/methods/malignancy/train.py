@@ -86,7 +86,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_EPOCHS = {"A": 8, "B": 8, "C": 6}
 DEFAULT_STEPS = 40
 #: Share of B's crops drawn from benign images with empty masks (our addition; 0 = M1 as described).
-DEFAULT_B_NEGATIVES = 0.25
+DEFAULT_B_NEGATIVES = 0.5
 #: The released pair a run writes into its folder.
 PAIR_NAME = "malignancy.safetensors"
 _STAGES = ("A", "B", "C")
