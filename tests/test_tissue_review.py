@@ -139,6 +139,11 @@ def test_bad_review_folders_one_line(m5_run, tmp_path, capsys):
     rec = t.add_class_tile(np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), np.uint8), score=0.5, name="p")
     with pytest.raises(PathosegError, match="no accepted or corrected"):
         reviewed_training(tmp_path / "t", CLASSES)
+    t.set_state(rec.tile_id, "accepted")
+    with pytest.raises(PathosegError, match="tissue-train --reviewed"):  # not a nuclei training set
+        list(t.accepted_training_items())
+    with pytest.raises(PathosegError, match="classes"):
+        reviewed_training(tmp_path / "t", ["a", "b", "c"])
     with pytest.raises(PathosegError, match=r"use 0 \(no label\) to 3"):
         t.save_mask(rec.tile_id, np.full((8, 8), 4))
     # export: a folder that is not a run, and a project folder inside the run

@@ -516,6 +516,9 @@ class ReviewProject:
         TrainingItem
             image (H, W, 3) uint8, normalized (H, W, 3) uint8, mask (H, W) uint16.
         """
+        if self.info.kind != "nuclei":
+            raise ReviewProjectError(f"{self.root} holds tissue class masks, not nuclei; train on it with "
+                                     "pathoseg tissue-train --reviewed PROJECT.")
         thr = self._threshold if min_score is None else float(min_score)
         for rec in self.tiles(sort_by="tile_id", descending=False):
             if rec.state == "accepted" or (include_pending and rec.state == "pending" and rec.score >= thr):
