@@ -413,6 +413,7 @@ class LesionWidget(QWidget):
         for n in self._names():  # the previous result's layers, then its work folder
             if n in self.viewer.layers:
                 self.viewer.layers.remove(n)
+        self._timer.stop()  # a threshold moved for the old result must not re-threshold the new one
         self._release("_work")
         self._work = self._pending if prepared.result.stores is not None else None
         if self._work is None:
@@ -469,10 +470,10 @@ class LesionWidget(QWidget):
         if self.jobs.running:
             self._timer.start()
             return
-        if self.jobs.running:
-            self._timer.start()
-            return
         args = (self.result, self.threshold_value, self.fill_holes.isChecked(), self.min_area.value())
+        res = self.result
+        if (res.threshold, res.fill_holes, res.min_area_um2) == args[1:]:
+            return  # the mask shown already has these options (a late timer, or the slider released in place)
         if self.result.stores is None and self.result.prob.size <= SYNC_PIXELS:
             self._on_rethreshold(rethreshold_job(*args))
         else:
@@ -579,6 +580,7 @@ class LesionWidget(QWidget):
         show_info(f"{done.n} lesion regions written to {done.path}")
 
     def closeEvent(self, event: Any) -> None:
+        self._timer.stop()
         self.jobs.shutdown()
         self._release("_pending")
         self._release("_work")
