@@ -85,6 +85,7 @@ def test_export_review_in_dock_then_stage2_on_reviewed(m5_run, tmp_path, make_na
     order = w.visible_tiles()
     scores = [proj.record(t).score for t in order]
     assert len(order) == 3 and scores == sorted(scores)
+    assert w.table.horizontalHeaderItem(2).text() == "classes"
     w.table.selectRow(0)
     assert w.current_tile == order[0]
     layer = viewer.layers["review mask"]

@@ -201,6 +201,8 @@ class ReviewWidget(QWidget):
         self.threshold_slider.setEnabled(not tissue)
         order = Qt.SortOrder.AscendingOrder if tissue else Qt.SortOrder.DescendingOrder
         self.table.sortByColumn(COLUMNS.index("score"), order)
+        # the "nuclei" column counts the classes in a tissue mask
+        self.table.setHorizontalHeaderLabels([("classes" if tissue and c == "nuclei" else c) for c in COLUMNS])
         self.refresh_table()
         what = f"pseudo masks ({', '.join(project.info.classes)}), least confident first" if tissue else "tiles"
         self.status.setText(f"{project.root.name}: {len(project)} {what} from {project.info.model}")
