@@ -36,7 +36,9 @@ def train(args: argparse.Namespace, out: Path, seed: int, extra: list[str]) -> f
     """Run ``pathoseg malignancy-train`` (resuming) into ``out``; returns the wall seconds."""
     cmd = [sys.executable, "-m", "napari_pathoseg.cli.main", "malignancy-train", "--out", str(out),
            "--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps), "--seed", str(seed),
-           "--threads", str(args.threads), "--resume", *extra]
+           "--threads", str(args.threads), "--resume",
+           "--b-negatives", "0",  # M1 as described: B sees the masks only (the CLI's default is 0.5)
+           *extra]
     cmd += ["--labels", args.labels] + (["--masks", args.masks] if args.masks else []) if args.labels else \
         ["--data-root", args.data_root]
     t0 = time.perf_counter()
