@@ -74,7 +74,10 @@ def test_demo_headless_without_nuclei(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_headless_segments_the_sample(tmp_path, capsys):
-    """The README's main job: the whole sample slide's nuclei with the shipped model."""
+    """The README's main job: the whole sample slide's nuclei with the shipped model.
+
+    Also the pin of the whole-slide nuclei: 3921 nuclei on the sample's tissue before and after
+    nuclei moved onto the inference engine (one whole-sample run in the suite, not two)."""
     import numpy as np
     import tifffile
 
@@ -82,7 +85,7 @@ def test_demo_headless_segments_the_sample(tmp_path, capsys):
     d = json.loads(capsys.readouterr().out)
     nuc = d["nuclei"]
     assert nuc["model"] == "nuclei-lite"
-    assert nuc["n_nuclei"] > 1000  # the sample holds several thousand nuclei
+    assert abs(nuc["n_nuclei"] - 3921) <= 4  # pinned: the shipped model on the sample's tissue
     lab = tifffile.imread(nuc["labels"])
     assert lab.shape == (2967, 2220) and lab.dtype == np.uint32
     assert len(np.unique(lab)) - 1 == nuc["n_nuclei"]
