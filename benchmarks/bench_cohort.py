@@ -64,9 +64,14 @@ def loop_main(folder: str, out: str) -> None:
     """
     import tempfile as tf
 
+    import dask
     import torch
 
+    # the same resources as one single-threaded worker: one torch thread, and dask arrays computed
+    # in the calling thread (a worker task runs them with the synchronous scheduler, cohort/job.py);
+    # dask's default threaded scheduler would give the loop the second core for reading tiles
     torch.set_num_threads(1)
+    dask.config.set(scheduler="synchronous")
     from napari_pathoseg.cohort.nuclei import run_nuclei_slide
     from napari_pathoseg.models.registry import load_model
     from napari_pathoseg.wsi.slide import open_slide
