@@ -83,10 +83,7 @@ def read_record(folder: str | os.PathLike) -> dict[str, Any] | None:
 
 def clear_record(folder: str | os.PathLike) -> None:
     """Remove the record before a slide is (re)computed: no stale marker survives a crash."""
-    try:
-        (Path(folder) / RECORD).unlink()
-    except FileNotFoundError:
-        pass
+    (Path(folder) / RECORD).unlink(missing_ok=True)
 
 
 def clean_work_dirs(folder: str | os.PathLike) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -13,8 +14,11 @@ from napari_pathoseg.inference.engine import TilePlan
 __all__ = ["Sink", "batch_output"]
 
 
-class Sink:
-    """Base of the sinks: a name, the plan, and the four calls the engine makes."""
+class Sink(ABC):
+    """Base of the sinks: a name, the plan, and the four calls the engine makes.
+
+    ``add`` and ``finish`` are what a sink is (abstract); ``start`` and ``release`` have defaults.
+    """
 
     name: str = ""
 
@@ -23,16 +27,16 @@ class Sink:
         self.plan = plan
         self.work_dir = work_dir
 
+    @abstractmethod
     def add(self, tiles: Sequence[tuple[int, int]], outputs: Mapping[str, Any]) -> None:
         """Take one batch: ``tiles`` (row, col) and the predictor's ``outputs`` (leading B axis)."""
-        raise NotImplementedError
 
     def release(self, row: int) -> None:
         """Every output row above ``row`` is final (no later tile reaches it)."""
 
+    @abstractmethod
     def finish(self, *, cancelled: bool) -> Any:
         """Return the output (``cancelled``: only the tiles added so far ran)."""
-        raise NotImplementedError
 
     def _file(self, suffix: str = ".npy") -> Path | None:
         return None if self.work_dir is None else Path(self.work_dir) / f"{self.name}{suffix}"

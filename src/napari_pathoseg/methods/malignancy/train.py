@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_pathoseg.errors import PathosegError
+from napari_pathoseg.events import Progress
 from napari_pathoseg.methods.malignancy.data import (
     LabelTable,
     Sample,
@@ -473,10 +474,8 @@ def train_malignancy(*, labels: Any = None, masks: str | os.PathLike | None = No
         for ev in iter_train(task, out_dir=run_dir / s, epochs=n_epochs[s], steps_per_epoch=n_steps[s],
                              resume=resume, force=force, cancel=cancel, threads=threads, seed=seed,
                              schedule="cosine", device=device, init_from=init, meta=dict(meta, stage=s)):
-            try:
+            if not isinstance(ev, Progress):  # the engine's events get the stage; Progress is frozen
                 ev.stage = s
-            except AttributeError:  # pragma: no cover - slotted events
-                pass
             if isinstance(ev, DoneEvent):
                 done_events[s] = ev
                 if ev.cancelled:
