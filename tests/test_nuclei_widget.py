@@ -189,7 +189,7 @@ def test_model_combo_lists_the_models_of_the_nuclei_task(make_napari_viewer, mon
 
 
 def test_current_view_region(viewer_with_slide, qtbot):
-    from napari_pathoseg._widgets.nuclei import view_region
+    from napari_pathoseg._widgets._region import view_region
 
     viewer = viewer_with_slide
     viewer.window.show()

@@ -33,7 +33,16 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QEvent, QObject
-from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QLineEdit, QProgressBar, QPushButton, QSpinBox, QWidget
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QWidget,
+)
 
 from napari_pathoseg._widgets._common import (
     ask_directory,
@@ -49,11 +58,22 @@ from napari_pathoseg._widgets._common import (
 from napari_pathoseg._widgets._jobs import JobController
 from napari_pathoseg._widgets._models import nuclei_models
 from napari_pathoseg._widgets._plot import LossPlot
-from napari_pathoseg._widgets.finetune_compare import OverlayLayer, compare_job, compare_region
-from napari_pathoseg._widgets.nuclei import place_result, view_region
+from napari_pathoseg._widgets._region import view_region
+from napari_pathoseg._widgets.finetune_compare import (
+    OverlayLayer,
+    compare_job,
+    compare_region,
+)
+from napari_pathoseg._widgets.nuclei import place_result
 from napari_pathoseg._widgets.slide import slide_layers
 from napari_pathoseg.errors import PathosegError
-from napari_pathoseg.methods.nuclei.finetune import FinetuneConfig, FinetuneDone, FinetuneStage, iter_finetune, parse_strong
+from napari_pathoseg.methods.nuclei.finetune import (
+    FinetuneConfig,
+    FinetuneDone,
+    FinetuneStage,
+    iter_finetune,
+    parse_strong,
+)
 from napari_pathoseg.training.engine import EpochEvent, StepEvent, ValidationEvent
 
 if TYPE_CHECKING:

@@ -43,7 +43,6 @@ from qtpy.QtWidgets import (
 )
 
 from napari_pathoseg._widgets._common import (
-    adopt_units,
     form,
     hbox,
     layer_named,
@@ -54,7 +53,12 @@ from napari_pathoseg._widgets._common import (
     watch_layer_list,
 )
 from napari_pathoseg._widgets._jobs import JobController, in_turns
-from napari_pathoseg._widgets.nuclei import place_result, shape_region, view_region
+from napari_pathoseg._widgets._region import (
+    REGIONS,
+    add_region_rectangle,
+    chosen_region,
+)
+from napari_pathoseg._widgets.nuclei import place_result
 from napari_pathoseg._widgets.slide import slide_layers, slide_of_layer
 from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.events import Progress
@@ -72,7 +76,6 @@ __all__ = ["LesionLayers", "LesionWidget", "lesion_models", "prepare_layers", "s
 logger = logging.getLogger(__name__)
 
 TASK = "lesion"
-REGIONS = ("Current view", "Drawn rectangle", "Whole slide")
 #: Maps up to this many pixels are re-thresholded on the GUI thread; larger ones in the background.
 SYNC_PIXELS = 1 << 20
 #: A streamed map with a side above this gets coarser display levels (multiscale, view-only layers).
@@ -359,26 +362,16 @@ class LesionWidget(QWidget):
 
     # ------------------------------------------------------------------ run
     def _on_draw(self) -> Any:
-        slide = self.slide_layer()
-        shapes = self.viewer.add_shapes(name="lesion region", shape_type="rectangle", edge_color="yellow",
-                                        face_color="transparent",
-                                        units=tuple(slide.units) if slide is not None else None)
-        shapes.mode = "add_rectangle"
+        """Add a rectangle layer in the slide's units, chosen for "Drawn rectangle", in draw mode."""
+        shapes = add_region_rectangle(self.viewer, self.slide_layer(), "lesion region")
         self.shapes_combo.setCurrentText(shapes.name)
         self.region_combo.setCurrentText("Drawn rectangle")
         return shapes
 
     def current_region(self) -> tuple[int, int, int, int] | None:
-        layer = self.slide_layer()
-        choice = self.region_combo.currentText()
-        if choice == "Whole slide":
-            return None
-        if choice == "Drawn rectangle":
-            shapes = layer_named(self.viewer, self.shapes_combo.currentText())
-            if shapes is not None:
-                adopt_units(shapes, layer)
-            return shape_region(shapes, layer)
-        return view_region(layer, self.viewer)
+        """Level-0 (x, y, w, h) of the chosen region; ``None`` for the whole slide."""
+        return chosen_region(self.viewer, self.slide_layer(), self.region_combo.currentText(),
+                             self.shapes_combo.currentText())
 
     def _on_run(self) -> None:
         layer = self.slide_layer()

@@ -19,7 +19,6 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QProgressBar, QPushButton, QWidget
 
 from napari_pathoseg._widgets._common import (
-    adopt_units,
     ask_open_file,
     display_levels,
     follow_slide_units,
@@ -31,10 +30,14 @@ from napari_pathoseg._widgets._common import (
     status_label,
     stop_button,
     vbox,
-    view_rect,
     watch_layer_list,
 )
 from napari_pathoseg._widgets._jobs import JobController, add_layer_in_turns
+from napari_pathoseg._widgets._region import (
+    REGIONS,
+    add_region_rectangle,
+    chosen_region,
+)
 from napari_pathoseg._widgets.slide import slide_layers, slide_of_layer
 from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.events import Progress
@@ -43,35 +46,11 @@ from napari_pathoseg.methods.nuclei.segment import NucleiResult, iter_segment_nu
 if TYPE_CHECKING:
     import napari
 
-__all__ = ["NucleiWidget", "view_region", "shape_region", "place_result", "nucleus_models", "small_labels"]
+__all__ = ["NucleiWidget", "place_result", "nucleus_models", "small_labels"]
 
 logger = logging.getLogger(__name__)
 
-REGIONS = ("Current view", "Drawn rectangle", "Whole slide")
 TASK = "nuclei"
-
-
-def view_region(layer: Any, viewer: Any) -> tuple[int, int, int, int]:
-    """Level-0 (x, y, w, h) of the part of ``layer`` (a slide image layer) on screen, clipped to it."""
-    r, c, h, w = view_rect(viewer, layer)
-    rows, cols = layer.level_shapes[0][:2] if getattr(layer, "multiscale", False) else layer.data.shape[:2]
-    r0, c0 = max(0, int(np.floor(r))), max(0, int(np.floor(c)))
-    r1, c1 = min(int(rows), int(np.ceil(r + h))), min(int(cols), int(np.ceil(c + w)))
-    if r1 <= r0 or c1 <= c0:
-        raise PathosegError("The slide is not in view: pan or zoom to it, or choose another region.")
-    return (c0, r0, c1 - c0, r1 - r0)
-
-
-def shape_region(shapes_layer: Any, slide_layer: Any) -> tuple[int, int, int, int]:
-    """Level-0 (x, y, w, h) of the last shape drawn in ``shapes_layer`` (its bounding box)."""
-    if shapes_layer is None or len(shapes_layer.data) == 0:
-        raise PathosegError("Draw a rectangle in a Shapes layer first (or choose another region).")
-    verts = np.asarray(shapes_layer.data[-1], dtype=float)[:, -2:]
-    world = np.array([shapes_layer.data_to_world(v) for v in verts])
-    data = np.array([slide_layer.world_to_data(w) for w in world])[:, -2:]
-    r0, c0 = np.round(data.min(axis=0)).astype(int)
-    r1, c1 = np.round(data.max(axis=0)).astype(int)
-    return (int(c0), int(r0), max(1, int(c1 - c0)), max(1, int(r1 - r0)))
 
 
 def place_result(slide_layer: Any, result: NucleiResult) -> dict[str, Any]:
@@ -255,28 +234,15 @@ class NucleiWidget(QWidget):
 
     def _on_draw(self) -> Any:
         """Add a rectangle layer in the slide's units, chosen for "Drawn rectangle", in draw mode."""
-        slide = self.slide_layer()
-        units = tuple(slide.units) if slide is not None else None
-        shapes = self.viewer.add_shapes(
-            name="nuclei region", shape_type="rectangle", edge_color="yellow", face_color="transparent",
-            edge_width=4 * float(slide.scale[-1]) if slide is not None else 4, units=units,
-        )
-        shapes.mode = "add_rectangle"
+        shapes = add_region_rectangle(self.viewer, self.slide_layer(), "nuclei region")
         self.shapes_combo.setCurrentText(shapes.name)
         self.region_combo.setCurrentText("Drawn rectangle")
         return shapes
 
     def current_region(self) -> tuple[int, int, int, int] | None:
-        layer = self.slide_layer()
-        choice = self.region_combo.currentText()
-        if choice == "Whole slide":
-            return None
-        if choice == "Drawn rectangle":
-            shapes = layer_named(self.viewer, self.shapes_combo.currentText())
-            if shapes is not None:
-                adopt_units(shapes, layer)
-            return shape_region(shapes, layer)
-        return view_region(layer, self.viewer)
+        """Level-0 (x, y, w, h) of the chosen region; ``None`` for the whole slide."""
+        return chosen_region(self.viewer, self.slide_layer(), self.region_combo.currentText(),
+                             self.shapes_combo.currentText())
 
     def _on_run(self) -> None:
         layer = self.slide_layer()

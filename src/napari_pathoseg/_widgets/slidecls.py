@@ -40,7 +40,6 @@ from qtpy.QtWidgets import (
 )
 
 from napari_pathoseg._widgets._common import (
-    adopt_units,
     ask_directory,
     ask_open_file,
     camera,
@@ -56,7 +55,7 @@ from napari_pathoseg._widgets._common import (
     watch_layer_list,
 )
 from napari_pathoseg._widgets._jobs import JobController, add_layer_in_turns, in_turns
-from napari_pathoseg._widgets.nuclei import shape_region, view_region
+from napari_pathoseg._widgets._region import add_region_rectangle, chosen_region
 from napari_pathoseg._widgets.slide import slide_layers, slide_of_layer
 from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.events import Progress
@@ -335,26 +334,16 @@ class SlideClassificationWidget(QWidget):
 
     # ------------------------------------------------------------------ classify
     def _on_draw(self) -> Any:
-        slide = self.slide_layer()
-        shapes = self.viewer.add_shapes(name="slide region", shape_type="rectangle", edge_color="yellow",
-                                        face_color="transparent",
-                                        units=tuple(slide.units) if slide is not None else None)
-        shapes.mode = "add_rectangle"
+        """Add a rectangle layer in the slide's units, chosen for "Drawn rectangle", in draw mode."""
+        shapes = add_region_rectangle(self.viewer, self.slide_layer(), "slide region")
         self.shapes_combo.setCurrentText(shapes.name)
         self.region_combo.setCurrentText("Drawn rectangle")
         return shapes
 
     def current_region(self) -> tuple[int, int, int, int] | None:
-        layer = self.slide_layer()
-        choice = self.region_combo.currentText()
-        if choice == "Whole slide":
-            return None
-        if choice == "Drawn rectangle":
-            shapes = layer_named(self.viewer, self.shapes_combo.currentText())
-            if shapes is not None:
-                adopt_units(shapes, layer)
-            return shape_region(shapes, layer)
-        return view_region(layer, self.viewer)
+        """Level-0 (x, y, w, h) of the chosen region; ``None`` for the whole slide."""
+        return chosen_region(self.viewer, self.slide_layer(), self.region_combo.currentText(),
+                             self.shapes_combo.currentText())
 
     def _on_run(self) -> None:
         layer = self.slide_layer()

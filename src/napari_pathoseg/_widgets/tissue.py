@@ -31,7 +31,6 @@ from qtpy.QtWidgets import (
 )
 
 from napari_pathoseg._widgets._common import (
-    adopt_units,
     display_levels,
     follow_slide_units,
     form,
@@ -44,12 +43,8 @@ from napari_pathoseg._widgets._common import (
     watch_layer_list,
 )
 from napari_pathoseg._widgets._jobs import JobController, in_turns
-from napari_pathoseg._widgets.nuclei import (
-    REGIONS,
-    place_result,
-    shape_region,
-    view_region,
-)
+from napari_pathoseg._widgets._region import REGIONS, chosen_region
+from napari_pathoseg._widgets.nuclei import place_result
 from napari_pathoseg._widgets.slide import slide_layers, slide_of_layer
 from napari_pathoseg.errors import PathosegError
 from napari_pathoseg.events import Progress
@@ -222,16 +217,9 @@ class TissueWidget(QWidget):
         return f"{self.layer_combo.currentText()} tissue"
 
     def current_region(self) -> tuple[int, int, int, int] | None:
-        layer = self.slide_layer()
-        choice = self.region_combo.currentText()
-        if choice == "Whole slide":
-            return None
-        if choice == "Drawn rectangle":
-            shapes = layer_named(self.viewer, self.shapes_combo.currentText())
-            if shapes is not None:
-                adopt_units(shapes, layer)
-            return shape_region(shapes, layer)
-        return view_region(layer, self.viewer)
+        """Level-0 (x, y, w, h) of the chosen region; ``None`` for the whole slide."""
+        return chosen_region(self.viewer, self.slide_layer(), self.region_combo.currentText(),
+                             self.shapes_combo.currentText())
 
     # ------------------------------------------------------------------ callbacks
     def _on_opacity(self, value: int) -> None:
