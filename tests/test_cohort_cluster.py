@@ -88,7 +88,7 @@ def _start(cmd: list[str], log: Path) -> subprocess.Popen:
 def test_separate_scheduler_and_worker_processes(tmp_path, he_image, make_pyramid_tiff, capsys):
     from napari_pathoseg.cli.main import main
 
-    folder = make_cohort(tmp_path / "slides", he_image, make_pyramid_tiff, good=1, corrupt=False)
+    make_cohort(tmp_path / "slides", he_image, make_pyramid_tiff, good=1, corrupt=False)
     dask_cli = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
     sched_file = tmp_path / "scheduler.json"
     procs = [_start(dask_cli + ["--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file",

@@ -11,7 +11,6 @@ Double-click a finished slide to open it with its results as layers (read lazily
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from napari.utils.notifications import show_info
